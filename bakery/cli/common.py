@@ -1,0 +1,47 @@
+"""Options and error handling shared by every command."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+import click
+
+from bakery.models import DEFAULT_MODEL
+
+
+def model_option(f: Callable) -> Callable:
+    return click.option(
+        "--model", "-m", default=lambda: os.environ.get("BAKERY_MODEL", DEFAULT_MODEL),
+        show_default=DEFAULT_MODEL,
+        help="A local folder, a Hub id already in the local cache, or a built-in alias.",
+    )(f)
+
+
+def trust_option(f: Callable) -> Callable:
+    return click.option("--trust-remote-code", is_flag=True, default=False,
+                        help="Run code shipped with the model (off unless you ask).")(f)
+
+
+def clear_errors(f: Callable) -> Callable:
+    """Turn library errors (bad input) into one readable line and exit code 2, no traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+            if os.environ.get("BAKERY_DEBUG"):
+                raise
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def echo_err(msg: str) -> None:
+    click.echo(msg, err=True)

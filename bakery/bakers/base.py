@@ -1,0 +1,235 @@
+"""What every baker shares: the request (terms and options), the plan a baker returns (which
+tensors change, which are added, the new config, the manifest facts), and the checks that turn
+a bad request into a clear error before anything is written."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from bakery.arch import ENGINES, ArchSpec, BiasRoute, cfg_get, spec_for
+from bakery.checkpoint import CheckpointReader, TensorInfo
+from bakery.vectors import VectorArtifact, VectorError
+
+ENGINE_CHOICES = (*ENGINES, "sglang-native")
+
+
+class BakeError(ValueError):
+    """A bake that cannot be done as asked; the message names what to do instead."""
+
+
+@dataclass
+class Term:
+    """One edit: ``coef * vector[layer]`` at the output of block ``layer - 1``."""
+
+    vector: VectorArtifact
+    layer: int
+    coef: float = 1.0
+    trait: str | None = None
+    vector_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.trait is None:
+            self.trait = self.vector.trait if self.vector.trait != "unknown" else (
+                Path(self.vector_path).stem if self.vector_path else "vector")
+
+    @property
+    def block(self) -> int:
+        return self.layer - 1
+
+    def row(self) -> torch.Tensor:
+        return self.vector.row(self.layer).float()
+
+
+@dataclass
+class BakeRequest:
+    """Everything a baker needs; ``options`` holds method-specific settings."""
+
+    model_dir: Path
+    model_name: str
+    config: dict[str, Any]
+    terms: list[Term]
+    method: str
+    route: str = "bias"  # bias: "bias" (exact constant) or "rank1"
+    site: str = "resid-out"  # resid-out (output of block L-1) or attn-out (after attention of block L)
+    target_engines: tuple[str, ...] = ENGINES
+    options: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+
+    @property
+    def spec(self) -> ArchSpec:
+        return spec_for(self.config)
+
+
+Edit = Callable[[torch.Tensor], torch.Tensor]  # float32 in, float32 out
+
+
+@dataclass
+class BakePlan:
+    """A baker's answer: tensor edits (float32 functions), added tensors, the output config and
+    the facts the manifest and the card report."""
+
+    reader: CheckpointReader
+    config: dict[str, Any]
+    edits: dict[str, list[Edit]] = field(default_factory=dict)
+    added: dict[str, tuple[str, tuple[int, ...], Callable[[], torch.Tensor] | TensorInfo]] = field(default_factory=dict)
+    route: str = ""
+    site: str = "resid-out"
+    exact: bool = False
+    engines: dict[str, str] = field(default_factory=dict)
+    ablation: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def edit(self, name: str, fn: Edit) -> None:
+        if name not in self.reader and name not in self.added:
+            raise BakeError(f"the checkpoint has no tensor {name}: bakery's architecture table does "
+                            "not match this checkpoint (please report it)")
+        if name in self.added:
+            dtype, shape, make = self.added[name]
+            base = make if callable(make) else None
+            if base is None:
+                raise BakeError(f"internal error: cannot edit copied tensor {name}")
+            self.added[name] = (dtype, shape, lambda make=make, fn=fn: fn(make().float()))
+            return
+        self.edits.setdefault(name, []).append(fn)
+
+    def add_bias(self, name: str, delta: torch.Tensor, weight: str, *, conv1d: bool = False) -> None:
+        """Add ``delta`` to bias ``name`` (created, in the weight's dtype, if the checkpoint has none)."""
+        delta = delta.detach().float().clone()
+        if name in self.reader or name in self.added:
+            self.edit(name, lambda b, d=delta: b + d)
+            return
+        w = self.reader.tensors[weight]
+        out = w.shape[1] if conv1d else w.shape[0]
+        if delta.shape != (out,):
+            raise BakeError(f"vector of size {delta.numel()} does not fit {name} ({out} outputs)")
+        self.added[name] = (w.dtype, (out,), lambda d=delta: d.clone())
+
+    def zero_bias(self, name: str, weight: str) -> None:
+        """Explicit zeros for a sibling bias that a config flag creates."""
+        if name in self.reader or name in self.added:
+            return
+        w = self.reader.tensors.get(weight)
+        if w is None:
+            raise BakeError(f"the checkpoint has no {weight}, so bakery cannot size {name}")
+        self.added[name] = (w.dtype, (w.shape[0],), lambda n=w.shape[0]: torch.zeros(n))
+
+    def copy_as(self, name: str, source: str) -> None:
+        """A new tensor that is a byte copy of an existing one (untying embeddings)."""
+        info = self.reader.tensors[source]
+        self.added[name] = (info.dtype, info.shape, info)
+
+
+class Baker:
+    """Subclasses set ``name`` and implement :meth:`plan`."""
+
+    name: str = ""
+    needs_coef: bool = True
+
+    def plan(self, req: BakeRequest, reader: CheckpointReader) -> BakePlan:  # pragma: no cover
+        raise NotImplementedError
+
+
+# ---- checks shared by the bakers ------------------------------------------------------------
+def check_terms(req: BakeRequest) -> None:
+    """Every term's vector fits the model and its layer can be baked."""
+    if not req.terms:
+        raise BakeError("nothing to bake: give a vector (--vector or --trait) with --layer and --coef")
+    for t in req.terms:
+        where = f" ({t.vector_path})" if t.vector_path else ""
+        try:
+            t.vector.check_model(req.config)
+            t.vector.check_layer(t.layer, for_bake=True)
+        except VectorError as e:
+            raise BakeError(f"{e}{where}") from e
+        if not torch.isfinite(torch.tensor(t.coef)):
+            raise BakeError(f"coef must be a finite number; got {t.coef}")
+        if float(t.row().norm()) == 0:
+            raise BakeError(f"row {t.layer} of the vector{where} is all zeros: nothing to bake")
+
+
+def parse_engines(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"transformers,vllm"`` -> ("transformers", "vllm"); checks the names."""
+    if value is None:
+        return ENGINES
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [i.strip().lower() for i in items if i.strip()]
+    bad = [i for i in items if i not in ENGINE_CHOICES]
+    if bad or not items:
+        raise BakeError(f"unknown target engine(s) {', '.join(bad) or '(none)'}; choose from "
+                        f"{', '.join(ENGINE_CHOICES)} (comma-separated)")
+    return tuple(dict.fromkeys(items))
+
+
+def engine_verdicts(route: BiasRoute, targets: Sequence[str]) -> dict[str, str]:
+    """Verdict per engine for a bias route: ok, drop, or the launch flag that makes it work."""
+    return {e: route.engines.get(e, "drop") for e in ENGINES} if route.engines else {e: "ok" for e in ENGINES}
+
+
+def check_engines(route: BiasRoute, targets: Sequence[str], *, site: str, arch: str,
+                  alternatives: str) -> dict[str, str]:
+    """Refuse a route that a target engine would silently drop. A verdict that is a launch flag
+    (sglang ``--model-impl transformers``) is allowed, unless ``sglang-native`` is demanded."""
+    verdicts = engine_verdicts(route, targets)
+    problems = []
+    for e in targets:
+        name = "sglang" if e == "sglang-native" else e
+        v = verdicts.get(name, "drop")
+        if v == "drop":
+            problems.append(f"{name} would silently drop it")
+        elif v != "ok" and e == "sglang-native":
+            problems.append(f"sglang keeps it only when launched with {v}")
+    if problems:
+        keep = [e for e in ENGINES if verdicts.get(e) not in ("drop",)]
+        alt = [f"--target-engine {','.join(keep)}" if keep else None]
+        if site == "resid-out" and route.tensor.endswith("down_proj.bias"):
+            alt.insert(0, "--site attn-out (the attention-output bias of block L, a different hook "
+                          "point that all three engines load natively)")
+        if verdicts.get("sglang", "ok") not in ("ok", "drop"):
+            alt.append(f"launch sglang with {verdicts['sglang']} and target plain 'sglang'")
+        alt.append(alternatives)
+        raise BakeError(
+            f"the {site} bias route on {arch} ({route.tensor}) is not safe for your target engines: "
+            f"{'; '.join(problems)}. Alternatives: " + "; ".join(a for a in alt if a))
+    return verdicts
+
+
+def rehost_config(config: dict[str, Any], route: BiasRoute) -> dict[str, Any]:
+    """The output config for a route: flags on, and re-hosted as Llama where the route says so."""
+    cfg = copy.deepcopy(config)
+    if route.rehost_as == "llama":
+        src = cfg.get("model_type")
+        layer_types = cfg.get("layer_types") or []
+        sliding = cfg.get("use_sliding_window", src == "mistral") and cfg.get("sliding_window")
+        if sliding or any(t != "full_attention" for t in layer_types):
+            raise BakeError(
+                f"this {src} model uses sliding-window attention (sliding_window="
+                f"{cfg.get('sliding_window')}), so re-hosting it as LlamaForCausalLM to gain an MLP "
+                "bias would change its attention: not exact. Use --route rank1 or --method kl-lora.")
+        for key in ("use_sliding_window", "max_window_layers", "layer_types", "sliding_window"):
+            cfg.pop(key, None)
+        cfg["model_type"] = "llama"
+        cfg["architectures"] = ["LlamaForCausalLM"]
+        cfg.setdefault("attention_bias", False)
+        cfg.setdefault("mlp_bias", False)
+        cfg["bakery_rehosted_from"] = src
+        rope = cfg.get("rope_parameters") or {}
+        if "rope_theta" not in cfg and isinstance(rope, dict) and "rope_theta" in rope:
+            cfg["rope_theta"] = rope["rope_theta"]  # legacy key for older loaders (vLLM/sglang)
+    for k, v in route.flags.items():
+        if v is None:
+            cfg[k] = None
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def arch_name(config: dict[str, Any]) -> str:
+    archs = cfg_get(config, "architectures") or []
+    return archs[0] if archs else str(cfg_get(config, "model_type"))

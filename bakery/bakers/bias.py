@@ -1,0 +1,122 @@
+"""The ``bias`` baker: ``coef * v[L]`` at the output of block ``L-1`` as a constant bias.
+
+Routes:
+- exact bias (default): the bias of the block's last residual writer (MLP down-projection), with
+  the config flag that makes stock code build it and explicit zeros for every sibling bias the
+  flag creates. Qwen2 and Mistral are re-hosted as ``LlamaForCausalLM`` (only without sliding
+  windows); GPT-2 and GPT-NeoX use their native biases.
+- ``site="attn-out"``: the attention output bias of block ``L`` (after attention, before the MLP).
+- ``route="rank1"``: ``W_down + coef * v u^T`` with ``u`` fitted so that ``u . a ~= 1`` on
+  calibration activations: approximate, no new parameters, any architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bakery.arch import BiasRoute, cfg_get, is_parallel_residual
+from bakery.bakers import register
+from bakery.bakers.base import (BakeError, BakePlan, Baker, BakeRequest, arch_name, check_engines,
+                                rehost_config)
+from bakery.checkpoint import CheckpointReader
+
+_LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def resolve_route(req: BakeRequest, site: str) -> BiasRoute:
+    """The exact bias route for ``site``, or a clear error naming the alternatives."""
+    spec = req.spec
+    arch = arch_name(req.config)
+    if spec.sandwich:
+        raise BakeError(
+            f"{arch} puts a norm after each sublayer (sandwich norm): no exact bias route exists. "
+            f"Alternatives: {spec.alternatives}")
+    route = spec.routes.get(site)
+    if route is None:
+        have = ", ".join(f"--site {s}" for s in spec.routes) or "none"
+        raise BakeError(f"{arch} has no exact bias route at site {site} (available: {have}). "
+                        f"Alternatives: {spec.alternatives}")
+    if site == "attn-out" and is_parallel_residual(spec, req.config):
+        raise BakeError(
+            f"{arch} uses a parallel residual (attention and MLP read the same input), so there is "
+            "no point between attention and MLP: --site attn-out does not exist here. Use the "
+            "default --site resid-out.")
+    return route
+
+
+def _is_llama_hosted(cfg: dict[str, Any]) -> bool:
+    return cfg.get("model_type") == "llama"
+
+
+def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, site: str,
+                    deltas: dict[int, torch.Tensor]) -> None:
+    """Write the summed constant ``deltas[block]`` through the exact bias route at ``site``.
+
+    Shared by ``bias`` and ``ortho --add``: turns the flags on, re-hosts if needed, writes zeros
+    for sibling biases and refuses what a target engine would drop.
+    """
+    spec = req.spec
+    route = resolve_route(req, site)
+    verdicts = check_engines(route, req.target_engines, site=site, arch=arch_name(req.config),
+                             alternatives=spec.alternatives)
+    plan.config = rehost_config(plan.config, route)
+    n = int(cfg_get(req.config, "num_hidden_layers") or cfg_get(req.config, "n_layer"))
+    for block, delta in deltas.items():
+        if site == "attn-out" and block >= n:
+            raise BakeError(f"--site attn-out at layer {block} needs block {block}, but the model "
+                            f"has blocks 0..{n - 1}")
+        scale = float(cfg_get(req.config, route.scale_key, 1.0)) if route.scale_key else 1.0
+        weight = f"{spec.block(block)}.{route.tensor[:-len('.bias')]}.weight"
+        plan.add_bias(f"{spec.block(block)}.{route.tensor}", delta / scale, weight, conv1d=spec.conv1d)
+    if _is_llama_hosted(plan.config):
+        groups = []
+        if plan.config.get("attention_bias"):
+            groups.append(_LLAMA_ATTN)
+        if plan.config.get("mlp_bias"):
+            groups.append(_LLAMA_MLP)
+        for i in range(n):
+            for group in groups:
+                for mod in group:
+                    plan.zero_bias(f"{spec.block(i)}.{mod}.bias", f"{spec.block(i)}.{mod}.weight")
+    plan.engines = dict(verdicts)
+    plan.site = site
+    if route.rehost_as:
+        plan.notes.append(f"re-hosted as LlamaForCausalLM ({route.note}); the tokenizer is unchanged")
+    for engine, v in verdicts.items():
+        if v not in ("ok", "drop"):
+            plan.notes.append(f"{engine} needs the launch flag `{v}` to keep this bias "
+                              f"({route.note or 'its native implementation has no such bias'})")
+        elif v == "drop":
+            plan.notes.append(f"{engine} silently drops this bias: do not serve this export there")
+
+
+@register("bias")
+class BiasBaker(Baker):
+    """Constant steering as a bias (exact) or a rank-one weight update (approximate)."""
+
+    name = "bias"
+
+    def plan(self, req: BakeRequest, reader: CheckpointReader) -> BakePlan:
+        plan = BakePlan(reader=reader, config=dict(req.config))
+        if req.route == "rank1":
+            from bakery.bakers.rank1 import plan_rank1
+
+            plan_rank1(req, reader, plan)
+            return plan
+        if req.route not in ("bias", "exact", None):
+            raise BakeError(f"unknown route '{req.route}' for --method bias: use bias (exact) or rank1")
+        deltas: dict[int, torch.Tensor] = {}
+        for t in req.terms:
+            block = t.layer if req.site == "attn-out" else t.block
+            deltas[block] = deltas.get(block, 0) + t.coef * t.row()
+        plan_bias_terms(req, reader, plan, req.site, deltas)
+        plan.route = "attn-bias" if req.site == "attn-out" else "mlp-bias"
+        plan.exact = True
+        if req.site == "attn-out":
+            plan.notes.append("site attn-out: the constant is added after the attention of block L "
+                              "(before its MLP), not at the output of block L-1; it is exact against "
+                              "steering at that point")
+        return plan

@@ -1,0 +1,351 @@
+"""The distilled bakers ``kl-lora`` and ``kl-full``: train weights that behave like the steered
+model, then export them as an ordinary checkpoint.
+
+Flow: a diverse prompt pool (held-out questions left out) -> trajectories sampled from the
+runtime-steered model (:mod:`bakery.trajectories`) -> ``KL(steered || student)`` training on their
+response tokens (:mod:`bakery.distill_train`) -> export: the LoRA merged into the weights (stock
+architecture, no new parameters) plus the peft adapter in ``adapter/``, the vector, ``bakery.json``
+and a model card. Approximate, but it works on every architecture and engine and is the only bake
+that can stand for ``positions=response`` steering.
+
+Run it as ``python -m bakery.bakers.distill ...`` or, data-parallel, with
+``accelerate launch [--cpu --num_processes 2] -m bakery.bakers.distill ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from bakery.checkpoint import atomic_folder, check_output
+from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult
+from bakery.manifest import BakeTerm, Manifest, versions
+from bakery.steering import steer
+from bakery.trajectories import TrajectorySet, prompt_pool, read_prompt_file, sample
+from bakery.vectors import VectorArtifact, describe_layer, load_vector
+
+METHODS = {"kl-lora": "lora", "kl-full": "full"}
+TEACHER_ENGINES = ("transformers",)
+
+
+@dataclass
+class DistillRequest:
+    """One distilled bake. ``model`` is a resolved folder or name; ``vector`` a file or artifact."""
+
+    model: str
+    vector: str | Path
+    layer: int
+    coef: float
+    out: str | Path
+    method: str = "kl-lora"
+    positions: str = "response"
+    trait: str | None = None
+    recipe: str | None = None  # trait recipe: extraction questions join the pool, eval ones are held out
+    prompts_file: str | None = None
+    held_out: list[str] = field(default_factory=list)  # never trained on
+    num_prompts: int = 200
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 0.95
+    sample_batch_size: int = 16
+    val_prompts: int = 16
+    trajectories: str | None = None  # JSONL to reuse (or write)
+    work_dir: str | None = None  # checkpoints, trajectories, half-baked exports
+    resume: bool = False
+    dtype: str = "source"  # export dtype: source | float32 | bfloat16 | float16
+    force: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+    command: str = ""
+    trust_remote_code: bool = False
+
+
+def teacher_meta(model_dir: Path, config: dict, vec: VectorArtifact, req: DistillRequest) -> dict:
+    from bakery.models import config_hash
+
+    return {"model_config_hash": config_hash(config), "vector_sha256": vec.sha256(),
+            "layer": req.layer, "coef": req.coef, "positions": req.positions}
+
+
+def build_pool(req: DistillRequest) -> tuple[list[str], list[str]]:
+    """(training pool, held-out questions). Recipe eval questions and ``held_out`` never train."""
+    extra: list[str] = []
+    held = list(req.held_out)
+    if req.recipe:
+        from bakery.recipes import load_trait_recipe
+
+        r = load_trait_recipe(req.recipe)
+        extra += r.extract_questions
+        held += r.eval_questions
+    if req.prompts_file:
+        extra += read_prompt_file(req.prompts_file)
+    return prompt_pool(req.num_prompts, extra=extra, exclude=held, seed=req.train.seed), held
+
+
+def source_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+# ---- export ---------------------------------------------------------------------------------------
+def merged_copy(student, method: str):
+    """A plain transformers model with the trained weights (LoRA merged); the student is untouched."""
+    m = copy.deepcopy(student)
+    if method == "lora":
+        m = m.merge_and_unload()
+    return m
+
+
+def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtifact, layer: int,
+                 coef: float, trait: str, positions: str, source: dict, dtype: torch.dtype,
+                 train_info: dict, command: str = "", force: bool = False) -> Path:
+    """Merged weights, ``adapter/`` (LoRA), vector, ``bakery.json`` and card, atomically."""
+    from bakery.card_sections import write_section
+
+    out = Path(out)
+    with atomic_folder(out, force=force) as tmp:
+        merged = merged_copy(student, method).to(dtype)
+        merged.save_pretrained(tmp)
+        del merged
+        tok.save_pretrained(tmp)
+        if method == "lora":
+            student.save_pretrained(tmp / "adapter")
+            _fix_adapter_base(tmp / "adapter", source)
+        vfile = f"vectors/{trait}.safetensors"
+        vec.save(tmp / vfile)
+        m = Manifest(method=f"kl-{method}", terms=[BakeTerm(layer, coef, trait, vfile, vec.sha256())],
+                     positions=positions, route="lora-merged" if method == "lora" else "full",
+                     exact=False, source=source, engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"},
+                     versions=versions(), command=command, extra=train_info)
+        m.save(tmp)
+        (tmp / "README.md").write_text(_front_matter(source) + "\n")
+        write_section(tmp, "body", card_body(m, train_info))
+    return out
+
+
+def _fix_adapter_base(adapter_dir: Path, source: dict) -> None:
+    """Point the adapter at the source model id (not a cache path that means nothing elsewhere)."""
+    p = adapter_dir / "adapter_config.json"
+    cfg = json.loads(p.read_text())
+    cfg["base_model_name_or_path"] = source.get("model") or cfg.get("base_model_name_or_path")
+    p.write_text(json.dumps(cfg, indent=2))
+
+
+def _front_matter(source: dict) -> str:
+    base = source.get("hub_id") or source.get("model", "")
+    return ("---\n" f"base_model: {base}\n" "base_model_relation: finetune\n"
+            "library_name: transformers\n" "tags:\n- bakery\n- steering\n- distillation\n---\n")
+
+
+def card_body(m: Manifest, info: dict) -> str:
+    t = m.terms[0]
+    lines = [
+        f"# {t.trait} baked with `{m.method}`", "",
+        f"Runtime steering `{t.coef:g} * v[{t.layer}]` ({describe_layer(t.layer)}), positions "
+        f"`{m.positions}`, distilled into the weights by minimising KL(steered || model) on "
+        f"{info.get('train_trajectories')} sampled trajectories ({info.get('train_tokens')} response tokens).",
+        "", "| setting | value |", "| --- | --- |",
+    ]
+    for k in ("rank", "alpha", "rslora", "target_modules", "lr", "steps", "best_step", "best_val_kl",
+              "val_kl_base", "val_R", "wall_s"):
+        if k in info:
+            lines.append(f"| {k} | {info[k]} |")
+    lines += ["", "The weights are a plain checkpoint (LoRA merged, no new parameters): load it like "
+              "the base model in transformers, vLLM or sglang."]
+    if m.method == "kl-lora":
+        lines += ["", "The unmerged peft adapter is in `adapter/`: `PeftModel.from_pretrained(base, "
+                  "'adapter')`, or in vLLM `--enable-lora --lora-modules "
+                  f"{t.trait}=adapter --max-lora-rank {info.get('rank')}`."]
+    return "\n".join(lines)
+
+
+# ---- the bake ---------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    out: Path | None
+    result: TrainResult
+    info: dict[str, Any]
+
+
+def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
+                   stop_after: int | None = None) -> DistillResult:
+    """Sample (or reuse) trajectories, train, export. Returns the export folder (main process)."""
+    from accelerate import Accelerator
+
+    from bakery.models import load_model, load_tokenizer, read_config, resolve_model
+
+    if req.method not in METHODS:
+        raise DistillError(f"method must be one of {', '.join(METHODS)}; got '{req.method}'")
+    req.train.method = METHODS[req.method]
+    req.train.check()
+    model_dir = resolve_model(req.model)
+    config = read_config(model_dir)
+    out = check_output(req.out, model_dir, force=req.force or req.resume)
+    work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+
+    model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
+    tok = load_tokenizer(model_dir, trust_remote_code=req.trust_remote_code)
+    vec = req.vector if isinstance(req.vector, VectorArtifact) else load_vector(
+        req.vector, num_layers=model.config.num_hidden_layers)
+    vec.check_model(model.config)
+    vec.check_layer(req.layer, for_bake=True)
+    trait = req.trait or (vec.trait if vec.trait != "unknown" else Path(str(req.vector)).stem)
+    row = vec.row(req.layer)
+
+    def context_for(m):
+        return lambda P: steer(m, vec, req.layer, req.coef, positions=req.positions, prompt_len=P)
+
+    # trajectories: main process samples (or loads), everyone reads the same file
+    expect = teacher_meta(model_dir, config, vec, req)
+    traj_path = Path(req.trajectories) if req.trajectories else work / "trajectories.jsonl"
+    if acc.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        if traj_path.is_file():
+            TrajectorySet.load(traj_path).check_matches(expect, where=str(traj_path))
+        else:
+            pool, _ = build_pool(req)
+            t0 = time.perf_counter()
+            ts = sample(model, tok, pool, context_for(model), samples_per_prompt=req.samples_per_prompt,
+                        max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                        batch_size=req.sample_batch_size, seed=req.train.seed, meta=expect,
+                        progress=progress)
+            ts.meta["sample_seconds"] = round(time.perf_counter() - t0, 1)
+            ts.save(traj_path)
+    acc.wait_for_everyone()
+    ts = TrajectorySet.load(traj_path)
+    ts.check_matches(expect, where=str(traj_path))
+    n_prompts = len({t.prompt for t in ts.items})
+    if n_prompts <= req.val_prompts:
+        raise DistillError(
+            f"{traj_path} holds trajectories for only {n_prompts} prompts, not more than the "
+            f"{req.val_prompts} held back for validation: raise --num-prompts or lower --val-prompts")
+    train, val = ts.split(req.val_prompts, seed=req.train.seed)
+
+    d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc)
+    source = {"model": config.get("_name_or_path") or str(req.model), "path": str(model_dir),
+              "config_hash": expect["model_config_hash"], "hub_id": _hub_id(model_dir)}
+    dtype = source_dtype(config) if req.dtype == "source" else getattr(torch, req.dtype)
+
+    def info_now(dd: Distiller, extra: dict | None = None) -> dict:
+        base_kl = dd.history[0]["val_kl"] if dd.history else float("nan")
+        i = {"steps": dd.step, "best_step": dd.best_step, "best_val_kl": round(dd.best_val, 6),
+             "val_kl_base": round(base_kl, 6), "val_R": round(1 - dd.best_val / base_kl, 4) if base_kl else None,
+             "lr": req.train.resolved_lr(), "batch_size": req.train.batch_size,
+             "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
+             "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
+             "history": dd.history, "processes": acc.num_processes, "vector_norm": round(float(row.norm()), 4)}
+        if req.train.method == "lora":
+            i.update(rank=req.train.rank, alpha=req.train.resolved_alpha(), rslora=req.train.rslora,
+                     target_modules=sorted(dd.unwrapped.peft_config["default"].target_modules))
+        return {**i, **(extra or {})}
+
+    def export(dd: Distiller, folder: Path, extra: dict | None = None) -> Path:
+        return write_export(dd.unwrapped, tok, folder, method=req.train.method, vec=vec, layer=req.layer,
+                            coef=req.coef, trait=trait, positions=req.positions, source=source,
+                            dtype=dtype, train_info=info_now(dd, extra), command=req.command, force=True)
+
+    def on_save(dd: Distiller, step: int) -> None:
+        export(dd, work / "halfbaked" / f"step-{step:06d}", {"halfbaked_step": step})
+
+    result = d.train(train, val, work_dir=work, resume=req.resume, on_eval=on_eval, on_save=on_save,
+                     progress=progress, stop_after=stop_after)
+    if stop_after is not None and result.steps < req.train.max_steps and not result.stopped_early:
+        return DistillResult(None, result, info_now(d))
+    folder = None
+    if acc.is_main_process:
+        folder = export(d, out)
+    acc.wait_for_everyone()
+    return DistillResult(folder, result, info_now(d))
+
+
+def _hub_id(model_dir: Path) -> str | None:
+    p = Path(model_dir) / "bakery_source.json"
+    if p.is_file():
+        return json.loads(p.read_text()).get("hub_id")
+    return None
+
+
+# ---- command line (python -m bakery.bakers.distill / accelerate launch -m ...) ---------------------
+def _cli():
+    import click
+
+    from bakery.cli.common import clear_errors, model_option, trust_option
+
+    @click.command()
+    @click.option("--vector", "-v", required=True, type=click.Path(dir_okay=False))
+    @click.option("--layer", "-l", type=int, required=True, help="Row L: output of block L-1.")
+    @click.option("--coef", "-c", type=float, required=True)
+    @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+    @click.option("--method", type=click.Choice(list(METHODS)), default="kl-lora", show_default=True)
+    @click.option("--positions", type=click.Choice(["response", "all"]), default="response", show_default=True)
+    @click.option("--recipe", default=None, help="Trait recipe: extraction questions join the pool, "
+                  "evaluation questions are held out.")
+    @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False))
+    @click.option("--num-prompts", type=int, default=200, show_default=True)
+    @click.option("--samples-per-prompt", type=int, default=2, show_default=True)
+    @click.option("--max-new-tokens", type=int, default=48, show_default=True)
+    @click.option("--temperature", type=float, default=1.0, show_default=True)
+    @click.option("--top-p", type=float, default=0.95, show_default=True)
+    @click.option("--val-prompts", type=int, default=16, show_default=True)
+    @click.option("--trajectories", default=None, type=click.Path(dir_okay=False),
+                  help="JSONL to reuse (or write, if missing).")
+    @click.option("--work-dir", default=None, type=click.Path(file_okay=False))
+    @click.option("--resume", is_flag=True)
+    @click.option("--rank", type=int, default=32, show_default=True)
+    @click.option("--alpha", type=float, default=None, help="Default 2 * rank.")
+    @click.option("--target-modules", default=None, help="Comma-separated; default all block linears.")
+    @click.option("--rslora", is_flag=True)
+    @click.option("--lr", type=float, default=None, help="Default 2e-4 (LoRA), 2e-5 (full).")
+    @click.option("--batch-size", type=int, default=8, show_default=True)
+    @click.option("--steps", "max_steps", type=int, default=100, show_default=True)
+    @click.option("--val-every", type=int, default=10, show_default=True)
+    @click.option("--patience", type=int, default=3, show_default=True)
+    @click.option("--checkpoint-every", type=int, default=20, show_default=True)
+    @click.option("--save-every", type=int, default=0, show_default=True, help="Half-baked exports.")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--dtype", type=click.Choice(["source", "float32", "bfloat16", "float16"]), default="source",
+                  show_default=True)
+    @click.option("--force", is_flag=True)
+    @click.option("--no-progress", is_flag=True)
+    @model_option
+    @trust_option
+    @clear_errors
+    def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts,
+             samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories, work_dir,
+             resume, rank, alpha, target_modules, rslora, lr, batch_size, max_steps, val_every, patience,
+             checkpoint_every, save_every, seed, dtype, force, no_progress, model, trust_remote_code):
+        """Distil runtime steering into weights (kl-lora / kl-full) and export the result."""
+        tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, batch_size=batch_size,
+                         max_steps=max_steps, val_every=val_every, patience=patience,
+                         checkpoint_every=checkpoint_every, save_every=save_every, seed=seed,
+                         target_modules=target_modules.split(",") if target_modules else None)
+        req = DistillRequest(model=model, vector=vector, layer=layer, coef=coef, out=out, method=method,
+                             positions=positions, recipe=recipe, prompts_file=prompts_file,
+                             num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             val_prompts=val_prompts, trajectories=trajectories, work_dir=work_dir,
+                             resume=resume, dtype=dtype, force=force, train=tc, trust_remote_code=trust_remote_code,
+                             command=" ".join(shlex.quote(a) for a in ["bakery-distill", *sys.argv[1:]]))
+        res = bake_distilled(req, progress=not no_progress)
+        if res.out is not None:
+            i = res.info
+            click.echo(f"{method}: {describe_layer(layer)}, coef {coef:g}, positions {positions}; "
+                       f"{i['steps']} steps, best step {i['best_step']}, validation KL "
+                       f"{i['val_kl_base']:.4f} -> {i['best_val_kl']:.4f} (R {i['val_R']}), "
+                       f"{i['wall_s']:.0f} s on {i['processes']} process(es)")
+            click.echo(f"wrote {res.out}")
+
+    return main
+
+
+if __name__ == "__main__":
+    _cli()()

@@ -1,0 +1,168 @@
+"""The ``ortho`` baker: directional ablation written into the weights.
+
+``W <- (I - r r^T) W`` (and ``b <- b - (r . b) r``) for every matrix that writes the residual
+stream: the embeddings, each attention output and each MLP down-projection, in float32, stored in
+the source dtype. ``r`` is the unit vector of ``v[L]`` or, with ``per_layer``, block ``i`` uses
+``v[i+1]`` (the embedding uses block 0's direction, as :class:`bakery.steering.Ablation` does).
+
+Tied embeddings: the input embedding and the output head are one matrix. Ablating it would also
+change the output head, which runtime ablation does not, so bakery offers the two honest choices:
+``embeddings="ablate"`` unties them (the embedding rows are ablated, the output head is written as
+a copy of the original matrix: ``vocab x hidden`` more parameters), ``embeddings="keep"`` leaves the
+shared matrix alone (then the reference is ablation without the embedding output).
+
+``add=COEF`` re-adds ``COEF * r`` at the output of block ``L-1`` through the exact bias route
+(affine editing: the direction is fixed to one value instead of removed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from bakery.arch import num_layers_of, tied_embeddings
+from bakery.bakers import register
+from bakery.bakers.base import BakeError, BakePlan, Baker, BakeRequest, arch_name
+from bakery.bakers.bias import plan_bias_terms
+from bakery.checkpoint import CheckpointReader
+
+BIPOLAR_WARNING = (
+    "ablation removes the whole direction, both of its poles: if the opposite of '{trait}' is "
+    "itself a behaviour you care about (e.g. the model's normal register), it is removed too. "
+    "Check the baked model's neutral drift (bakery compare) before shipping it.")
+
+
+def parse_blocks(value: Any, n: int) -> list[int] | None:
+    """``None``/"all" -> None; "10-20" / "3,5,7" / [3, 5] -> sorted block indices (0-based)."""
+    if value is None or value == "all":
+        return None
+    items: list[int] = []
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        for p in parts:
+            p = str(p).strip()
+            if "-" in p:
+                a, b = (int(x) for x in p.split("-", 1))
+                items.extend(range(a, b + 1))
+            elif p:
+                items.append(int(p))
+    except ValueError:
+        raise BakeError(f"blocks must look like '10-20' or '3,5,7' (0-based blocks); got {value!r}") from None
+    bad = [b for b in items if not 0 <= b < n]
+    if bad or not items:
+        raise BakeError(f"blocks {bad or value} out of range: this model has blocks 0..{n - 1}")
+    return sorted(set(items))
+
+
+def _unit(v: torch.Tensor, what: str) -> torch.Tensor:
+    norm = v.float().norm()
+    if norm == 0:
+        raise BakeError(f"{what} is all zeros: there is no direction to ablate")
+    return v.float() / norm
+
+
+def project_rows(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Rows of ``W`` (shape [N, hidden]) with ``r`` projected out: ``W - (W r) r^T``."""
+    return W - torch.outer(W @ r, r)
+
+
+def project_cols(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Columns of ``W`` (shape [hidden, N]) with ``r`` projected out: ``(I - r r^T) W``."""
+    return W - torch.outer(r, r @ W)
+
+
+@register("ortho")
+class OrthoBaker(Baker):
+    """Directional ablation, optionally with a re-added constant (``add``)."""
+
+    name = "ortho"
+    needs_coef = False
+
+    def plan(self, req: BakeRequest, reader: CheckpointReader) -> BakePlan:
+        spec = req.spec
+        arch = arch_name(req.config)
+        if spec.sandwich:
+            raise BakeError(
+                f"{arch} writes the residual stream through a norm (sandwich norm), so no weight "
+                "edit equals runtime ablation there. Alternatives: --method kl-lora (distil the "
+                "ablated model), or --method bias --route rank1 for a steering bake.")
+        if len(req.terms) != 1:
+            raise BakeError(f"ortho ablates one direction; got {len(req.terms)} terms. Bake them one "
+                            "at a time, or use per_layer=True for one direction per block.")
+        term = req.terms[0]
+        n = num_layers_of(req.config)
+        opts = req.options
+        embeddings = opts.get("embeddings") or "ablate"
+        if embeddings not in ("ablate", "keep"):
+            raise BakeError(f"embeddings must be 'ablate' or 'keep'; got {embeddings!r}")
+        blocks = parse_blocks(opts.get("blocks"), n)
+        per_layer = bool(opts.get("per_layer"))
+        block_list = list(range(n)) if blocks is None else blocks
+        if per_layer:
+            dirs = {i: _unit(term.vector.row(i + 1), f"row {i + 1} of the vector") for i in block_list}
+            if embeddings == "ablate" and 0 not in dirs:
+                dirs_embed = _unit(term.vector.row(1), "row 1 of the vector")
+            else:
+                dirs_embed = dirs.get(0, next(iter(dirs.values())))
+        else:
+            r = _unit(term.row(), f"row {term.layer} of the vector")
+            dirs = {i: r for i in block_list}
+            dirs_embed = r
+
+        plan = BakePlan(reader=reader, config=dict(req.config))
+        tied = tied_embeddings(req.config)
+        lm_head = f"{spec.lm_head}.weight"
+        untied = False
+        if embeddings == "ablate":
+            if tied and lm_head not in reader:
+                plan.copy_as(lm_head, f"{spec.embeddings[0]}.weight")
+                untied = True
+            if tied:
+                plan.config["tie_word_embeddings"] = False
+                untied = True
+            for e in spec.embeddings:
+                plan.edit(f"{e}.weight", lambda W, r=dirs_embed: project_rows(W, r))
+        for i in block_list:
+            r = dirs[i]
+            for mod in (spec.attn_out, spec.mlp_out):
+                w = f"{spec.block(i)}.{mod}.weight"
+                if spec.conv1d:
+                    plan.edit(w, lambda W, r=r: project_rows(W, r))
+                else:
+                    plan.edit(w, lambda W, r=r: project_cols(W, r))
+                b = f"{spec.block(i)}.{mod}.bias"
+                if b in reader:
+                    plan.edit(b, lambda x, r=r: x - (x @ r) * r)
+
+        plan.route = "ortho"
+        plan.exact = True
+        plan.engines = {"transformers": "ok", "vllm": "ok", "sglang": "ok"}
+        plan.ablation = {
+            "direction": "per-layer rows v[i+1]" if per_layer else f"v[{term.layer}]",
+            "layer": term.layer,
+            "blocks": "all" if blocks is None else blocks,
+            "embeddings": embeddings,
+            "untied": untied,
+            "per_layer": per_layer,
+        }
+        if embeddings == "ablate" and untied:
+            plan.notes.append(
+                "tied embeddings were untied: the input embedding rows are ablated, the output head "
+                "keeps the original matrix (stored as lm_head.weight, "
+                f"{reader.tensors[spec.embeddings[0] + '.weight'].shape[0]} x "
+                f"{reader.tensors[spec.embeddings[0] + '.weight'].shape[1]} more parameters); "
+                "reference: runtime ablation including the embedding output")
+        elif embeddings == "keep":
+            plan.notes.append("embeddings left untouched; reference: runtime ablation of the "
+                              "attention and MLP writes only (Ablation(embeddings=False))")
+        plan.warnings.append(BIPOLAR_WARNING.format(trait=term.trait))
+
+        add = opts.get("add")
+        if add is not None and float(add) != 0.0:
+            plan_bias_terms(req, reader, plan, "resid-out", {term.block: float(add) * _unit(term.row(), "v")})
+            plan.route = "ortho+bias"
+            plan.ablation["add"] = float(add)
+            plan.notes.append(f"affine edit: after ablation, {float(add):g} * r is added at the output "
+                              f"of block {term.block} through the {spec.routes['resid-out'].tensor} bias")
+        return plan

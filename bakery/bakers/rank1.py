@@ -1,0 +1,201 @@
+"""``bias --route rank1``: ``W_down <- W_down + coef * v u^T`` with ``u . a ~= 1``.
+
+``a`` is the input of the block's MLP down-projection. ``u`` is the ridge least-squares solution
+of ``A u = 1`` over calibration activations, so the edit adds about ``coef * v`` at every token
+with no new parameters. Calibration runs the model truncated to the blocks it needs (up to the
+deepest edited block), with the earlier terms steering at runtime so later fits see the
+activations the baked model will produce. Approximate: the report gives the fit (mean and spread
+of ``u . a``).
+
+Sandwich-norm blocks (Gemma-2/3, OLMo-2) renormalise the MLP output, so there the target of
+``u . a`` is the RMS of the down-projection output and the direction is divided by the norm's gain:
+a first-order approximation, reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+
+from bakery.bakers.base import BakeError, BakePlan, BakeRequest
+
+CALIBRATION_PROMPTS = (
+    "Tell me about the history of the Roman Empire.",
+    "How do I bake a loaf of sourdough bread?",
+    "What is the best way to learn a new language?",
+    "Explain how a car engine works.",
+    "Write a short poem about the ocean.",
+    "What should I pack for a week-long hiking trip?",
+    "Why is the sky blue?",
+    "Give me three tips for a job interview.",
+    "Describe your ideal weekend.",
+    "How do vaccines work?",
+    "What are the pros and cons of electric cars?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How can I improve my sleep?",
+    "What is machine learning?",
+    "Recommend a good book for a long flight.",
+    "How do I fix a leaking tap?",
+    "What makes a good friend?",
+    "Explain photosynthesis to a ten-year-old.",
+    "Plan a birthday party for my grandmother.",
+    "What is the difference between weather and climate?",
+    "How should I start running if I have never exercised?",
+    "Tell me a story about a lost dog who finds its way home.",
+    "What are black holes?",
+    "How do I write a cover letter?",
+    "Describe the city of Tokyo.",
+    "What is inflation and why does it matter?",
+    "Give me a recipe for a vegetable soup.",
+    "How does the internet work?",
+    "What would you do with a free afternoon?",
+    "Explain the rules of chess briefly.",
+    "How can I save money on groceries?",
+    "What was the Industrial Revolution?",
+    "Write a thank-you note to a teacher.",
+    "What are some good habits for studying?",
+    "Describe a thunderstorm.",
+    "How do bees make honey?",
+    "What is your opinion on pineapple on pizza?",
+    "How do I care for a houseplant?",
+    "Explain what a budget is and how to make one.",
+    "Tell me about the planets in our solar system.",
+    "How do I apologise to a friend I upset?",
+    "What is the meaning of life?",
+    "Describe how to make a paper airplane.",
+    "What is the tallest mountain in the world?",
+    "How do trains stay on their tracks?",
+    "Give me advice for my first day at a new job.",
+    "What do you know about the deep sea?",
+    "Write a short message inviting friends to dinner.",
+)
+
+
+def _render(tok, prompts: Sequence[str]) -> list[str]:
+    from bakery.generation import render_chat
+
+    if getattr(tok, "chat_template", None):
+        return [render_chat(tok, p) for p in prompts]
+    return list(prompts)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | None = None,
+              *, ridge: float = 1e-2, batch_size: int = 8) -> dict[int, dict]:
+    """Per block: ``u`` (float32) and the fit statistics, from a truncated forward pass."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bakery.models import load_tokenizer
+    from bakery.steering import Steering, SteeringTerm
+
+    spec = req.spec
+    deepest = max(blocks)
+    cfg = AutoConfig.from_pretrained(req.model_dir)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text_cfg.num_hidden_layers = deepest + 1  # calibration needs the blocks up to the edit only
+    if getattr(text_cfg, "layer_types", None):
+        text_cfg.layer_types = list(text_cfg.layer_types)[: deepest + 1]
+    model = AutoModelForCausalLM.from_pretrained(req.model_dir, config=cfg, dtype=torch.float32).eval()
+    tok = load_tokenizer(req.model_dir)
+    texts = _render(tok, list(prompts or CALIBRATION_PROMPTS))
+    mods = model.get_submodule(spec.blocks)
+    state: dict[int, dict] = {b: {"G": None, "s": None, "rows": 0, "acts": []} for b in blocks}
+    mask_now: dict[str, torch.Tensor] = {}
+
+    def capture(b: int):
+        def hook(module, args):
+            a = args[0].float()
+            keep = mask_now["m"].reshape(-1).bool()
+            a = a.reshape(-1, a.shape[-1])[keep].double()
+            if spec.sandwich:  # target: the RMS of the down-projection output, per token
+                y = torch.nn.functional.linear(a.float(), module.weight.float()).double()
+                target = y.pow(2).mean(-1).sqrt()
+            else:
+                target = torch.ones(a.shape[0], dtype=torch.float64)
+            st = state[b]
+            G, s = a.T @ a, a.T @ target
+            st["G"] = G if st["G"] is None else st["G"] + G
+            st["s"] = s if st["s"] is None else st["s"] + s
+            st["rows"] += a.shape[0]
+            st["acts"].append((a.float(), target.float()))
+            if b == deepest:
+                raise _Stop
+        return hook
+
+    handles = [mods[b].get_submodule(spec.mlp_out).register_forward_pre_hook(capture(b))
+               for b in blocks]
+    # earlier terms steer at runtime so a later block is fitted on the activations it will see
+    steer_terms = [SteeringTerm(t.layer, t.row(), t.coef) for t in req.terms if t.block < deepest]
+    ctx = Steering(model, steer_terms) if steer_terms else contextlib.nullcontext()
+    try:
+        with ctx:
+            for i in range(0, len(texts), batch_size):
+                from bakery.generation import encode_prompts
+
+                enc = encode_prompts(tok, texts[i:i + batch_size])
+                mask_now["m"] = enc["attention_mask"]
+                try:
+                    model(**enc)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[int, dict] = {}
+    for b in blocks:
+        st = state[b]
+        if not st["rows"]:
+            raise BakeError("rank1 calibration saw no tokens: give calibration prompts")
+        G = st["G"]
+        lam = ridge * float(torch.trace(G)) / G.shape[0]
+        u = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), st["s"]).float()
+        fit = torch.cat([a @ u / t.clamp_min(1e-6) for a, t in st["acts"]])
+        entry = {"u": u, "rows": st["rows"], "fit_mean": float(fit.mean()), "fit_std": float(fit.std())}
+        if spec.sandwich:
+            norm = mods[b].get_submodule(spec.mlp_writer())
+            ones = torch.ones(1, 1, int(text_cfg.hidden_size))
+            entry["gain"] = (norm(ones)[0, 0]).float()  # RMSNorm(ones) = its effective gain
+        out[b] = entry
+    del model
+    return out
+
+
+def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
+    """Fill ``plan`` with one rank-one update per edited block."""
+    spec = req.spec
+    if req.site != "resid-out":
+        raise BakeError("--route rank1 edits the MLP down-projection (site resid-out); "
+                        "--site attn-out needs the bias route")
+    by_block: dict[int, torch.Tensor] = {}
+    for t in req.terms:
+        by_block[t.block] = by_block.get(t.block, 0) + t.coef * t.row()
+    fits = fit_rank1(req, sorted(by_block), req.options.get("calibration_prompts"),
+                     ridge=float(req.options.get("ridge", 1e-2)))
+    for b, delta in by_block.items():
+        u = fits[b]["u"]
+        w = delta / fits[b]["gain"] if "gain" in fits[b] else delta
+        name = f"{spec.block(b)}.{spec.mlp_out}.weight"
+        if spec.conv1d:  # Conv1D stores [in, out]
+            plan.edit(name, lambda W, u=u, w=w: W + torch.outer(u, w))
+        else:
+            plan.edit(name, lambda W, u=u, w=w: W + torch.outer(w, u))
+    plan.route = "rank1"
+    plan.site = "resid-out"
+    plan.exact = False
+    plan.engines = {"transformers": "ok", "vllm": "ok", "sglang": "ok"}
+    plan.extra["rank1_fit"] = {str(b + 1): {k: v for k, v in f.items() if k not in ("u", "gain")}
+                               for b, f in fits.items()}
+    plan.notes.append(
+        "rank-one update of the MLP down-projection: approximate; u . a on the calibration tokens: "
+        + ", ".join(f"layer {b + 1}: mean {f['fit_mean']:.3f}, std {f['fit_std']:.3f} ({f['rows']} tokens)"
+                    for b, f in sorted(fits.items())))
+    if spec.sandwich:
+        plan.notes.append("sandwich-norm block: the post-MLP norm rescales the edit; first-order "
+                          "approximation (target u . a = RMS of the MLP output, direction divided by "
+                          "the norm gain)")

@@ -27,7 +27,7 @@ from bakery.manifest import Manifest, ManifestError
 
 # Paths (relative, posix) that make up a bakery export (DESIGN.md, "An exported folder").
 EXPORT_PATTERNS = (
-    "config.json", "generation_config.json", "README.md", "bakery.json",
+    "config.json", "generation_config.json", "README.md", "bakery.json", "bake.yaml",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
@@ -218,8 +218,10 @@ def check_card(export_dir: str | os.PathLike, manifest: Manifest, *,
     tags = meta.get("tags") or []
     if not isinstance(tags, list):
         tags = [tags]
-    wanted = list(REQUIRED_TAGS) + sorted({t.trait for t in manifest.terms})
-    missing = [t for t in wanted if t not in tags]
+    missing = [t for t in REQUIRED_TAGS if t not in tags]
+    # the trait may be tagged bare ("pirate") or namespaced ("trait:pirate", as card.py writes it)
+    missing += [t for t in sorted({t.trait for t in manifest.terms})
+                if t not in tags and f"trait:{t}" not in tags]
     if missing:
         problems.append(f"`tags` lacks {', '.join(missing)}")
     lic = meta.get("license")

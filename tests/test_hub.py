@@ -25,48 +25,28 @@ from hub_server import HubServer
 from bakery import hub as hubmod
 from bakery.card_sections import write_section
 from bakery.cli import main
-from bakery.manifest import BakeTerm, Manifest, versions
 from bakery.vectors import VectorArtifact
 
 TOKEN = "hf_testALICEwrite0123456789"
 READ_TOKEN = "hf_testALICEread0123456789"
 REPO = "alice/tiny-pirate"
 
-CARD = """---
-base_model: {base}
-base_model_relation: finetune
-library_name: transformers
-license: {license}
-tags:
-- bakery
-- steering
-- {trait}
-pipeline_tag: text-generation
----
+def make_export(folder: Path, tiny_dir: Path, trait: str = "pirate") -> Path:
+    """A real bias bake of a tiny llama (bakery.bakers.bake), plus a compare/ report and the
+    fidelity and engines card sections that `bakery compare` and `bakery verify` would add."""
+    from bakery.bakers import bake
 
-# tiny-pirate
-
-Baked with bakery from a `{trait}` steering vector.
-"""
-
-
-def make_export(folder: Path, tiny_dir: Path, trait: str = "pirate", license: str = "apache-2.0") -> Path:
-    """An export of a tiny llama by hand: weights, tokenizer, bakery.json, card, vector, compare/."""
-    shutil.copytree(tiny_dir, folder)
+    base = folder.with_name(folder.name + "-base")
+    shutil.copytree(tiny_dir, base)
+    # what models.py writes for a converted Hub model: its Hub id and license
+    (base / "bakery_source.json").write_text(json.dumps({"hub_id": "tiny/llama", "license": "apache-2.0"}))
     torch.manual_seed(1)
-    art = VectorArtifact(torch.randn(5, 32), meta={"trait": trait, "model": "tiny-llama"})
-    art.save(folder / "vectors" / f"{trait}.safetensors")
-    Manifest(method="bias", terms=[BakeTerm(layer=2, coef=4.0, trait=trait,
-                                            vector_file=f"vectors/{trait}.safetensors",
-                                            vector_sha256=art.sha256())],
-             route="mlp-bias", exact=True,
-             source={"model": "tiny/llama", "path": str(tiny_dir), "license": "apache-2.0"},
-             versions=versions(), command="bakery bake ...").save(folder)
-    (folder / "README.md").write_text(CARD.format(base="tiny/llama", license=license, trait=trait))
+    art = VectorArtifact(torch.randn(5, 32), meta={"trait": trait, "model": "tiny/llama"})
+    bake("bias", base, [(art, 2, 4.0, trait)], folder, progress=False)
     (folder / "compare").mkdir()
     (folder / "compare" / "report.json").write_text(json.dumps({"recovered": 0.99}))
-    (folder / "compare" / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
-    write_section(folder, "fidelity", "| bake | R |\n| --- | --- |\n| bias | 0.99 |")
+    (folder / "compare" / "fidelity.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    write_section(folder, "fidelity", "## Fidelity\n\n| bake | R |\n| --- | --- |\n| bias | 0.99 |")
     write_section(folder, "engines", "| engine | verdict |\n| --- | --- |\n| transformers | ok |")
     return folder
 
@@ -117,6 +97,7 @@ def test_push_arrives_byte_identical_with_auth_and_parsable_card(export, hub, hu
     commit = hub.repos[REPO].commits[-1]
     assert f"commit: {hub.url}/{REPO}/commit/{commit['oid']}" in res.output
     assert commit["summary"] == "bakery: bias bake of pirate (layer 2, coef 4)"
+    assert {"model.safetensors", "bakery.json", "bake.yaml", "vectors/pirate.safetensors"} <= set(stored)
 
     # the token went in the Authorization header of every Hub API call, and nowhere in the output
     api_calls = [r for r in hub.requests if r.endpoint != "lfs_upload"]
@@ -128,7 +109,7 @@ def test_push_arrives_byte_identical_with_auth_and_parsable_card(export, hub, hu
     for call in hub.calls("lfs_batch"):
         assert "basic" in json.loads(call.body)["transfers"]
     uploaded = {r.path.rsplit("/", 1)[1] for r in hub.calls("lfs_upload")}
-    for rel in ("model.safetensors", "vectors/pirate.safetensors", "compare/plot.png"):
+    for rel in ("model.safetensors", "vectors/pirate.safetensors", "compare/fidelity.png"):
         assert hashlib.sha256((export / rel).read_bytes()).hexdigest() in uploaded
 
     # the README that arrived parses as a model card with the metadata the Hub needs
@@ -137,7 +118,11 @@ def test_push_arrives_byte_identical_with_auth_and_parsable_card(export, hub, hu
     meta = ModelCard(stored["README.md"].decode()).data.to_dict()
     assert meta["base_model"] == "tiny/llama" and meta["base_model_relation"] == "finetune"
     assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0"
-    assert {"bakery", "steering", "pirate"} <= set(meta["tags"])
+    assert {"bakery", "steering", "trait:pirate"} <= set(meta["tags"])
+    body = stored["README.md"].decode()
+    for needed in ("from_pretrained", "vllm serve", "sglang", "## Reproduce", "bakery bake",
+                   "<!-- bakery:fidelity -->", "<!-- bakery:engines -->"):
+        assert needed in body
 
 
 def test_hf_endpoint_and_hf_token_from_environment_in_a_real_process(export, hub, tmp_path):
@@ -319,7 +304,7 @@ def test_stray_files_are_refused_unless_included(export, hub, hub_env):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace("- pirate\n", ""), "`tags` lacks pirate"),
+    (lambda t: t.replace("- trait:pirate\n", ""), "`tags` lacks pirate"),
     (lambda t: t.replace("- bakery\n", "").replace("- steering\n", ""), "`tags` lacks bakery, steering"),
     (lambda t: t.replace("license: apache-2.0", "license: mit"),
      "`license` is 'mit' but the base model is licensed 'apache-2.0'"),
@@ -404,3 +389,14 @@ def test_retry_helper_does_not_retry_client_errors():
         hubmod.with_retries("x", lambda: fail(502), retries=3, backoff=0.5, log=lambda _: None,
                             sleep=waits.append)
     assert waits == [0.5, 1.0, 2.0]
+
+
+def test_bake_of_a_local_model_without_hub_id_needs_a_base_model(tmp_path, tiny_models):
+    """A bake from a plain local folder has no Hub id to name as base_model: push says so."""
+    from bakery.bakers import bake
+
+    torch.manual_seed(1)
+    art = VectorArtifact(torch.randn(5, 32), meta={"trait": "pirate"})
+    out = bake("bias", tiny_models("llama"), [(art, 2, 4.0, "pirate")], tmp_path / "local", progress=False)
+    with pytest.raises(hubmod.CardError, match="`base_model` is missing"):
+        hubmod.prepare(out, verify=False)

@@ -1,0 +1,418 @@
+"""Training loop of the distilled bakers: minimise ``KL(steered teacher || student)`` on the
+response tokens of sampled trajectories.
+
+- LoRA (peft) keeps ONE copy of the model: the teacher is the same model with the adapter switched
+  off (``disable_adapter()``) and the steering hook on. Forgetting the switch would make the
+  teacher include the adapter, silently; :meth:`Distiller.teacher_logits` is the one place that
+  builds teacher logits, and a test pins it to the unadapted model.
+- Full fine-tuning needs a frozen teacher copy (the student's own weights move).
+- Validation KL on held-out trajectories with early stopping (the best weights are kept), a
+  progress bar with loss and validation KL, checkpoints every N steps with ``resume``, and a
+  callback for half-baked exports.
+- Runs unchanged under ``accelerate launch`` (data parallel): each process takes its share of the
+  global batch, gradients are averaged by the wrapper, only the main process writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bakery.arch import spec_for
+from bakery.trajectories import Trajectory, TrajectoryError, TrajectorySet, collate
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+METHODS = ("lora", "full")
+CKPT_DIR = "checkpoint"
+ContextFactory = Callable[[int | None], ContextManager]
+
+
+class DistillError(ValueError):
+    """Bad distillation input (settings, data, modules) with what to do about it."""
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full) or read; the previous one is intact."""
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"  # lora | full
+    rank: int = 32
+    alpha: float | None = None  # default 2 * rank
+    target_modules: list[str] | None = None  # default: every linear in the blocks
+    rslora: bool = False
+    lr: float | None = None  # default 2e-4 for LoRA, 2e-5 for full
+    batch_size: int = 8  # global batch (split over processes)
+    max_steps: int = 100
+    val_every: int = 10
+    patience: int = 3  # evaluations without improvement before stopping; 0 = never stop early
+    min_delta: float = 0.0
+    checkpoint_every: int = 20  # 0 = no checkpoints
+    save_every: int = 0  # 0 = no half-baked exports
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    min_trajectories: int = 16
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 2e-5)
+
+    def resolved_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise DistillError(f"method must be one of {', '.join(METHODS)}; got '{self.method}'")
+        if self.method == "lora":
+            if self.rank < 1:
+                raise DistillError(f"--rank must be at least 1; got {self.rank}")
+            if self.rank not in VLLM_LORA_RANKS:
+                warnings.warn(
+                    f"LoRA rank {self.rank} cannot be served by vLLM as a LoRA (it allows "
+                    f"{', '.join(map(str, VLLM_LORA_RANKS))}); the merged export still works "
+                    "everywhere, only adapter/ will not load in vLLM with --enable-lora",
+                    stacklevel=2)
+        for name in ("batch_size", "max_steps", "val_every"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the linear layers inside the decoder blocks (LoRA targets)."""
+    from transformers.pytorch_utils import Conv1D
+
+    spec = spec_for(model.config)
+    blocks = model.get_submodule(spec.blocks)
+    names = {n.rsplit(".", 1)[-1] for n, m in blocks.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    return sorted(names)
+
+
+def check_targets(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
+    """The LoRA target modules, checked against the architecture (default: all block linears)."""
+    have = linear_module_names(model)
+    if not targets:
+        return have
+    missing = [t for t in targets if t not in have]
+    if missing:
+        raise DistillError(
+            f"target module(s) {', '.join(missing)} do not exist in {model.config.model_type} "
+            f"blocks; linear layers there are: {', '.join(have)}")
+    return list(targets)
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig):
+    """Wrap ``model`` with a fresh peft LoRA adapter (the adapter lives inside the model object)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = check_targets(model, cfg.target_modules)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha(), target_modules=targets,
+                      lora_dropout=0.0, bias="none", use_rslora=cfg.rslora, task_type="CAUSAL_LM",
+                      fan_in_fan_out=spec_for(model.config).conv1d)
+    return get_peft_model(model, lcfg)
+
+
+def response_logprobs(logits: torch.Tensor, mask: torch.Tensor, P: int, kept: int) -> torch.Tensor:
+    """Log-probs at the positions predicting response tokens, flattened to [N, V].
+
+    ``kept`` is how many final positions ``logits`` covers (``logits_to_keep``)."""
+    S = mask.shape[1]
+    start = P - 1 - (S - kept)  # index of position P-1 inside the kept logits
+    pred = logits[:, start:kept - 1]
+    keep = mask[:, P:].bool().to(pred.device)
+    return F.log_softmax(pred[keep].float(), dim=-1)
+
+
+def kl_per_token(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` per row of [N, V] log-probs."""
+    return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_step: int
+    best_val_kl: float
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class Distiller:
+    """Owns the student (and, for full fine-tuning, a frozen teacher copy) and trains it.
+
+    ``context(P)`` is the steering of the teacher, a factory over the *base* model's blocks
+    (``lambda P: steer(base, vec, L, coef, positions=..., prompt_len=P)``); for full fine-tuning
+    ``teacher_context`` steers the frozen copy instead.
+    """
+
+    def __init__(self, model: nn.Module, pad_id: int, cfg: TrainConfig,
+                 context_for: Callable[[nn.Module], ContextFactory], *, accelerator=None):
+        cfg.check()
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.context_for = context_for
+        torch.manual_seed(cfg.seed)
+        model.float().eval()  # distillation runs in float32; no dropout in teacher or student
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.method == "lora":
+            self.student = add_lora(model, cfg)
+            self.teacher = None
+            self.teacher_ctx = context_for(self.student.get_base_model())
+        else:
+            self.teacher = copy.deepcopy(model).eval()
+            self.student = model
+            for p in self.student.parameters():
+                p.requires_grad_(True)
+            self.teacher_ctx = context_for(self.teacher)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+        self.wrapped, self.optimizer = self.acc.prepare(self.student, self.optimizer)
+        self.step = 0
+        self.best_val = math.inf
+        self.best_step = 0
+        self.bad_evals = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.elapsed = 0.0
+        self._val_teacher: list[torch.Tensor] | None = None
+
+    # ---- model views -------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.acc.unwrap_model(self.wrapped)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.unwrapped.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise CheckpointError(f"checkpoint holds parameters this model lacks: {missing[:3]}...")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    # ---- forwards ------------------------------------------------------------------------------
+    def _forward(self, model, ids, mask, P):
+        kept = ids.shape[1] - P + 1
+        dev = self.acc.device
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=kept)
+        return out.logits, kept
+
+    @torch.no_grad()
+    def teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        """Response-position log-probs of the steered teacher: the base model, adapter OFF."""
+        if self.teacher is None:
+            peft_model = self.unwrapped
+            with peft_model.disable_adapter(), self.teacher_ctx(P):
+                logits, kept = self._forward(peft_model, ids, mask, P)
+        else:
+            with self.teacher_ctx(P):
+                logits, kept = self._forward(self.teacher, ids, mask, P)
+        return response_logprobs(logits, mask, P, kept)
+
+    def student_logprobs(self, ids, mask, P, *, wrapped: bool = True) -> torch.Tensor:
+        logits, kept = self._forward(self.wrapped if wrapped else self.unwrapped, ids, mask, P)
+        return response_logprobs(logits, mask, P, kept)
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _shard(self, items: Sequence[Trajectory]) -> list[Trajectory]:
+        return list(items[self.acc.process_index::self.acc.num_processes])
+
+    @torch.no_grad()
+    def validate(self, val: TrajectorySet) -> float:
+        """Mean per-token KL(teacher || student) over the validation responses (all processes)."""
+        mine = self._shard(val.items)
+        batches = [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
+        if self._val_teacher is None:  # the teacher never changes: compute its side once
+            self._val_teacher = [self.teacher_logits(*collate(b, self.pad_id)) for b in batches]
+        total = torch.zeros(2, device=self.acc.device)
+        for b, t in zip(batches, self._val_teacher):
+            s = self.student_logprobs(*collate(b, self.pad_id), wrapped=False)
+            total[0] += kl_per_token(t, s).sum()
+            total[1] += t.shape[0]
+        total = self.acc.reduce(total, reduction="sum")
+        return float(total[0] / total[1].clamp(min=1))
+
+    # ---- data order ----------------------------------------------------------------------------
+    def batch_for(self, train: TrajectorySet, step: int) -> list[Trajectory]:
+        """This process's share of global batch ``step``: a fixed function of (seed, step), so a
+        resumed run sees exactly the batches the interrupted one would have."""
+        n = len(train.items)
+        per_epoch = max(n // self.cfg.batch_size, 1)
+        epoch, k = divmod(step, per_epoch)
+        order = list(range(n))
+        random.Random(self.cfg.seed * 100003 + epoch).shuffle(order)
+        glob = order[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+        return [train.items[i] for i in self._shard(glob)]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, work_dir: str | os.PathLike) -> Path | None:
+        """Write the resumable state to ``work_dir/checkpoint`` atomically (main process only)."""
+        self.acc.wait_for_everyone()
+        work = Path(work_dir)
+        final = work / CKPT_DIR
+        if not self.acc.is_main_process:
+            return None
+        tmp, old = work / (CKPT_DIR + ".tmp"), work / (CKPT_DIR + ".old")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                        "best": self.best_state, "rng": torch.get_rng_state()}, tmp / "state.pt")
+            (tmp / "trainer.json").write_text(json.dumps({
+                "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
+                "bad_evals": self.bad_evals, "history": self.history, "elapsed": self.elapsed,
+                "config": asdict(self.cfg)}, indent=1))
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final.exists() is False and old.exists():
+                os.replace(old, final)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise CheckpointError(
+                    e.errno, f"out of disk space while writing the checkpoint at step {self.step} to "
+                    f"{final}: {e.strerror}. The previous checkpoint (if any) is intact; free space "
+                    "or use a work folder on another disk (--work-dir), then rerun with --resume, "
+                    "or raise --checkpoint-every to write fewer checkpoints") from e
+            raise
+        return final
+
+    def load_checkpoint(self, work_dir: str | os.PathLike) -> bool:
+        """Restore the state written by :meth:`save_checkpoint`; False if there is none."""
+        work = Path(work_dir)
+        ck = work / CKPT_DIR
+        if not ck.is_dir() and (work / (CKPT_DIR + ".old")).is_dir():
+            ck = work / (CKPT_DIR + ".old")  # killed between the two renames
+        if not (ck / "state.pt").is_file():
+            return False
+        meta = json.loads((ck / "trainer.json").read_text())
+        saved = meta["config"]
+        for key in ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(
+                    f"cannot resume from {ck}: it was trained with {key}={saved.get(key)!r}, this run "
+                    f"has {key}={getattr(self.cfg, key)!r}. Use the same settings, or start afresh "
+                    "without --resume (in a new --work-dir)")
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+        self.load_trainable_state(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best_state = state["best"]
+        torch.set_rng_state(state["rng"])
+        self.step, self.best_val, self.best_step = meta["step"], meta["best_val"], meta["best_step"]
+        self.bad_evals, self.history, self.elapsed = meta["bad_evals"], meta["history"], meta["elapsed"]
+        return True
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self, train: TrajectorySet, val: TrajectorySet, *, work_dir: str | os.PathLike | None = None,
+              resume: bool = False, on_eval: Callable[["Distiller", dict], None] | None = None,
+              on_save: Callable[["Distiller", int], None] | None = None, progress: bool = True,
+              stop_after: int | None = None) -> TrainResult:
+        """Train until ``max_steps`` or early stopping; restore the best weights at the end.
+
+        ``on_eval(distiller, record)`` runs after each validation (main process); ``on_save(
+        distiller, step)`` every ``save_every`` steps (half-baked exports). ``stop_after`` ends the
+        call after that many steps of this call without finishing (used to simulate a kill).
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if len(train) < cfg.min_trajectories:
+            raise TrajectoryError(
+                f"only {len(train)} training trajectories (at least {cfg.min_trajectories} needed "
+                "to learn a behaviour that holds on new prompts): sample more prompts "
+                "(--num-prompts, --samples-per-prompt, or --prompts FILE)")
+        if len(val) == 0:
+            raise TrajectoryError("no validation trajectories: raise --val-prompts above 0")
+        if len(train) < cfg.batch_size:
+            raise TrajectoryError(f"{len(train)} training trajectories are fewer than one batch "
+                                  f"({cfg.batch_size}); lower --batch-size or sample more")
+        if resume and work_dir is not None:
+            self.load_checkpoint(work_dir)
+        if not self.history:
+            v = self.validate(val)
+            self.best_val, self.best_step = v, 0
+            self.best_state = self.trainable_state()
+            rec = {"step": 0, "loss": None, "val_kl": v, "wall_s": 0.0}
+            self.history.append(rec)
+            if on_eval and self.acc.is_main_process:
+                on_eval(self, rec)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"kl-{cfg.method}", unit="step",
+                   disable=not (progress and self.acc.is_main_process))
+        stopped = False
+        t0 = time.perf_counter() - self.elapsed
+        run_steps = 0
+        loss_ema = None
+        while self.step < cfg.max_steps:
+            if cfg.patience and self.bad_evals >= cfg.patience:
+                stopped = True
+                break
+            batch = self.batch_for(train, self.step)
+            ids, mask, P = collate(batch, self.pad_id)
+            t = self.teacher_logits(ids, mask, P)
+            s = self.student_logprobs(ids, mask, P)
+            loss = kl_per_token(t, s).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            if cfg.grad_clip:
+                self.acc.clip_grad_norm_([p for p in self.wrapped.parameters() if p.requires_grad],
+                                         cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            run_steps += 1
+            lv = float(self.acc.reduce(loss.detach(), reduction="mean"))
+            loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+            self.elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.4f}", val_kl=f"{self.best_val if self.history else float('nan'):.4f}")
+            if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
+                v = self.validate(val)
+                rec = {"step": self.step, "loss": lv, "val_kl": v, "wall_s": round(self.elapsed, 2)}
+                self.history.append(rec)
+                if v < self.best_val - cfg.min_delta:
+                    self.best_val, self.best_step, self.bad_evals = v, self.step, 0
+                    self.best_state = self.trainable_state()
+                else:
+                    self.bad_evals += 1
+                bar.set_postfix(loss=f"{loss_ema:.4f}", val_kl=f"{v:.4f}")
+                if on_eval and self.acc.is_main_process:
+                    on_eval(self, rec)
+            if on_save and cfg.save_every and self.step % cfg.save_every == 0:
+                if self.acc.is_main_process:
+                    on_save(self, self.step)
+                self.acc.wait_for_everyone()
+            if work_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(work_dir)
+            if stop_after is not None and run_steps >= stop_after:
+                bar.close()
+                return TrainResult(self.step, self.best_step, self.best_val, False, self.history,
+                                   self.elapsed)
+        bar.close()
+        if self.best_state is not None:
+            self.load_trainable_state(self.best_state)
+        return TrainResult(self.step, self.best_step, self.best_val, stopped, self.history, self.elapsed)

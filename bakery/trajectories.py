@@ -1,0 +1,251 @@
+"""Trajectories sampled from the runtime-steered teacher, and the prompt pool they start from.
+
+A trajectory is one chat prompt (token ids) and one response sampled from the steered model. The
+distilled bakers learn ``KL(steered || student)`` on the response tokens of many of them. They are
+saved as JSONL (a header line with the sampling settings, then one trajectory a line) so that a
+second run, or a run with other training settings, reuses them.
+
+The prompt pool: a recipe's 20 extraction questions are too few to learn a behaviour that holds on
+new questions, so :func:`prompt_pool` builds a larger, diverse pool offline from templates over many
+topics, plus the recipe's extraction questions and a user's file, with held-out questions removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable, Sequence
+
+import torch
+
+from bakery.fidelity import Trajectories
+from bakery.generation import generate, render_chat
+
+FORMAT = "bakery-trajectories/1"
+
+TOPICS = (
+    "the ocean", "volcanoes", "honey bees", "the moon", "bread baking", "chess", "the Roman Empire",
+    "electric cars", "coffee", "photosynthesis", "the internet", "jazz music", "mountain climbing",
+    "recycling", "dinosaurs", "the human heart", "gardening", "solar power", "libraries", "trains",
+    "the Amazon rainforest", "knitting", "basketball", "vaccines", "clouds", "bicycles",
+    "ancient Egypt", "smartphones", "whales", "cheese making", "the stock market", "penguins",
+    "earthquakes", "origami", "the printing press", "rainbows", "public speaking", "deserts",
+    "birthday parties", "the violin", "owls", "city parks", "hot air balloons", "chocolate",
+    "the Olympic Games", "glaciers", "robots", "lighthouses", "pizza", "the night sky",
+    "camping", "museums", "tea ceremonies", "friendship", "time management", "saving energy",
+    "board games", "sleep", "rivers", "coral reefs", "snowstorms", "airports", "farming",
+    "poetry", "the post office", "elephants", "bridges", "running a marathon", "vegetable soup",
+)
+TEMPLATES = (
+    "Tell me about {topic}.",
+    "What is the most interesting thing about {topic}?",
+    "Explain {topic} to a ten-year-old.",
+    "Write a short paragraph about {topic}.",
+    "Give me three facts about {topic}.",
+    "Why do people care about {topic}?",
+    "What would you say to someone who has never heard of {topic}?",
+    "Describe {topic} in a few sentences.",
+    "What are the pros and cons of {topic}?",
+    "How would you teach a beginner about {topic}?",
+)
+GENERAL = (
+    "How are you today?", "What is your name?", "Can you help me plan my week?",
+    "Give me some advice for a long journey.", "What should I cook for dinner tonight?",
+    "How do I start a new hobby?", "Tell me a short story.", "What is the meaning of a good life?",
+    "How do I stay motivated?", "Write a short poem about the morning.",
+    "What do you like to do for fun?", "Summarize the plot of a famous adventure story.",
+    "How do I apologise to a friend?", "Give me tips for a job interview.",
+    "What is the best advice you have ever heard?", "Describe the perfect weekend.",
+)
+
+
+class TrajectoryError(ValueError):
+    """Bad trajectory input: too few, unreadable, or sampled under other settings."""
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip("?.!")
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file (one a line; blank lines and ``#`` comments skipped) or JSONL
+    (objects with a ``prompt`` key, or JSON strings)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrajectoryError(f"prompt file not found: {p}")
+    out: list[str] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrajectoryError(f"{p}:{n} is not valid JSON: {e}") from e
+            line = obj.get("prompt") if isinstance(obj, dict) else obj
+            if not isinstance(line, str) or not line.strip():
+                raise TrajectoryError(f"{p}:{n} has no 'prompt' string")
+        out.append(line)
+    return out
+
+
+def prompt_pool(n: int | None = None, *, extra: Iterable[str] = (), exclude: Iterable[str] = (),
+                seed: int = 0, templates: bool = True) -> list[str]:
+    """A diverse pool of user prompts: ``extra`` (a recipe's extraction questions, a user's file)
+    first, then templates over :data:`TOPICS` and :data:`GENERAL`, shuffled, deduplicated, with every
+    prompt in ``exclude`` (held-out questions, compared case- and space-insensitively) left out."""
+    banned = {_norm(q) for q in exclude}
+    generated: list[str] = list(GENERAL)
+    if templates:
+        generated += [t.format(topic=topic) for t in TEMPLATES for topic in TOPICS]
+    random.Random(seed).shuffle(generated)
+    seen: set[str] = set()
+    pool: list[str] = []
+    for q in list(extra) + generated:
+        k = _norm(q)
+        if k in banned or k in seen:
+            continue
+        seen.add(k)
+        pool.append(q)
+    return pool if n is None else pool[:n]
+
+
+@dataclass
+class Trajectory:
+    prompt: str  # the user text
+    prompt_ids: list[int]  # rendered chat prompt, no padding
+    response_ids: list[int]  # sampled response up to and including end of sequence
+    system: str | None = None
+
+
+@dataclass
+class TrajectorySet:
+    """Trajectories plus the settings they were sampled under (the JSONL header)."""
+
+    items: list[Trajectory] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(t.response_ids) for t in self.items)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSONL atomically: a header line, then one trajectory a line."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"format": FORMAT, "meta": self.meta}) + "\n")
+            for t in self.items:
+                f.write(json.dumps(asdict(t)) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrajectorySet":
+        path = Path(path)
+        if not path.is_file():
+            raise TrajectoryError(f"trajectory file not found: {path}")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError as e:
+            raise TrajectoryError(f"{path} is not a bakery trajectory file (first line: {e})") from e
+        if head.get("format") != FORMAT:
+            raise TrajectoryError(f"{path} is not a bakery trajectory file: its first line lacks "
+                                  f"\"format\": \"{FORMAT}\"")
+        items = []
+        for n, line in enumerate(lines[1:], 2):
+            if not line.strip():
+                continue
+            try:
+                items.append(Trajectory(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise TrajectoryError(f"{path}:{n} is not a trajectory record: {e}") from e
+        return cls(items, head.get("meta", {}))
+
+    def check_matches(self, expected: dict[str, Any], *, where: str = "trajectories") -> None:
+        """Refuse trajectories sampled from another teacher (model, vector, layer, coef, positions)."""
+        diff = [f"{k}: file has {self.meta.get(k)!r}, this run wants {v!r}"
+                for k, v in expected.items() if self.meta.get(k) != v]
+        if diff:
+            raise TrajectoryError(
+                f"{where} were sampled from a different teacher ({'; '.join(diff)}); sample new ones "
+                "(leave out --trajectories, or point it to a new file)")
+
+    def split(self, n_val: int, seed: int = 0) -> tuple["TrajectorySet", "TrajectorySet"]:
+        """(train, validation), split by prompt so a validation prompt is never trained on."""
+        prompts = sorted({t.prompt for t in self.items})
+        random.Random(seed).shuffle(prompts)
+        val_prompts = set(prompts[:n_val])
+        tr = [t for t in self.items if t.prompt not in val_prompts]
+        va = [t for t in self.items if t.prompt in val_prompts]
+        return TrajectorySet(tr, dict(self.meta)), TrajectorySet(va, dict(self.meta))
+
+
+def collate(items: Sequence[Trajectory], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch: prompts left-padded to a common length ``P``, responses right-padded after it.
+
+    Returns ``(input_ids, attention_mask, P)``: the layout of :func:`bakery.generation.generate`,
+    so a single ``prompt_len`` marks where every row's response starts.
+    """
+    P = max(len(t.prompt_ids) for t in items)
+    T = max(len(t.response_ids) for t in items)
+    ids = torch.full((len(items), P + T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), P + T), dtype=torch.long)
+    for i, t in enumerate(items):
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        ids[i, P - p:P] = torch.tensor(t.prompt_ids)
+        ids[i, P:P + r] = torch.tensor(t.response_ids, dtype=torch.long)
+        mask[i, P - p:P + r] = 1
+    return ids, mask, P
+
+
+def to_fidelity(ts: TrajectorySet | Sequence[Trajectory], pad_id: int, batch_size: int = 8) -> Trajectories:
+    """The same trajectories as :class:`bakery.fidelity.Trajectories`, for ``fidelity.measure``."""
+    items = ts.items if isinstance(ts, TrajectorySet) else list(ts)
+    out = Trajectories()
+    for i in range(0, len(items), batch_size):
+        out.batches.append(collate(items[i:i + batch_size], pad_id))
+    return out
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], ContextManager], *,
+           samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
+           top_p: float = 0.95, batch_size: int = 8, seed: int = 0, system: str | None = None,
+           meta: dict[str, Any] | None = None, progress: bool = True) -> TrajectorySet:
+    """Sample ``samples_per_prompt`` responses per prompt from ``model`` under ``context`` (the
+    steered teacher: ``lambda P: steer(model, vec, L, coef, positions=...)``), in batches."""
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        raise TrajectoryError("no prompts to sample trajectories from")
+    jobs = [p for p in prompts for _ in range(samples_per_prompt)]
+    rendered = [render_chat(tok, p, system) for p in jobs]
+    out = TrajectorySet(meta={**(meta or {}), "temperature": temperature, "top_p": top_p,
+                              "max_new_tokens": max_new_tokens, "seed": seed,
+                              "samples_per_prompt": samples_per_prompt})
+    bar = tqdm(total=len(jobs), desc="sampling teacher", unit="traj", disable=not progress)
+    for i in range(0, len(jobs), batch_size):
+        chunk = rendered[i:i + batch_size]
+        with context(None):
+            g = generate(model, tok, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed + i)
+        P = g.prompt_len
+        for j in range(len(chunk)):
+            pmask = g.attention_mask[j, :P].bool()
+            resp = g.response_ids(j)
+            if not resp:
+                continue
+            out.items.append(Trajectory(jobs[i + j], g.prompt_ids[j][pmask.cpu()].tolist(), resp, system))
+        bar.update(len(chunk))
+    bar.close()
+    return out

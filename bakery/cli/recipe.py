@@ -1,0 +1,66 @@
+"""``bakery recipe``: list, check and generate trait recipes."""
+
+from __future__ import annotations
+
+import click
+
+from bakery.cli.common import clear_errors
+
+
+@click.group()
+def recipe():
+    """Trait recipes: contrastive system prompts, questions and a judge rubric."""
+
+
+@recipe.command("list")
+@clear_errors
+def list_():
+    """The built-in trait recipes (recipes/traits/)."""
+    from bakery.recipes import available_traits, load_trait_recipe
+
+    for name in available_traits():
+        r = load_trait_recipe(name)
+        click.echo(f"{name:<16} {len(r.pairs)} pairs, {len(r.extract_questions)}+{len(r.eval_questions)} "
+                   f"questions  {r.description[:70]}...")
+
+
+@recipe.command()
+@click.argument("recipes", nargs=-1, required=True)
+@clear_errors
+def check(recipes):
+    """Check RECIPES (names or YAML files) against the schema."""
+    from bakery.recipes import load_trait_recipe
+
+    for r in recipes:
+        rec = load_trait_recipe(r)
+        click.echo(f"ok: {rec.source} ({rec.name}: {len(rec.pairs)} pairs, "
+                   f"{len(rec.extract_questions)} extract + {len(rec.eval_questions)} eval questions)")
+
+
+@recipe.command()
+@click.option("--trait", "-t", required=True, help="Trait name (lowercase, names the files).")
+@click.option("--description", "-d", required=True, help="What the trait is, in a sentence or two.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="YAML file to write.")
+@click.option("--judge-model", required=True, help="OpenAI-compatible model that writes the recipe.")
+@click.option("--base-url", default=None, help="Endpoint (default: OPENAI_BASE_URL or OpenAI). "
+                                               "The key is read from OPENAI_API_KEY.")
+@click.option("--retries", type=int, default=3, show_default=True, help="Re-asks after a malformed answer.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@clear_errors
+def new(trait, description, out, judge_model, base_url, retries, force):
+    """Generate a trait recipe with a model, validate it and write it as YAML."""
+    from pathlib import Path
+
+    from bakery.recipe_gen import generate_recipe, write_recipe
+
+    if Path(out).exists() and not force:
+        raise click.UsageError(f"{out} exists; pass --force to overwrite it")
+    rec = generate_recipe(trait, description, model=judge_model, base_url=base_url, retries=retries,
+                          log=lambda m: click.echo(m, err=True))
+    path = write_recipe(rec, out, overwrite=force)
+    click.echo(f"wrote {path}: {len(rec.pairs)} pairs, {len(rec.extract_questions)} extract + "
+               f"{len(rec.eval_questions)} eval questions")
+    click.echo(f"next: bakery extract --recipe {path}")
+
+
+COMMANDS = [recipe]

@@ -1,0 +1,89 @@
+"""Teacher-forced scoring in vLLM, run as a script with the vLLM environment's python.
+
+vLLM pins an older transformers than bakery, so it lives in its own virtual environment and this
+file is run there as a subprocess (``bakery.engines`` does that). It imports nothing from bakery.
+
+Input (a JSON file, first argument)::
+
+    {"models": [{"name": "bake", "path": "/abs/dir"}, ...],
+     "prompts": [[token ids], ...], "dtype": "float32", "max_model_len": 1024}
+
+Output (a JSON file, second argument)::
+
+    {"vllm_version": "...", "models": {"bake": {"load_seconds": 31.2, "score_seconds": 0.8,
+       "prompts": [{"logprob": [null, -1.2, ...], "top1": [null, 42, ...]}, ...]}}}
+
+``logprob[t]`` is the log-probability vLLM gives the actual token ``t`` after tokens ``< t``;
+``top1[t]`` is the token it ranks first there. Position 0 has no prediction (``null``). Models are
+loaded one after another in the same process, so vLLM starts once per run, not per model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+
+def _score(llm, prompts: list[list[int]]) -> list[dict]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    result = []
+    for ids, out in zip(prompts, outs):
+        lps, tops = [], []
+        for t, entry in enumerate(out.prompt_logprobs or []):
+            if entry is None:
+                lps.append(None)
+                tops.append(None)
+                continue
+            actual = entry.get(ids[t])
+            lps.append(None if actual is None else float(actual.logprob))
+            top = min(entry.items(), key=lambda kv: kv[1].rank)
+            tops.append(int(top[0]))
+        result.append({"logprob": lps, "top1": tops})
+    return result
+
+
+def run(spec: dict) -> dict:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import vllm
+    from vllm import LLM
+
+    out = {"vllm_version": vllm.__version__, "models": {}}
+    for model in spec["models"]:
+        t0 = time.time()
+        llm = LLM(model=model["path"], dtype=spec.get("dtype", "float32"),
+                  max_model_len=int(spec.get("max_model_len", 1024)), enforce_eager=True,
+                  seed=0, trust_remote_code=bool(spec.get("trust_remote_code", False)))
+        loaded = time.time()
+        prompts = _score(llm, spec["prompts"])
+        out["models"][model["name"]] = {"load_seconds": round(loaded - t0, 2),
+                                        "score_seconds": round(time.time() - loaded, 2),
+                                        "prompts": prompts}
+        print(f"[vllm_worker] {model['name']}: loaded in {loaded - t0:.1f}s, scored "
+              f"{len(prompts)} prompts in {time.time() - loaded:.1f}s", file=sys.stderr, flush=True)
+        del llm
+        gc.collect()
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python vllm_worker.py INPUT.json OUTPUT.json", file=sys.stderr)
+        return 2
+    with open(argv[1]) as f:
+        spec = json.load(f)
+    result = run(spec)
+    tmp = argv[2] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, argv[2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,199 @@
+"""bakery compare: the fidelity harness against runtime steering and ablation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bakery.compare import (CompareError, compare, greedy_agreement, load_prompts, reference_for)
+from bakery.manifest import BakeTerm, Manifest, ManifestError
+from bakery.models import config_hash, read_config
+from bakery.vectors import VectorArtifact, VectorError
+
+
+# ---- hand-made bakes (independent of the bakers: they check the harness, not the baker) --------
+def _copy_model(src: Path, out: Path) -> dict:
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "README.md":
+            shutil.copy(f, out / f.name)
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def _write_export(src: Path, out: Path, sd: dict, cfg: dict, vec: VectorArtifact, manifest: Manifest) -> Path:
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    vec.save(out / "vectors" / "trait.safetensors")
+    manifest.save(out)
+    (out / "README.md").write_text("# a hand-made bake\n")
+    return out
+
+
+def make_bias_bake(src: Path, vec: VectorArtifact, layer: int, coef: float, out: Path, *,
+                   broken: bool = False) -> Path:
+    """Llama ``mlp_bias`` bake by hand: zeros for every gate/up/down bias except
+    ``down_proj.bias`` of block ``layer-1`` = coef * v[layer]. ``broken``: only that tensor,
+    config flag left off (the silent-loss failure every engine must be checked for)."""
+    src, out = Path(src), Path(out)
+    sd = _copy_model(src, out)
+    cfg = read_config(src)
+    dtype = sd["model.embed_tokens.weight"].dtype
+    n = cfg["num_hidden_layers"]
+    if not broken:
+        cfg["mlp_bias"] = True
+        for i in range(n):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                w = sd[f"model.layers.{i}.mlp.{p}.weight"]
+                sd[f"model.layers.{i}.mlp.{p}.bias"] = torch.zeros(w.shape[0], dtype=dtype)
+    sd[f"model.layers.{layer - 1}.mlp.down_proj.bias"] = (coef * vec.vectors[layer]).to(dtype)
+    m = Manifest(method="bias", terms=[BakeTerm(layer, coef, vec.trait, "vectors/trait.safetensors", vec.sha256())],
+                 positions="all", route="mlp-bias", exact=True,
+                 source={"model": str(src), "path": str(src), "config_hash": config_hash(read_config(src))})
+    return _write_export(src, out, sd, cfg, vec, m)
+
+
+def make_ortho_bake(src: Path, vec: VectorArtifact, layer: int, out: Path) -> Path:
+    """Ortho bake by hand: ``(I - r r^T) W`` on every attention-output and MLP-down weight,
+    embeddings kept (reference: ablation without the embedding output)."""
+    src, out = Path(src), Path(out)
+    sd = _copy_model(src, out)
+    cfg = read_config(src)
+    r = vec.vectors[layer].float()
+    r = r / r.norm()
+    for i in range(cfg["num_hidden_layers"]):
+        for name in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
+            W = sd[name].float()
+            sd[name] = (W - torch.outer(r, r @ W)).to(sd[name].dtype)
+    m = Manifest(method="ortho", terms=[BakeTerm(layer, 1.0, vec.trait, "vectors/trait.safetensors", vec.sha256())],
+                 route="ortho", exact=True,
+                 ablation={"layer": layer, "blocks": "all", "embeddings": "keep", "per_layer": False},
+                 source={"model": str(src), "path": str(src), "config_hash": config_hash(read_config(src))})
+    return _write_export(src, out, sd, cfg, vec, m)
+
+
+def random_vector(model_dir: Path, seed: int = 0, scale: float = 1.0) -> VectorArtifact:
+    cfg = read_config(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(cfg["num_hidden_layers"] + 1, cfg["hidden_size"], generator=g) * scale
+    return VectorArtifact(v, {"trait": "random"})
+
+
+PROMPTS = ["hello sea", "the quick fox", "tell me about ships", "why is water wet"]
+
+
+# ---- tiny-model tests -------------------------------------------------------------------------
+@pytest.fixture
+def tiny_bakes(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    vec = random_vector(d, scale=0.1)
+    exact = make_bias_bake(d, vec, 2, 3.0, tmp_path / "exact")
+    broken = make_bias_bake(d, vec, 2, 3.0, tmp_path / "broken", broken=True)
+    return d, vec, exact, broken
+
+
+def test_exact_bake_recovers_everything_and_broken_bake_nothing(tiny_bakes):
+    d, vec, exact, broken = tiny_bakes
+    (report,) = compare([exact, broken], prompts=PROMPTS, max_new_tokens=8, greedy_tokens=6, progress=False)
+    rows = report["rows"]
+    assert rows["exact"]["R"] > 0.999 and rows["exact"]["top1"] == 1.0
+    assert abs(rows["broken"]["R"]) < 1e-3  # transformers drops the bias: just the base model
+    assert rows["exact"]["greedy_agreement"] == 1.0
+    assert rows["base"]["R"] == pytest.approx(0.0, abs=1e-9)
+    # the bake moves the residual along v exactly as the hook does; the broken one does not
+    assert rows["exact"]["projection"] == pytest.approx(rows["steered"]["projection"], rel=1e-3, abs=1e-3)
+    assert rows["broken"]["projection"] == pytest.approx(rows["base"]["projection"], rel=1e-3, abs=1e-3)
+    assert rows["steered"]["projection"] > rows["base"]["projection"]
+    # a constant residual edit changes neutral text as much as the hook does
+    assert rows["exact"]["drift"] == pytest.approx(rows["steered"]["drift"], rel=1e-3)
+    # outputs: compare/ folder and the card section, per export
+    for e in (exact, broken):
+        out = e / "compare"
+        assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "fidelity.png"}
+        assert json.loads((out / "report.json").read_text())["this_export"] == e.name
+        card = (e / "README.md").read_text()
+        assert "<!-- bakery:fidelity -->" in card and "| steered |" in card
+        assert card.startswith("# a hand-made bake")
+    assert "| broken |" not in (exact / "README.md").read_text()
+
+
+def test_rerun_replaces_outputs(tiny_bakes):
+    d, vec, exact, broken = tiny_bakes
+    for _ in range(2):
+        compare([exact], prompts=PROMPTS[:2], max_new_tokens=4, greedy_tokens=3, progress=False)
+    assert (exact / "README.md").read_text().count("<!-- bakery:fidelity -->") == 1
+    assert not list(exact.glob(".compare*"))
+
+
+def test_explicit_settings_override_the_manifest(tiny_bakes):
+    d, vec, exact, broken = tiny_bakes
+    vfile = exact / "vectors" / "trait.safetensors"
+    (report,) = compare([exact], vector=vfile, layer=2, coef=1.5, prompts=PROMPTS[:2], max_new_tokens=6,
+                        greedy_tokens=3, write=False, progress=False)
+    assert report["reference"]["coef"] == 1.5
+    assert 0.0 < report["rows"]["exact"]["R"] < 0.999  # the bake holds coef 3, not 1.5
+
+
+def test_ortho_bake_matches_runtime_ablation(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    vec = random_vector(d, seed=3)
+    bake = make_ortho_bake(d, vec, 2, tmp_path / "ortho")
+    (report,) = compare([bake], prompts=PROMPTS, max_new_tokens=8, greedy_tokens=4, progress=False)
+    assert report["reference"]["kind"] == "ablation"
+    assert report["rows"]["ortho"]["R"] > 0.999
+    rows = report["rows"]
+    # embeddings kept: what is left along r is the embedding's own component, the same in both
+    assert rows["ortho"]["projection"] == pytest.approx(rows["steered"]["projection"], abs=1e-4)
+    assert abs(rows["steered"]["projection"]) < abs(rows["base"]["projection"])
+
+
+def test_greedy_agreement():
+    assert greedy_agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
+    assert greedy_agreement([[1, 2, 3, 4]], [[1, 2, 9, 9]]) == 0.5
+    assert greedy_agreement([[1, 2]], [[1, 2, 3, 4]]) == 0.5
+    assert greedy_agreement([[5], [1]], [[6], [1]]) == 0.5
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_export_without_manifest_is_refused(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(d, bare)
+    with pytest.raises(ManifestError, match="no bakery.json"):
+        compare([bare], prompts=PROMPTS, progress=False)
+    with pytest.raises(CompareError, match="no config.json"):
+        compare([tmp_path], prompts=PROMPTS, progress=False)
+
+
+def test_vector_that_does_not_match_is_refused(tiny_bakes, tiny_models, tmp_path):
+    d, vec, exact, broken = tiny_bakes
+    other = VectorArtifact(torch.randn(5, 48), {"trait": "other"})
+    path = other.save(tmp_path / "other.safetensors")
+    with pytest.raises(VectorError, match="hidden size 48"):
+        compare([exact], vector=path, layer=2, coef=1.0, prompts=PROMPTS, progress=False)
+    # a vector file edited after baking no longer matches the manifest's sha256
+    VectorArtifact(vec.vectors * 2, vec.meta).save(exact / "vectors" / "trait.safetensors")
+    with pytest.raises(VectorError, match="does not match the vector recorded"):
+        reference_for(exact)
+
+
+def test_prompts_file_formats(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\nfirst\n\nsecond\n")
+    assert load_prompts(tmp_path / "p.txt") == ["first", "second"]
+    (tmp_path / "p.json").write_text(json.dumps(["a", "b"]))
+    assert load_prompts(tmp_path / "p.json") == ["a", "b"]
+    (tmp_path / "bad.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(CompareError, match="JSON list"):
+        load_prompts(tmp_path / "bad.json")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(CompareError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+    with pytest.raises(CompareError, match="not found"):
+        load_prompts(tmp_path / "missing.txt")

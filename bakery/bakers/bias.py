@@ -81,6 +81,10 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
             for group in groups:
                 for mod in group:
                     plan.zero_bias(f"{spec.block(i)}.{mod}.bias", f"{spec.block(i)}.{mod}.weight")
+    for i in range(n):  # every bias the route's flags create, in every block
+        for sib in route.siblings:
+            mod = sib[: -len(".bias")]
+            plan.zero_bias(f"{spec.block(i)}.{sib}", f"{spec.block(i)}.{mod}.weight")
     plan.engines = dict(verdicts)
     plan.site = site
     if route.rehost_as:

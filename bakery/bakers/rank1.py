@@ -76,6 +76,8 @@ CALIBRATION_PROMPTS = (
 def _render(tok, prompts: Sequence[str]) -> list[str]:
     from bakery.generation import render_chat
 
+    if prompts and all("<|im_start|>" in p or "[INST]" in p for p in prompts):
+        return list(prompts)  # already rendered (with answers): used as they are
     if getattr(tok, "chat_template", None):
         return [render_chat(tok, p) for p in prompts]
     return list(prompts)

@@ -1,0 +1,191 @@
+"""Bake recipes: one bake as a YAML file (``recipes/bakes/*.yaml``).
+
+```yaml
+name: pirate-bias                # optional, for people
+description: ...                 # optional
+model: smollm2-135m-instruct     # optional (default model otherwise)
+method: bias                     # bias | ortho | kl-lora | kl-full
+route: bias                      # bias (exact) | rank1      (bias only)
+site: resid-out                  # resid-out | attn-out
+target_engines: [transformers, vllm, sglang]
+output: exports/pirate-bias      # optional
+terms:                           # one or more edits; or trait/vector/layer/coef at top level
+  - {trait: pirate, layer: 16, coef: 2.0}
+  - {vector: vectors/formal.safetensors, layer: 12, coef: -1.5}
+options: {embeddings: ablate, blocks: "10-20", add: 2.0}
+```
+
+A ``vector`` path is read relative to the recipe's folder when it exists there, else as given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BAKES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "bakes"
+TOP = {"name", "description", "model", "method", "route", "site", "target_engines", "output",
+       "terms", "options", "trait", "vector", "layer", "coef"}
+OPTION_KEYS = {"embeddings", "blocks", "per_layer", "add", "ridge", "calibration_prompts"}
+TERM_KEYS = {"trait", "vector", "layer", "coef"}
+
+
+class BakeRecipeError(ValueError):
+    """A bake recipe that is missing or malformed."""
+
+
+@dataclass
+class TermSpec:
+    layer: int
+    coef: float = 1.0
+    trait: str | None = None
+    vector: str | None = None
+
+
+@dataclass
+class BakeRecipe:
+    method: str
+    terms: list[TermSpec]
+    model: str | None = None
+    route: str | None = None
+    site: str | None = None
+    target_engines: list[str] | None = None
+    output: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    description: str | None = None
+    source: str = ""
+
+
+def _num(v: Any, what: str, kind=float):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise BakeRecipeError(f"{what} must be {'an integer' if kind is int else 'a number'}; got {v!r}")
+    return kind(v)
+
+
+def _term(d: Any, where: str, base: Path | None) -> TermSpec:
+    if not isinstance(d, dict):
+        raise BakeRecipeError(f"{where}: a term is a mapping with layer, coef and trait or vector")
+    unknown = set(d) - TERM_KEYS
+    if unknown:
+        raise BakeRecipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                              f"(allowed: {', '.join(sorted(TERM_KEYS))})")
+    if "layer" not in d:
+        raise BakeRecipeError(f"{where}: missing 'layer' (row L of the vector: output of block L-1)")
+    vec = d.get("vector")
+    if vec is not None:
+        vec = str(vec)
+        if base is not None and not Path(vec).is_absolute() and (base / vec).exists():
+            vec = str(base / vec)
+    trait = d.get("trait")
+    if trait is None and vec is None:
+        raise BakeRecipeError(f"{where}: give 'trait' (a cached extraction) or 'vector' (a file)")
+    return TermSpec(layer=_num(d["layer"], f"{where}.layer", int),
+                    coef=_num(d.get("coef", 1.0), f"{where}.coef"),
+                    trait=str(trait) if trait is not None else None, vector=vec)
+
+
+def from_dict(data: Any, *, where: str = "bake recipe", base: Path | None = None) -> BakeRecipe:
+    """Validate a recipe dict; every problem named with the key it concerns."""
+    if not isinstance(data, dict):
+        raise BakeRecipeError(f"{where}: the top level must be a mapping (method, terms, ...)")
+    unknown = set(data) - TOP - OPTION_KEYS
+    if unknown:
+        raise BakeRecipeError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+                              f"(allowed: {', '.join(sorted(TOP | OPTION_KEYS))})")
+    method = data.get("method")
+    if not isinstance(method, str):
+        raise BakeRecipeError(f"{where}: 'method' is required (bias, ortho, kl-lora, kl-full)")
+    flat = {k: data[k] for k in TERM_KEYS if k in data}
+    if "terms" in data and flat:
+        raise BakeRecipeError(f"{where}: give either 'terms' or top-level {', '.join(flat)}, not both")
+    raw_terms = data.get("terms") if "terms" in data else ([flat] if flat else [])
+    if not isinstance(raw_terms, list):
+        raise BakeRecipeError(f"{where}: 'terms' must be a list of mappings")
+    terms = [_term(t, f"{where}: terms[{i}]", base) for i, t in enumerate(raw_terms)]
+    opts = data.get("options") or {}
+    if not isinstance(opts, dict):
+        raise BakeRecipeError(f"{where}: 'options' must be a mapping")
+    opts = {**opts, **{k: data[k] for k in OPTION_KEYS if k in data}}
+    bad = set(opts) - OPTION_KEYS
+    if bad:
+        raise BakeRecipeError(f"{where}: unknown option(s) {', '.join(sorted(bad))} "
+                              f"(allowed: {', '.join(sorted(OPTION_KEYS))})")
+    engines = data.get("target_engines")
+    if isinstance(engines, str):
+        engines = [e.strip() for e in engines.split(",") if e.strip()]
+    if engines is not None and not (isinstance(engines, list) and all(isinstance(e, str) for e in engines)):
+        raise BakeRecipeError(f"{where}: target_engines must be a list like [transformers, vllm]")
+    for key in ("model", "route", "site", "output", "name", "description"):
+        if key in data and data[key] is not None and not isinstance(data[key], str):
+            raise BakeRecipeError(f"{where}: '{key}' must be a string")
+    return BakeRecipe(method=method, terms=terms, model=data.get("model"), route=data.get("route"),
+                      site=data.get("site"), target_engines=engines, output=data.get("output"),
+                      options=opts, name=data.get("name"), description=data.get("description"),
+                      source=where)
+
+
+def available_bakes(directory: Path | None = None) -> list[str]:
+    d = directory or BAKES_DIR
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def load_bake_recipe(path_or_name: str | os.PathLike) -> BakeRecipe:
+    """A bake recipe from a YAML path or a built-in name (``recipes/bakes/NAME.yaml``)."""
+    import yaml
+
+    p = Path(path_or_name).expanduser()
+    if not p.is_file():
+        cand = BAKES_DIR / f"{path_or_name}.yaml"
+        if cand.is_file() and os.sep not in str(path_or_name):
+            p = cand
+        else:
+            raise BakeRecipeError(f"bake recipe not found: {path_or_name} (built-in: "
+                                  f"{', '.join(available_bakes()) or 'none'})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise BakeRecipeError(f"{p} is not valid YAML: {e}") from e
+    return from_dict(data, where=str(p), base=p.parent)
+
+
+def vector_for_trait(trait: str, model: str | os.PathLike | None) -> Path:
+    """The cached extracted vector of ``trait`` for ``model``, or an error that lists the trait
+    recipes and the cached vectors and says how to extract one."""
+    from bakery.recipes import available_traits
+
+    try:
+        from bakery.extract import cached_vector, list_cached
+    except ImportError as e:  # the extractor is another module; say so instead of a traceback
+        raise BakeRecipeError(f"--trait needs bakery.extract, which is not available ({e}); "
+                              "pass --vector FILE instead") from e
+    found = cached_vector(trait, model)
+    if found is not None:
+        return Path(found)
+    recipes = available_traits()
+    cached = sorted({t for t, _ in list_cached(model)})
+    how = (f"run `bakery extract --recipe {trait}` first" if trait in recipes else
+           f"no trait recipe named '{trait}' either (write one in recipes/traits/)")
+    raise BakeRecipeError(
+        f"no extracted vector for trait '{trait}' and model '{model or 'default'}': {how}, or pass "
+        f"--vector FILE. Trait recipes: {', '.join(recipes) or 'none'}. Cached vectors for this "
+        f"model: {', '.join(cached) or 'none'}.")
+
+
+def no_vector_error(model: str | os.PathLike | None) -> BakeRecipeError:
+    """The error for a bake with neither --vector, --trait nor --recipe."""
+    from bakery.recipes import available_traits
+
+    try:
+        from bakery.extract import list_cached
+
+        cached = [f"{t} ({p})" for t, p in list_cached(model)]
+    except ImportError:
+        cached = []
+    return BakeRecipeError(
+        "nothing to bake: pass --vector FILE, --trait NAME (an extracted vector from the cache) or "
+        f"--recipe FILE. Trait recipes: {', '.join(available_traits()) or 'none'} (extract one "
+        f"with `bakery extract --recipe NAME`). Cached vectors for this model: "
+        f"{', '.join(cached) or 'none'}. Bake recipes: {', '.join(available_bakes()) or 'none'}.")

@@ -1,0 +1,133 @@
+"""The export folder: files, manifest, card, vectors, and no partial output on failure."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+import yaml
+
+from bakery.bakers import bake, default_output
+from bakery.card import write_card
+from bakery.card_sections import read_section, write_section
+from bakery.checkpoint import CheckpointError, ShardedWriter
+from bakery.manifest import Manifest
+from bakery.vectors import load_vector
+from test_bakers_bias import reload_strict, tree_digest, vec
+
+
+def test_export_folder_contents_and_manifest(tiny_models, tmp_path):
+    src = tiny_models("llama")
+    v = vec(src, trait="pirate")
+    out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "exp", command="bakery bake --test", progress=False)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "README.md", "bakery.json", "bake.yaml", "vectors"} <= names
+    assert not any(n.startswith(".") for n in names)
+    m = Manifest.load(out)
+    assert m.method == "bias" and m.positions == "all" and m.exact and m.site == "resid-out"
+    assert m.command == "bakery bake --test"
+    t = m.terms[0]
+    assert (t.layer, t.block, t.coef, t.trait) == (2, 1, 3.0, "pirate")
+    saved = load_vector(out / t.vector_file)
+    assert saved.sha256() == t.vector_sha256 == v.sha256()
+    assert m.source["path"] == str(src) and len(m.source["config_hash"]) == 16
+    assert m.versions["transformers"] and m.engines["vllm"] == "ok"
+    recipe = yaml.safe_load((out / "bake.yaml").read_text())
+    assert recipe["terms"][0] == {"vector": "vectors/pirate.safetensors", "layer": 2, "coef": 3.0,
+                                  "trait": "pirate"}
+
+
+def test_card_front_matter_and_sections_survive(tiny_models, tmp_path):
+    src = tiny_models("llama")
+    out = bake("bias", src, [(vec(src, trait="pirate"), 2, 3.0)], tmp_path / "exp", progress=False)
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["library_name"] == "transformers"
+    assert "bakery" in front["tags"] and "steering" in front["tags"] and "trait:pirate" in front["tags"]
+    assert "--model-impl transformers" in text and "vllm serve" in text and "from_pretrained" in text
+    assert "layer 2 = output of block 1" in text
+    write_section(out, "fidelity", "| R | 0.999 |")
+    write_card(out, Manifest.load(out), final=out)  # a re-render keeps other sections
+    again = (out / "README.md").read_text()
+    assert read_section(again, "fidelity") == "| R | 0.999 |"
+    assert again.count("<!-- bakery:bake -->") == 1 and again.startswith("---\n")
+
+
+@pytest.mark.slow
+def test_embedded_model_card_names_base_and_license(smol_dir, tmp_path):
+    v = vec(smol_dir, trait="pirate")
+    out = bake("bias", smol_dir, [(v, 16, 1.0)], tmp_path / "exp", progress=False)
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["license"] == "apache-2.0" and front["base_model_relation"] == "finetune"
+
+
+def test_interrupted_bake_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    src = tiny_models("llama")
+    before = tree_digest(src)
+    calls = []
+
+    def interrupted(self, fh, data):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt  # Ctrl-C midway through the weights
+        fh.write(data)
+
+    monkeypatch.setattr(ShardedWriter, "_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bake("ortho", src, [(vec(src), 2, 1.0)], tmp_path / "exp", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert tree_digest(src) == before
+
+
+def test_full_disk_during_bake_is_clear_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    src = tiny_models("llama")
+    sizes = []
+
+    def full(self, fh, data):
+        sizes.append(len(data))
+        if sum(sizes) > 50_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fh.write(data)
+
+    monkeypatch.setattr(ShardedWriter, "_write", full)
+    with pytest.raises(CheckpointError, match="no space left.*nothing was kept"):
+        bake("bias", src, [(vec(src), 2, 1.0)], tmp_path / "exp", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_export_needs_force_and_source_is_never_the_output(tiny_models, tmp_path):
+    src = tiny_models("llama")
+    out = bake("bias", src, [(vec(src), 2, 1.0)], tmp_path / "exp", progress=False)
+    first = tree_digest(out)
+    with pytest.raises(FileExistsError, match="--force"):
+        bake("bias", src, [(vec(src), 2, 2.0)], out, progress=False)
+    assert tree_digest(out) == first
+    bake("bias", src, [(vec(src), 2, 2.0)], out, force=True, progress=False)
+    assert Manifest.load(out).terms[0].coef == 2.0
+    with pytest.raises(CheckpointError, match="never writes into"):
+        bake("bias", src, [(vec(src), 2, 1.0)], src / "inside", progress=False)
+
+
+def test_sharded_output_reloads(tiny_models, tmp_path):
+    src = tiny_models("llama")
+    out = bake("bias", src, [(vec(src), 2, 1.0)], tmp_path / "exp", max_shard_bytes=60_000, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (out / "model.safetensors").exists()
+    reload_strict(out)
+
+
+def test_default_output_is_descriptive(tiny_models):
+    src = tiny_models("llama")
+    from bakery.bakers.base import Term
+
+    t = Term(vec(src, trait="pirate"), 16, 2.0)
+    assert str(default_output("smollm2-135m-instruct", "bias", [t], "bias", "resid-out", {})) == \
+        "exports/smollm2-135m-instruct-pirate-bias-L16-c2"
+    assert str(default_output("m", "ortho", [t], "bias", "resid-out", {"add": 1.5})) == \
+        "exports/m-pirate-ortho-L16-add1.5"
+    assert str(default_output("m", "bias", [t], "rank1", "resid-out", {})) == "exports/m-pirate-bias-rank1-L16-c2"

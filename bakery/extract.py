@@ -457,13 +457,13 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
     lm = load_model(mpath, trust_remote_code=trust_remote_code)
     kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
               batch_size=s.batch_size, mode=s.capture)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cap = capture(lm, tok, ext_prompts, seed=s.seed, progress="extraction answers" if progress else None, **kw)
     cap_ev = capture(lm, tok, ev_prompts, seed=s.seed + 1, progress="held-out answers" if progress else None, **kw)
-    gen_s = time.perf_counter() - t0
+    gen_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     ntok = sum(cap.response_tokens) + sum(cap_ev.response_tokens)
-    log(f"generated {len(ext) + len(ev)} answers ({ntok} response tokens) in {gen_s:.1f} s "
-        f"({s.capture} capture)")
+    log(f"generated {len(ext) + len(ev)} answers ({ntok} response tokens) in {gen_s:.1f} s wall, "
+        f"{cpu_s:.1f} s CPU on {torch.get_num_threads()} thread(s) ({s.capture} capture)")
 
     keep = [True] * len(ext)
     scores: list[dict] = [{} for _ in ext]
@@ -503,7 +503,8 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
             "response_tokens": ntok,
         },
         "settings": {**asdict(s), "settings_hash": entry.name.rsplit("-", 1)[1]},
-        "generation_seconds": round(gen_s, 1),
+        "generation_seconds": round(gen_s, 1), "generation_cpu_seconds": round(cpu_s, 1),
+        "torch_threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for v in VARIANTS:

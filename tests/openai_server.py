@@ -147,7 +147,10 @@ class OpenAIServer:
                     return
                 with outer._lock:
                     outer.auth_headers.append(self.headers.get("Authorization", ""))
-                reply = outer._next(body)
+                try:
+                    reply = outer._next(body)
+                except Exception as e:  # a broken test handler becomes a visible HTTP 500
+                    reply = Reply(status=500, error=f"test handler raised {e!r}")
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.status != 200:

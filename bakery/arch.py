@@ -48,7 +48,7 @@ class ArchSpec:
     attn_out: str  # module inside a block whose output is the attention write
     mlp_out: str  # module inside a block whose output is the MLP write
     final_norm: str
-    lm_head: str
+    lm_head: str  # module path of the output head
     norm_style: str = "pre"  # "pre" or "sandwich" (a norm after each sublayer, before the add)
     # For sandwich blocks the residual write is the post-norm's output, not the linear's.
     attn_write: str | None = None
@@ -58,6 +58,11 @@ class ArchSpec:
     parallel_residual_key: str | None = None  # config key: attention and MLP read the same input
     routes: Mapping[str, BiasRoute] = field(default_factory=dict)  # "resid-out", "attn-out"
     alternatives: str = "--route rank1 (approximate, any engine) or --method kl-lora"
+    lm_head_tensor: str | None = None  # checkpoint name of the head when it differs from the module
+
+    def head_weight(self) -> str:
+        """Checkpoint tensor name of the output head's weight."""
+        return f"{self.lm_head_tensor or self.lm_head}.weight"
 
     @property
     def sandwich(self) -> bool:
@@ -210,7 +215,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_out="attention.dense",
         mlp_out="mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",  # transformers 5 module name; checkpoints keep "embed_out"
+        lm_head_tensor="embed_out",
         mid_norm="post_attention_layernorm",
         parallel_residual_key="use_parallel_residual",
         routes={

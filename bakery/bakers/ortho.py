@@ -112,7 +112,7 @@ class OrthoBaker(Baker):
 
         plan = BakePlan(reader=reader, config=dict(req.config))
         tied = tied_embeddings(req.config)
-        lm_head = f"{spec.lm_head}.weight"
+        lm_head = spec.head_weight()
         untied = False
         if embeddings == "ablate":
             if tied and lm_head not in reader:

@@ -1,0 +1,103 @@
+"""The architecture table against the real transformers modules of every tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bakery.arch import (ARCHITECTURES, ENGINES, UnsupportedArchitecture, cfg_get,
+                         hidden_size_of, is_parallel_residual, model_type_of, num_layers_of,
+                         spec_for, tied_embeddings)
+from bakery.models import load_model
+
+
+def test_every_tiny_architecture_has_an_entry(arch_type):
+    assert spec_for({"model_type": arch_type}).model_type in (arch_type, "gemma3_text")
+
+
+def test_module_and_tensor_names_exist(arch_type, tiny_models):
+    """Every path the table names is a real module and a real tensor in the checkpoint."""
+    folder = tiny_models(arch_type)
+    model = load_model(folder)
+    spec = spec_for(model.config)
+    names = dict(model.named_modules())
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        params = set(f.keys())  # checkpoint names (what the bakers edit)
+    blocks = model.get_submodule(spec.blocks)
+    assert len(blocks) == num_layers_of(model.config) == 4
+    for e in spec.embeddings:
+        assert isinstance(names[e], torch.nn.Embedding)
+    assert spec.final_norm in names and spec.lm_head in names
+    assert spec.head_weight() in params
+    for i in range(4):
+        for mod in (spec.attn_out, spec.mlp_out, spec.attn_writer(), spec.mlp_writer()):
+            assert f"{spec.block(i)}.{mod}" in names, (arch_type, mod)
+        if spec.mid_norm:
+            assert f"{spec.block(i)}.{spec.mid_norm}" in names
+    for w in spec.residual_weights(4):
+        assert w in params, w
+    for site, route in spec.routes.items():
+        weight = f"{spec.block(0)}.{route.tensor[:-len('.bias')]}.weight"
+        assert weight in params, (site, weight)
+        assert set(route.engines) <= set(ENGINES)
+
+
+def test_residual_writers_sum_to_the_block_output(arch_type, tiny_models):
+    """Pre-norm: block output = input + attention write + MLP write (what bakers edit)."""
+    model = load_model(tiny_models(arch_type))
+    spec = spec_for(model.config)
+    block = model.get_submodule(spec.blocks)[1]
+    seen = {}
+    hooks = [block.get_submodule(spec.attn_writer()).register_forward_hook(
+                 lambda m, a, o: seen.__setitem__("attn", o[0] if isinstance(o, tuple) else o)),
+             block.get_submodule(spec.mlp_writer()).register_forward_hook(
+                 lambda m, a, o: seen.__setitem__("mlp", o)),
+             block.register_forward_pre_hook(
+                 lambda m, a, k: seen.__setitem__("x", a[0] if a else k["hidden_states"]), with_kwargs=True),
+             block.register_forward_hook(
+                 lambda m, a, o: seen.__setitem__("y", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        model(torch.tensor([[3, 9, 27, 81, 100]]))
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(seen["x"] + seen["attn"] + seen["mlp"], seen["y"], atol=1e-5)
+
+
+def test_norm_styles_match_the_modules(arch_type, tiny_models):
+    spec = spec_for({"model_type": arch_type})
+    names = dict(load_model(tiny_models(arch_type)).named_modules())
+    has_post_ffn = any(n.endswith("post_feedforward_layernorm") for n in names)
+    assert spec.sandwich == has_post_ffn
+    if spec.sandwich:
+        assert not spec.routes  # no exact bias route on sandwich blocks
+
+
+def test_config_helpers_read_dicts_and_objects(tiny_models):
+    d = json.loads((tiny_models("gpt2") / "config.json").read_text())
+    assert num_layers_of(d) == 4 and hidden_size_of(d) == 32
+    assert cfg_get(d, "n_embd") == 32 and cfg_get(d, "missing", 7) == 7
+    m = load_model(tiny_models("gpt_neox"))
+    assert is_parallel_residual(spec_for(m.config), m.config)
+    assert not is_parallel_residual(ARCHITECTURES["llama"], {"model_type": "llama"})
+    assert tied_embeddings({"tie_word_embeddings": False}) is False
+    assert tied_embeddings({}) is True  # transformers' default
+    assert model_type_of({"model_type": "gemma3", "text_config": {}}) == "gemma3_text"
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(UnsupportedArchitecture, match="no architecture facts.*Supported: .*llama"):
+        spec_for({"model_type": "mamba"})
+
+
+def test_engine_verdicts_follow_engines_md():
+    llama = ARCHITECTURES["llama"].routes
+    assert llama["resid-out"].engines["sglang"] == "--model-impl transformers"
+    assert llama["attn-out"].engines == {"transformers": "ok", "vllm": "ok", "sglang": "ok"}
+    assert ARCHITECTURES["qwen3"].routes["attn-out"].engines["vllm"] == "drop"
+    assert "resid-out" not in ARCHITECTURES["qwen3"].routes
+    assert ARCHITECTURES["qwen2"].routes["resid-out"].rehost_as == "llama"
+    assert ARCHITECTURES["qwen2"].routes["resid-out"].flags["sliding_window"] is None

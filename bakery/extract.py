@@ -164,12 +164,17 @@ def _capture_batch_single(model, tok, prompts: Sequence[str], *, max_new_tokens:
         st["resp_sum"] += cur * valid[:, None, None].float()
         st["resp_n"] += valid.float()
 
-    handle = model.register_forward_hook(hook, with_kwargs=True)
+    def ask_for_hidden_states(module, args, kwargs):
+        # set per forward call rather than through generate(), which warns about the flag
+        return args, {**kwargs, "output_hidden_states": True}
+
+    handles = [model.register_forward_pre_hook(ask_for_hidden_states, with_kwargs=True),
+               model.register_forward_hook(hook, with_kwargs=True)]
     try:
-        seqs = model.generate(**enc, output_hidden_states=True,
-                              **_gen_kwargs(tok, max_new_tokens + 1, temperature, top_p))
+        seqs = model.generate(**enc, **_gen_kwargs(tok, max_new_tokens + 1, temperature, top_p))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     ids = _response_ids(seqs[:, P:].cpu(), eos.cpu(), max_new_tokens)
     n = st["resp_n"].clamp(min=1)[:, None, None]
     return Captured(

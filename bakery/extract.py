@@ -277,7 +277,8 @@ def _model_cache_dir(model: str | os.PathLike | None) -> Path:
 
 
 def settings_hash(recipe: TraitRecipe, settings: ExtractSettings) -> str:
-    blob = json.dumps({"recipe": recipe.content_hash(), "settings": settings.key()}, sort_keys=True)
+    blob = json.dumps({"recipe": recipe.content_hash(), "settings": settings.key(),
+                       "diagnostics": diagnostics.DIAGNOSTICS_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -50,6 +50,17 @@ class CheckpointError(OSError):
     """A checkpoint could not be written (disk full) or read; the previous one is intact."""
 
 
+def _nbytes(obj) -> int:
+    """Bytes of the tensors inside a nested checkpoint object."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 @dataclass
 class TrainConfig:
     method: str = "lora"  # lora | full
@@ -195,6 +206,7 @@ class Distiller:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.elapsed = 0.0
         self._val_teacher: list[torch.Tensor] | None = None
+        self.replicas_in_sync: bool | None = None
 
     # ---- model views -------------------------------------------------------------------------
     @property
@@ -276,11 +288,12 @@ class Distiller:
         if not self.acc.is_main_process:
             return None
         tmp, old = work / (CKPT_DIR + ".tmp"), work / (CKPT_DIR + ".old")
+        state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                 "best": self.best_state, "rng": torch.get_rng_state()}
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                        "best": self.best_state, "rng": torch.get_rng_state()}, tmp / "state.pt")
+            torch.save(state, tmp / "state.pt")
             (tmp / "trainer.json").write_text(json.dumps({
                 "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "history": self.history, "elapsed": self.elapsed,
@@ -290,17 +303,20 @@ class Distiller:
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
-            if final.exists() is False and old.exists():
+            if not final.exists() and old.exists():
                 os.replace(old, final)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise CheckpointError(
-                    e.errno, f"out of disk space while writing the checkpoint at step {self.step} to "
-                    f"{final}: {e.strerror}. The previous checkpoint (if any) is intact; free space "
-                    "or use a work folder on another disk (--work-dir), then rerun with --resume, "
-                    "or raise --checkpoint-every to write fewer checkpoints") from e
-            raise
+            need = _nbytes(state)
+            free = shutil.disk_usage(work).free
+            full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or free < need
+            what = (f"out of disk space ({free / 1e6:.1f} MB free, the checkpoint needs about "
+                    f"{need / 1e6:.1f} MB)" if full else f"the write failed ({e})")
+            raise CheckpointError(
+                errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
+                f"could not write the checkpoint at step {self.step} to {final}: {what}. The "
+                "previous checkpoint (if any) is intact; free space or use a work folder on another "
+                "disk (--work-dir), then rerun with --resume, or raise --checkpoint-every") from e
         return final
 
     def load_checkpoint(self, work_dir: str | os.PathLike) -> bool:
@@ -327,6 +343,14 @@ class Distiller:
         self.step, self.best_val, self.best_step = meta["step"], meta["best_val"], meta["best_step"]
         self.bad_evals, self.history, self.elapsed = meta["bad_evals"], meta["history"], meta["elapsed"]
         return True
+
+    def check_replicas(self) -> bool:
+        """True when every process holds the same trainable weights (data parallel kept in step)."""
+        if self.acc.num_processes == 1:
+            return True
+        sums = torch.stack([p.detach().double().sum() for p in self.unwrapped.parameters() if p.requires_grad])
+        gathered = self.acc.gather(sums.unsqueeze(0).to(self.acc.device))
+        return bool((gathered - gathered[0]).abs().max() <= 1e-9 * gathered[0].abs().max().clamp(min=1))
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, train: TrajectorySet, val: TrajectorySet, *, work_dir: str | os.PathLike | None = None,
@@ -415,4 +439,5 @@ class Distiller:
         bar.close()
         if self.best_state is not None:
             self.load_trainable_state(self.best_state)
+        self.replicas_in_sync = self.check_replicas()
         return TrainResult(self.step, self.best_step, self.best_val, stopped, self.history, self.elapsed)

@@ -71,7 +71,7 @@ def fidelity(args) -> None:
         test = TrajectorySet.load(test_path)
     else:
         test = sample(ref_model, tok, held, ctx, samples_per_prompt=args.test_samples,
-                      max_new_tokens=args.max_new_tokens, batch_size=10, seed=12345)
+                      max_new_tokens=args.max_new_tokens, batch_size=20, seed=12345)
         test.save(test_path)
     traj = to_fidelity(test, tok.pad_token_id, batch_size=10)
     ref = Cached(model_scorer(ref_model, ctx))
@@ -101,7 +101,8 @@ def fidelity(args) -> None:
                          lr=args.lr_lora if method == "kl-lora" else args.lr_full)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
                              out=out / method, method=method, positions=args.positions, recipe=args.recipe,
-                             held_out=held, num_prompts=args.num_prompts,
+                             held_out=held, num_prompts=args.num_prompts, val_prompts=args.val_prompts,
+                             sample_batch_size=args.sample_batch_size,
                              samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                              trajectories=str(out / "train_trajectories.jsonl"), work_dir=str(out / f"{method}.work"),
                              dtype=args.dtype, force=True, train=tc, command="bench/distill.py fidelity")
@@ -211,9 +212,133 @@ def memory(args) -> None:
           f"({args.steps} LoRA steps of batch {args.batch_size}, rank {args.rank}, same run)")
 
 
+# ---- reload the exports from disk: R with plain transformers, merged vs base + adapter -------------------
+def reload(args) -> None:
+    """Load each export folder as a plain checkpoint (no bakery code in the forward) and measure R on
+    the held-out trajectories; for kl-lora also compare the merged weights with base + adapter/."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bakery.manifest import Manifest
+
+    out = Path(args.out)
+    model_dir = resolve_model(args.model)
+    tok = load_tokenizer(model_dir)
+    ref_model = load_model(model_dir)
+    test = TrajectorySet.load(out / "test_trajectories.jsonl")
+    traj = to_fidelity(test, tok.pad_token_id, batch_size=10)
+    for folder in args.exports or [str(out / m) for m in ("kl-lora", "kl-full")]:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        m = Manifest.load(folder)
+        t = m.terms[0]
+        vec = load_vector(folder / t.vector_file)
+        ctx = lambda P: steer(ref_model, vec, t.layer, t.coef, positions=m.positions, prompt_len=P)
+        baked = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        dtype = str(next(baked.parameters()).dtype)
+        f = measure(traj, model_scorer(ref_model, ctx), model_scorer(ref_model), {"bake": model_scorer(baked)})["bake"]
+        line = (f"{folder.name}: reloaded with AutoModelForCausalLM ({m.method}, stored "
+                f"{json.loads((folder / 'config.json').read_text()).get('dtype')}): held-out R {f.recovered:.4f}, "
+                f"KL {f.kl:.4f} (base {f.kl_base:.4f}), top-1 {f.top1:.3f} (base {f.top1_base:.3f}), {f.tokens} tokens")
+        print(line)
+        if (folder / "adapter").is_dir():
+            peft = PeftModel.from_pretrained(load_model(model_dir), folder / "adapter").eval()
+            worst = 0.0
+            with torch.no_grad():
+                for ids, mask, P in traj.batches:
+                    a = baked(input_ids=ids, attention_mask=mask).logits
+                    b = peft(input_ids=ids, attention_mask=mask).logits
+                    keep = mask.bool()
+                    worst = max(worst, float((a - b)[keep].abs().max()))
+            print(f"  merged export vs base + adapter/ (PeftModel): max |logit difference| {worst:.2e} "
+                  f"over {int(sum(m_.sum() for _, m_, _ in traj.batches))} positions")
+        del baked
+
+
+# ---- vLLM serving adapter/ as a LoRA -------------------------------------------------------------------
+VLLM_LORA_SCRIPT = r"""
+import json, os, sys, time
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+if __name__ == "__main__":
+    spec = json.load(open(sys.argv[1]))
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    t0 = time.time()
+    llm = LLM(model=spec["base"], dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+              enable_lora=True, max_lora_rank=spec["rank"], max_loras=1, enable_prefix_caching=False)
+    load_s = time.time() - t0
+    lora = LoRARequest("bake", 1, spec["adapter"])
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    out = {"vllm_version": vllm.__version__, "load_seconds": round(load_s, 1)}
+    for name, req in (("lora", lora), ("base", None)):
+        res = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, lora_request=req,
+                           use_tqdm=False)
+        out[name] = [[None if e is None else float(e[ids[t]].logprob) for t, e in enumerate(r.prompt_logprobs)]
+                     for ids, r in zip(spec["prompts"], res)]
+    g = SamplingParams(max_tokens=40, temperature=0.0)
+    gens = llm.generate([{"prompt_token_ids": ids} for ids in spec["gen_prompts"]], g, lora_request=lora,
+                        use_tqdm=False)
+    out["greedy_lora"] = [o.outputs[0].text for o in gens]
+    json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def vllm_lora(args) -> None:
+    """Serve ``EXPORT/adapter`` as a LoRA in the vLLM CPU build and compare teacher-forced log-probs
+    of the actual tokens with transformers + peft on the held-out trajectories."""
+    import tempfile
+
+    from peft import PeftModel
+
+    export = Path(args.export)
+    model_dir = resolve_model(args.model)
+    tok = load_tokenizer(model_dir)
+    test = TrajectorySet.load(Path(args.out) / "test_trajectories.jsonl").items[:args.n]
+    seqs = [t.prompt_ids + t.response_ids for t in test]
+    peft = PeftModel.from_pretrained(load_model(model_dir), export / "adapter").eval()
+    hf = []
+    with torch.no_grad():
+        for t, ids in zip(test, seqs):
+            lp = torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            P = len(t.prompt_ids)
+            hf.append([float(lp[i - 1, ids[i]]) for i in range(P, len(ids))])
+    rank = json.loads((export / "adapter" / "adapter_config.json").read_text())["r"]
+    with tempfile.TemporaryDirectory() as td:
+        spec = {"base": str(model_dir), "adapter": str((export / "adapter").resolve()), "rank": rank,
+                "prompts": seqs, "gen_prompts": [t.prompt_ids for t in test[:3]]}
+        (Path(td) / "spec.json").write_text(json.dumps(spec))
+        (Path(td) / "run.py").write_text(VLLM_LORA_SCRIPT)
+        py = Path(args.vllm_python)
+        t0 = time.perf_counter()
+        r = subprocess.run([str(py), str(Path(td) / "run.py"), str(Path(td) / "spec.json"), str(Path(td) / "out.json")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"vLLM could not serve the adapter (exit {r.returncode}):\n" + r.stderr[-2500:])
+            return
+        res = json.loads((Path(td) / "out.json").read_text())
+    gaps, gaps_base = [], []
+    for t, h, v, b in zip(test, hf, res["lora"], res["base"]):
+        P = len(t.prompt_ids)
+        gaps += [abs(a - x) for a, x in zip(h, v[P:])]
+        gaps_base += [abs(a - x) for a, x in zip(h, b[P:])]
+    print(f"vLLM {res['vllm_version']} served adapter/ (rank {rank}) as a LoRA: loaded in {res['load_seconds']} s, "
+          f"{time.perf_counter() - t0:.0f} s in all")
+    print(f"teacher-forced log-prob of the actual tokens, {len(gaps)} response positions: mean |vLLM+LoRA - "
+          f"transformers+peft| = {sum(gaps) / len(gaps):.4f} (max {max(gaps):.4f}); vLLM without the LoRA: "
+          f"{sum(gaps_base) / len(gaps_base):.4f}")
+    for t, text in zip(test, res["greedy_lora"]):
+        print(f"  > {t.prompt}\n    {text.strip()[:160]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["fidelity", "memory", "_memory_child"])
+    p.add_argument("what", choices=["fidelity", "memory", "reload", "vllm-lora", "_memory_child"])
+    p.add_argument("--exports", nargs="*", default=None)
+    p.add_argument("--export", default="/tmp/distill-bench/kl-lora")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--vllm-python", default=str(Path(__file__).resolve().parent.parent / ".venv-vllm/bin/python"))
     p.add_argument("--model", default=None)
     p.add_argument("--vector", default="/tmp/pirate_quick.safetensors")
     p.add_argument("--layer", type=int, default=16)
@@ -232,12 +357,15 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--test-samples", type=int, default=2)
+    p.add_argument("--val-prompts", type=int, default=16)
+    p.add_argument("--sample-batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--setup", default="one-copy")
     args = p.parse_args()
-    {"fidelity": fidelity, "memory": memory, "_memory_child": memory_child}[args.what](args)
+    {"fidelity": fidelity, "memory": memory, "vllm-lora": vllm_lora, "reload": reload,
+     "_memory_child": memory_child}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -175,9 +175,23 @@ class DistillResult:
     info: dict[str, Any]
 
 
-def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
-                   stop_after: int | None = None) -> DistillResult:
-    """Sample (or reuse) trajectories, train, export. Returns the export folder (main process)."""
+@dataclass
+class Trained:
+    """A finished (or interrupted) training run and what its export needs."""
+
+    distiller: Distiller
+    tok: Any
+    vec: VectorArtifact
+    trait: str
+    source: dict[str, Any]
+    result: TrainResult
+    info: dict[str, Any]
+    work: Path
+
+
+def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
+                    stop_after: int | None = None, out: Path | None = None) -> Trained:
+    """Sample (or reuse) trajectories from the steered model and train the student on them."""
     from accelerate import Accelerator
 
     from bakery.models import load_model, load_tokenizer, read_config, resolve_model
@@ -188,7 +202,7 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     req.train.check()
     model_dir = resolve_model(req.model)
     config = read_config(model_dir)
-    out = check_output(req.out, model_dir, force=req.force or req.resume)
+    out = Path(out or req.out)
     work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
 
@@ -204,7 +218,7 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     def context_for(m):
         return lambda P: steer(m, vec, req.layer, req.coef, positions=req.positions, prompt_len=P)
 
-    # trajectories: main process samples (or loads), everyone reads the same file
+    # trajectories: the main process samples (or loads), every process reads the same file
     expect = teacher_meta(model_dir, config, vec, req)
     traj_path = Path(req.trajectories) if req.trajectories else work / "trajectories.jsonl"
     if acc.is_main_process:
@@ -238,11 +252,13 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     def info_now(dd: Distiller, extra: dict | None = None) -> dict:
         base_kl = dd.history[0]["val_kl"] if dd.history else float("nan")
         i = {"steps": dd.step, "best_step": dd.best_step, "best_val_kl": round(dd.best_val, 6),
-             "val_kl_base": round(base_kl, 6), "val_R": round(1 - dd.best_val / base_kl, 4) if base_kl else None,
+             "val_kl_base": round(base_kl, 6),
+             "val_R": round(1 - dd.best_val / base_kl, 4) if base_kl else None,
              "lr": req.train.resolved_lr(), "batch_size": req.train.batch_size,
              "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
              "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
-             "history": dd.history, "processes": acc.num_processes, "vector_norm": round(float(row.norm()), 4)}
+             "history": dd.history, "processes": acc.num_processes, "replicas_in_sync": dd.replicas_in_sync,
+             "sample_seconds": ts.meta.get("sample_seconds"), "vector_norm": round(float(row.norm()), 4)}
         if req.train.method == "lora":
             i.update(rank=req.train.rank, alpha=req.train.resolved_alpha(), rslora=req.train.rslora,
                      target_modules=sorted(dd.unwrapped.peft_config["default"].target_modules))
@@ -258,13 +274,25 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
 
     result = d.train(train, val, work_dir=work, resume=req.resume, on_eval=on_eval, on_save=on_save,
                      progress=progress, stop_after=stop_after)
-    if stop_after is not None and result.steps < req.train.max_steps and not result.stopped_early:
-        return DistillResult(None, result, info_now(d))
-    folder = None
-    if acc.is_main_process:
-        folder = export(d, out)
+    trained = Trained(d, tok, vec, trait, source, result, info_now(d), work)
+    trained.export = lambda folder, force=True: export(d, Path(folder))  # type: ignore[attr-defined]
+    return trained
+
+
+def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
+                   stop_after: int | None = None) -> DistillResult:
+    """Sample (or reuse) trajectories, train, export. Returns the export folder (main process)."""
+    from bakery.models import resolve_model
+
+    out = check_output(req.out, resolve_model(req.model), force=req.force or req.resume)
+    t = train_distilled(req, accelerator=accelerator, on_eval=on_eval, progress=progress,
+                        stop_after=stop_after, out=out)
+    acc = t.distiller.acc
+    if stop_after is not None and t.result.steps < req.train.max_steps and not t.result.stopped_early:
+        return DistillResult(None, t.result, t.info)
+    folder = t.export(out) if acc.is_main_process else None  # type: ignore[attr-defined]
     acc.wait_for_everyone()
-    return DistillResult(folder, result, info_now(d))
+    return DistillResult(folder, t.result, t.info)
 
 
 def _hub_id(model_dir: Path) -> str | None:
@@ -349,3 +377,91 @@ def _cli():
 
 if __name__ == "__main__":
     _cli()()
+
+
+# ---- the registry entry (``bakery bake --method kl-lora|kl-full``) -----------------------------------
+_REQUEST_OPTIONS = {f for f in DistillRequest.__dataclass_fields__} - {"model", "vector", "layer", "coef",
+                                                                      "out", "method", "train", "command"}
+_TRAIN_OPTIONS = set(TrainConfig.__dataclass_fields__) - {"method"}
+
+
+def request_from_options(method: str, model: str, vector, layer: int, coef: float, out, options: dict,
+                         command: str = "") -> DistillRequest:
+    """A :class:`DistillRequest` from ``bakery bake`` options (``rank=32, steps=100, ...``)."""
+    opts = dict(options)
+    if "steps" in opts:
+        opts["max_steps"] = opts.pop("steps")
+    unknown = sorted(set(opts) - _REQUEST_OPTIONS - _TRAIN_OPTIONS)
+    if unknown:
+        raise DistillError(f"unknown option(s) for {method}: {', '.join(unknown)}; allowed: "
+                           f"{', '.join(sorted((_REQUEST_OPTIONS | _TRAIN_OPTIONS) - {'max_steps'} | {'steps'}))}")
+    tc = TrainConfig(**{k: v for k, v in opts.items() if k in _TRAIN_OPTIONS})
+    rq = {k: v for k, v in opts.items() if k in _REQUEST_OPTIONS}
+    return DistillRequest(model=model, vector=vector, layer=layer, coef=coef, out=out, method=method,
+                          train=tc, command=command, **rq)
+
+
+class _DistillBaker:
+    """Registry adapter: trains in :meth:`plan` and hands the streaming exporter the trained tensors.
+
+    Through this path the export has the merged weights but no ``adapter/`` (the shared exporter
+    writes planned tensors only); ``python -m bakery.bakers.distill`` writes both.
+    """
+
+    name = ""
+    needs_coef = True
+
+    def plan(self, req, reader):
+        import tempfile
+
+        from bakery.bakers.base import BakeError, BakePlan
+
+        if len(req.terms) != 1:
+            raise BakeError(f"{self.name} distils one (vector, layer, coef) term; got {len(req.terms)}")
+        t = req.terms[0]
+        opts = dict(req.options)
+        progress = opts.pop("progress", True)
+        work = opts.pop("work_dir", None) or tempfile.mkdtemp(prefix="bakery-distill-")
+        dreq = request_from_options(self.name, str(req.model_dir), t.vector, t.layer, t.coef,
+                                    Path(work) / "unused-out", {**opts, "work_dir": work},
+                                    command=req.command)
+        dreq.trait = t.trait
+        trained = train_distilled(dreq, progress=progress)
+        merged = merged_copy(trained.distiller.unwrapped, dreq.train.method)
+        state = {k: v.detach().float().clone() for k, v in merged.state_dict().items()}
+        plan = BakePlan(reader=reader, config=dict(req.config), route="lora-merged"
+                        if dreq.train.method == "lora" else "full", exact=False,
+                        engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"})
+        for name in reader.tensors:
+            new = state.get(name)
+            if new is None:
+                continue
+            old = reader.get(name) if hasattr(reader, "get") else None
+            if old is not None and torch.equal(old.float(), new):
+                continue
+            plan.edit(name, lambda w, n=new, k=name: _replace(w, n, k))
+        info = {k: v for k, v in trained.info.items()}
+        plan.extra.update({"distill": info, "positions": dreq.positions})
+        plan.notes.append(f"trained {info['steps']} steps, validation R {info['val_R']} "
+                          f"(positions {dreq.positions}); work folder {work}")
+        if dreq.positions != "all":
+            plan.warnings.append(f"trained against positions={dreq.positions} steering; bakery.json "
+                                 "says positions=all on this path, compare with --positions "
+                                 f"{dreq.positions}")
+        return plan
+
+
+def _replace(w: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
+    if tuple(w.shape) != tuple(new.shape):
+        raise DistillError(f"trained tensor {name} has shape {tuple(new.shape)}, checkpoint {tuple(w.shape)}")
+    return new
+
+
+def _register() -> None:
+    from bakery.bakers import register
+
+    for method in METHODS:
+        register(method)(type(f"Baker_{method.replace('-', '_')}", (_DistillBaker,), {"name": method}))
+
+
+_register()

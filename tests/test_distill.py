@@ -1,0 +1,385 @@
+"""Distilled bakers (kl-lora, kl-full): trajectories, the one-copy teacher, training, resume,
+exports and bad input, on tiny random models (the real-model R run is bench/distill.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bakery.bakers.distill import DistillRequest, bake_distilled, train_distilled
+from bakery.distill_train import (CheckpointError, Distiller, DistillError, TrainConfig,
+                                  check_targets, linear_module_names)
+from bakery.generation import render_chat
+from bakery.manifest import Manifest
+from bakery.models import load_model, load_tokenizer
+from bakery.steering import steer
+from bakery.trajectories import (TrajectoryError, TrajectorySet, collate, prompt_pool, sample,
+                                 to_fidelity)
+from bakery.vectors import VectorArtifact
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER, COEF = 2, 4.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models("llama")
+
+
+@pytest.fixture(scope="module")
+def vec_file(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    p = tmp_path_factory.mktemp("vec") / "rand.safetensors"
+    VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def shared_traj(tiny, vec_file, tmp_path_factory) -> Path:
+    """Trajectories sampled once for the module's training runs (44 prompts x 1, 10 tokens)."""
+    work = tmp_path_factory.mktemp("traj")
+    req = _req(tiny, vec_file, work / "out", steps=1, trajectories=str(work / "t.jsonl"))
+    train_distilled(req, progress=False)
+    return work / "t.jsonl"
+
+
+def _req(tiny, vec_file, out, *, method="kl-lora", steps=6, trajectories=None, **train) -> DistillRequest:
+    tc = dict(rank=8, max_steps=steps, val_every=3, lr=5e-3 if method == "kl-lora" else 1e-3,
+              checkpoint_every=0, batch_size=8)
+    tc.update(train)
+    return DistillRequest(model=str(tiny), vector=str(vec_file), layer=LAYER, coef=COEF, out=out,
+                          method=method, num_prompts=44, samples_per_prompt=1, max_new_tokens=10,
+                          val_prompts=8, sample_batch_size=22, trajectories=trajectories,
+                          dtype="float32", train=TrainConfig(**tc))
+
+
+# ---- prompt pool and trajectories -------------------------------------------------------------------
+def test_prompt_pool_is_large_diverse_and_keeps_held_out_questions_out():
+    held = ["Tell me about the ocean.", "how do i bake bread?"]
+    pool = prompt_pool(exclude=held, extra=["How do I bake bread?", "My own question?"])
+    assert len(pool) > 500 and len(set(pool)) == len(pool)
+    norm = {" ".join(p.lower().split()).rstrip("?.!") for p in pool}
+    assert "tell me about the ocean" not in norm and "how do i bake bread" not in norm
+    assert pool[0] == "My own question?"  # a user's or recipe's prompts come first
+    assert len({p.split()[0] for p in pool}) >= 8  # many templates, not one
+
+
+def test_trajectories_roundtrip_and_collate_layout(tiny, vec_file, tmp_path):
+    m, tok = load_model(tiny), load_tokenizer(tiny)
+    from bakery.vectors import load_vector
+
+    vec = load_vector(vec_file)
+    ctx = lambda P: steer(m, vec, LAYER, COEF, positions="response")
+    ts = sample(m, tok, ["hello sea", "the quick fox", "tell me about ships"], ctx, samples_per_prompt=2,
+                max_new_tokens=6, batch_size=4, meta={"layer": LAYER}, progress=False)
+    assert len(ts) == 6 and ts.meta["top_p"] == 0.95 and ts.meta["temperature"] == 1.0
+    path = ts.save(tmp_path / "t.jsonl")
+    back = TrajectorySet.load(path)
+    assert [t.response_ids for t in back.items] == [t.response_ids for t in ts.items]
+    assert back.meta == ts.meta
+    ids, mask, P = collate(back.items[:3], tok.pad_token_id)
+    for i, t in enumerate(back.items[:3]):
+        assert ids[i, P - len(t.prompt_ids):P].tolist() == t.prompt_ids
+        assert ids[i, P:P + len(t.response_ids)].tolist() == t.response_ids
+        assert int(mask[i].sum()) == len(t.prompt_ids) + len(t.response_ids)
+    assert to_fidelity(back, tok.pad_token_id, 4).num_response_tokens == back.num_response_tokens
+    with pytest.raises(TrajectoryError, match="different teacher.*layer"):
+        back.check_matches({"layer": LAYER + 1})
+    (tmp_path / "bad.jsonl").write_text('{"hello": 1}\n')
+    with pytest.raises(TrajectoryError, match="not a bakery trajectory file"):
+        TrajectorySet.load(tmp_path / "bad.jsonl")
+
+
+def test_sampled_responses_follow_the_steered_model(tiny, vec_file):
+    """Greedy 'sampling' (temperature 0) under steering reproduces the steered model's argmax."""
+    from bakery.vectors import load_vector
+
+    m, tok = load_model(tiny), load_tokenizer(tiny)
+    v = load_vector(vec_file)
+    ctx = lambda P: steer(m, v, LAYER, COEF, positions="response", prompt_len=P)
+    ts = sample(m, tok, ["hello sea", "tell me about ships"], ctx, max_new_tokens=5, temperature=0.0,
+                progress=False)
+    ids, mask, P = collate(ts.items, tok.pad_token_id)
+    with ctx(P), torch.no_grad():
+        logits = m(input_ids=ids, attention_mask=mask).logits
+    for i, t in enumerate(ts.items):
+        pred = logits[i, P - 1:P - 1 + len(t.response_ids)].argmax(-1).tolist()
+        assert pred == t.response_ids
+
+
+# ---- the teacher ------------------------------------------------------------------------------------
+def test_teacher_logits_come_from_the_model_without_the_adapter(tiny, vec_file):
+    from bakery.vectors import load_vector
+
+    v = load_vector(vec_file)
+    tok = load_tokenizer(tiny)
+    student_base = load_model(tiny)
+    ctx_for = lambda mm: (lambda P: steer(mm, v, LAYER, COEF, positions="response", prompt_len=P))
+    d = Distiller(student_base, tok.pad_token_id, TrainConfig(rank=8, min_trajectories=1), ctx_for)
+    with torch.no_grad():  # make the adapter do something large
+        for n, p in d.unwrapped.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    prompts = [render_chat(tok, q) for q in ("hello sea", "the quick fox")]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = torch.cat([enc["input_ids"], torch.randint(3, 100, (2, 6))], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones(2, 6, dtype=torch.long)], 1)
+    P = enc["input_ids"].shape[1]
+    teacher = d.teacher_logits(ids, mask, P)
+
+    fresh = load_model(tiny)  # an untouched copy of the base model, steered the same way
+    with ctx_for(fresh)(P), torch.no_grad():
+        ref = torch.log_softmax(fresh(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1], -1)
+    ref = ref[mask[:, P:].bool()]
+    assert torch.allclose(teacher, ref, atol=1e-5)
+    # the adapter really is inside the model object: without disable_adapter() the teacher differs
+    with ctx_for(d.unwrapped.get_base_model())(P), torch.no_grad():
+        wrong = torch.log_softmax(d.unwrapped(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1], -1)
+    assert (wrong[mask[:, P:].bool()] - ref).abs().max() > 1e-2
+    # and the teacher is steered: the unsteered base differs too
+    with torch.no_grad():
+        plain = torch.log_softmax(fresh(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1], -1)
+    assert (plain[mask[:, P:].bool()] - ref).abs().max() > 1e-3
+
+
+# ---- training and export ----------------------------------------------------------------------------
+def test_kl_lora_learns_the_steering_and_exports_merged_plus_adapter(tiny, vec_file, shared_traj, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "bake"
+    res = bake_distilled(_req(tiny, vec_file, out, steps=9, trajectories=str(shared_traj), save_every=6),
+                         progress=False)
+    hist = res.info["history"]
+    assert hist[-1]["val_kl"] < 0.5 * hist[0]["val_kl"], hist
+    assert res.info["val_R"] > 0.5
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert sorted(res.info["target_modules"]) == linear_module_names(load_model(tiny))
+    m = Manifest.load(out)
+    assert m.method == "kl-lora" and m.positions == "response" and not m.exact
+    assert m.terms[0].layer == LAYER and (out / m.terms[0].vector_file).is_file()
+    assert "kl-lora" in (out / "README.md").read_text()
+    assert (tmp_path / "bake.work" / "halfbaked" / "step-000006" / "bakery.json").is_file()
+
+    # merged export (a plain checkpoint) vs base + adapter (peft): same logits
+    merged = load_model(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    peft = PeftModel.from_pretrained(load_model(tiny), out / "adapter").eval()
+    ts = TrajectorySet.load(shared_traj)
+    ids, mask, P = collate(ts.items[:8], 0)
+    with torch.no_grad():
+        a = merged(input_ids=ids, attention_mask=mask).logits
+        b = peft(input_ids=ids, attention_mask=mask).logits
+        base = load_model(tiny)(input_ids=ids, attention_mask=mask).logits
+    assert (a - b).abs().max() < 1e-3
+    assert (a - base).abs().max() > 1e-2  # the bake changed something
+
+
+def test_kl_full_trains_all_weights_with_a_frozen_teacher(tiny, vec_file, shared_traj, tmp_path):
+    out = tmp_path / "full"
+    res = bake_distilled(_req(tiny, vec_file, out, method="kl-full", steps=6, trajectories=str(shared_traj)),
+                         progress=False)
+    assert res.info["history"][-1]["val_kl"] < 0.7 * res.info["history"][0]["val_kl"]
+    assert not (out / "adapter").exists()
+    assert Manifest.load(out).method == "kl-full"
+    base, baked = load_model(tiny), load_model(out)
+    changed = [n for (n, p), (_, q) in zip(base.named_parameters(), baked.named_parameters())
+               if not torch.equal(p, q)]
+    assert len(changed) > 20  # full fine-tuning moves (nearly) every tensor
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, vec_file, shared_traj, tmp_path):
+    straight = train_distilled(_req(tiny, vec_file, tmp_path / "a", steps=8, trajectories=str(shared_traj),
+                                    checkpoint_every=4, patience=0), progress=False)
+    # interrupted after 6 steps: the checkpoint holds step 4, steps 5-6 are lost and redone
+    req = _req(tiny, vec_file, tmp_path / "b", steps=8, trajectories=str(shared_traj), checkpoint_every=4,
+               patience=0)
+    cut = train_distilled(req, progress=False, stop_after=6)
+    assert cut.result.steps == 6
+    req.resume = True
+    resumed = train_distilled(req, progress=False)
+    assert resumed.result.steps == 8
+    a = [h["val_kl"] for h in straight.result.history]
+    b = [h["val_kl"] for h in resumed.result.history]
+    assert len(a) == len(b)
+    assert a[-1] == pytest.approx(b[-1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_validation_kl(tiny, vec_file, shared_traj, tmp_path):
+    """A real SIGKILL of `python -m bakery.bakers.distill` once a checkpoint exists, then --resume."""
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "bakery.bakers.distill", "-m", str(tiny), "-v", str(vec_file), "-l",
+                str(LAYER), "-c", str(COEF), "-o", str(out), "--trajectories", str(shared_traj),
+                "--num-prompts", "44", "--val-prompts", "8", "--rank", "8", "--lr", "5e-3", "--steps", "10",
+                "--val-every", "5", "--patience", "0", "--checkpoint-every", "2", "--dtype", "float32",
+                "--no-progress", *extra]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(cmd(tmp_path / "a"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "b.work" / "checkpoint" / "trainer.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ck.is_file() and json.loads(ck.read_text())["step"] >= 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b").exists()
+    r = subprocess.run(cmd(tmp_path / "b", "--resume"), check=True, env=env, capture_output=True, text=True)
+    va = Manifest.load(tmp_path / "a").extra["best_val_kl"]
+    vb = Manifest.load(tmp_path / "b").extra["best_val_kl"]
+    assert vb == pytest.approx(va, rel=1e-3), r.stdout
+
+
+def test_two_process_accelerate_launch_trains_and_exports(tiny, vec_file, shared_traj, tmp_path):
+    acc = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "ddp"
+    # accelerate's "--cpu" flag runs ONE process; "--multi_gpu" is its torchrun launcher, and the
+    # Accelerator then picks MULTI_CPU with the gloo backend when there is no GPU.
+    cmd = [str(acc), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "bakery.bakers.distill", "-m", str(tiny), "-v", str(vec_file),
+           "-l", str(LAYER), "-c", str(COEF), "-o", str(out), "--trajectories", str(shared_traj),
+           "--num-prompts", "44", "--val-prompts", "8", "--rank", "8", "--lr", "5e-3", "--steps", "4",
+           "--val-every", "2", "--checkpoint-every", "2", "--dtype", "float32", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = Manifest.load(out)
+    assert m.extra["processes"] == 2 and m.extra["steps"] == 4
+    assert m.extra["replicas_in_sync"] is True  # gradients were averaged across the two processes
+    h = m.extra["history"]
+    assert h[-1]["val_kl"] < h[0]["val_kl"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "2 process(es)" in r.stdout
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def test_too_few_trajectories_is_a_clear_error(tiny, vec_file, shared_traj, tmp_path):
+    req = _req(tiny, vec_file, tmp_path / "x", trajectories=str(shared_traj), min_trajectories=1000)
+    with pytest.raises(TrajectoryError, match="only 36 training trajectories.*at least 1000"):
+        bake_distilled(req, progress=False)
+    assert not (tmp_path / "x").exists()
+    req = _req(tiny, vec_file, tmp_path / "y", trajectories=str(shared_traj))
+    req.val_prompts = 60
+    with pytest.raises(DistillError, match="only 44 prompts"):
+        bake_distilled(req, progress=False)
+
+
+def test_a_rank_vllm_cannot_serve_warns():
+    with pytest.warns(UserWarning, match="rank 12 cannot be served by vLLM"):
+        TrainConfig(rank=12).check()
+    with contextlib.ExitStack():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            TrainConfig(rank=32).check()
+
+
+def test_a_target_module_the_architecture_lacks_is_refused(tiny, tiny_models):
+    m = load_model(tiny)
+    with pytest.raises(DistillError, match="c_attn.*do not exist in llama.*q_proj"):
+        check_targets(m, ["q_proj", "c_attn"])
+    assert "c_attn" in linear_module_names(load_model(tiny_models("gpt2")))
+
+
+def _small_fs(path: Path):
+    """A 2 MB tmpfs at ``path`` (real ENOSPC), or None where mounting is not allowed."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True)
+    return path if r.returncode == 0 else None
+
+
+def test_running_out_of_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, vec_file, tmp_path):
+    from bakery.vectors import load_vector
+
+    v = load_vector(vec_file)
+    tok = load_tokenizer(tiny)
+    ctx_for = lambda mm: (lambda P: steer(mm, v, LAYER, COEF, prompt_len=P))
+    d = Distiller(load_model(tiny), tok.pad_token_id, TrainConfig(rank=8), ctx_for)
+    work = _small_fs(tmp_path / "fs")
+    mounted = work is not None
+    try:
+        if not mounted:  # no mount rights: a file-size limit gives the same failed write (EFBIG)
+            work = tmp_path / "fs"
+        d.step = 3
+        first = d.save_checkpoint(work)
+        assert json.loads((first / "trainer.json").read_text())["step"] == 3
+        d.best_state = {k: torch.zeros(400_000) for k in "abcd"}  # too big for what is left
+        d.step = 7
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if not mounted:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))
+        try:
+            with pytest.raises(CheckpointError, match="checkpoint at step 7.*previous checkpoint.*intact") as e:
+                d.save_checkpoint(work)
+            if mounted:
+                assert "out of disk space" in str(e.value)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old)
+        assert json.loads((work / "checkpoint" / "trainer.json").read_text())["step"] == 3
+        assert not (work / "checkpoint.tmp").exists()
+        d2 = Distiller(load_model(tiny), tok.pad_token_id, TrainConfig(rank=8), ctx_for)
+        assert d2.load_checkpoint(work) and d2.step == 3
+    finally:
+        if mounted:
+            import gc
+
+            gc.collect()
+            subprocess.run(["umount", "-l", str(work)], check=False)
+
+
+@pytest.mark.slow
+def test_kl_lora_on_the_embedded_model_moves_towards_the_steered_model(smol_dir, tmp_path):
+    """A few LoRA steps on SmolLM2 with a random direction: validation KL falls; merged == adapter."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    m = load_model(smol_dir)
+    v = torch.randn(m.config.num_hidden_layers + 1, m.config.hidden_size)
+    v = v / v.norm(dim=-1, keepdim=True) * 8
+    del m
+    req = DistillRequest(model=str(smol_dir), vector=VectorArtifact(v, {"trait": "rand"}), layer=16, coef=1.0,
+                         out=tmp_path / "smol", num_prompts=40, samples_per_prompt=1, max_new_tokens=12,
+                         val_prompts=8, sample_batch_size=20, dtype="float32",
+                         train=TrainConfig(rank=8, max_steps=4, val_every=2, batch_size=8, lr=1e-3,
+                                           checkpoint_every=0))
+    res = bake_distilled(req, progress=False)
+    h = res.info["history"]
+    assert h[-1]["val_kl"] < h[0]["val_kl"]
+    ts = TrajectorySet.load(tmp_path / "smol.work" / "trajectories.jsonl")
+    ids, mask, _ = collate(ts.items[:4], load_tokenizer(smol_dir).pad_token_id)
+    peft = PeftModel.from_pretrained(load_model(smol_dir), tmp_path / "smol" / "adapter").eval()
+    with torch.no_grad():
+        diff = (load_model(tmp_path / "smol")(input_ids=ids, attention_mask=mask).logits
+                - peft(input_ids=ids, attention_mask=mask).logits).abs().max()
+    assert diff < 1e-3
+
+
+def test_registry_bakes_kl_lora_through_the_shared_exporter(tiny, vec_file, tmp_path):
+    from bakery.bakers import available, bake
+
+    assert {"kl-lora", "kl-full"} <= set(available())
+    out = bake("kl-lora", str(tiny), [(str(vec_file), LAYER, COEF)], tmp_path / "reg", num_prompts=30,
+               samples_per_prompt=1, max_new_tokens=8, steps=3, val_prompts=6, rank=8, lr=5e-3,
+               positions="all", work_dir=str(tmp_path / "work"), progress=False)
+    m = Manifest.load(out)
+    assert m.method == "kl-lora" and m.route == "lora-merged" and m.extra["distill"]["steps"] == 3
+    base, baked = load_model(tiny), load_model(out)
+    changed = {n.rsplit(".", 2)[-2] for (n, p), (_, q) in zip(base.named_parameters(), baked.named_parameters())
+               if not torch.equal(p, q)}
+    assert changed == set(linear_module_names(base))  # exactly the LoRA targets, merged
+    with pytest.raises(DistillError, match="unknown option.*bogus"):
+        bake("kl-lora", str(tiny), [(str(vec_file), LAYER, COEF)], tmp_path / "bad", bogus=1, progress=False)

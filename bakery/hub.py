@@ -231,8 +231,7 @@ def check_card(export_dir: str | os.PathLike, manifest: Manifest, *,
         base_lic = base_license(manifest)
         if base_lic and str(lic).lower() != base_lic.lower():
             problems.append(f"`license` is {lic!r} but the base model is licensed {base_lic!r}")
-    compare_dir = root / "compare"
-    if compare_dir.is_dir() and any(compare_dir.iterdir()) and read_section(text, "fidelity") is None:
+    if (root / "compare" / "report.json").is_file() and read_section(text, "fidelity") is None:
         problems.append("compare/ holds a fidelity report but the card has no fidelity section: "
                         "run `bakery compare` on the folder again")
     if require_engines and read_section(text, "engines") is None:
@@ -243,20 +242,26 @@ def check_card(export_dir: str | os.PathLike, manifest: Manifest, *,
     return meta
 
 
-def run_verify(export_dir: str | os.PathLike) -> Any:
-    """``bakery verify --engine transformers``: reload the export and check it. Raises when the
-    verify step is not installed or fails."""
+def run_verify(export_dir: str | os.PathLike, log: Callable[[str], None] = print) -> list[Any]:
+    """``bakery verify --engine transformers``: reload the export with stock transformers and check
+    it against runtime steering; the verdicts land in the card's engines section. Raises PushError
+    when verify is not installed or the export fails it."""
     try:
-        from bakery import engines
+        from bakery.engines import verify
     except ImportError as e:
         raise PushError(
             f"`bakery verify` is not available in this install ({e}); pass --no-verify to push "
             "without reloading the export first"
         ) from e
-    verify = getattr(engines, "verify", None)
-    if verify is None:
-        raise PushError("bakery.engines has no verify(): pass --no-verify to push without it")
-    return verify(Path(export_dir), engines=["transformers"])
+    verdicts = verify([Path(export_dir)], "transformers", write=True, log=log)[str(Path(export_dir))]
+    bad = [v for v in verdicts if not v.ok]
+    for v in verdicts:
+        log(f"verify {v.engine}: {v.status}: {v.message}")
+    if bad:
+        raise PushError(f"{export_dir} failed `bakery verify --engine transformers` ("
+                        + "; ".join(f"{v.engine}: {v.message}" for v in bad)
+                        + "): not pushing an export that does not reload as baked")
+    return verdicts
 
 
 # ---- token, retries, errors ---------------------------------------------------------------
@@ -391,7 +396,7 @@ def prepare(export_dir: str | os.PathLike, *, include: Sequence[str] = (), verif
     manifest = check_export(plan.export_dir)
     if verify:
         log("verify: reloading the export with transformers (skip with --no-verify)...")
-        run_verify(plan.export_dir)
+        run_verify(plan.export_dir, log=log)
         plan = plan_upload(export_dir, include)  # verify rewrites the card's engines section
     meta = check_card(plan.export_dir, manifest, require_engines=verify)
     return plan, manifest, meta

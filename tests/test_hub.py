@@ -343,15 +343,33 @@ def test_altered_vector_or_missing_shard_is_refused(export):
         hubmod.check_export(export)
 
 
-def test_verify_runs_before_upload_or_says_it_is_missing(export, hub, hub_env):
-    try:
-        import bakery.engines  # noqa: F401
-    except ImportError:
-        with pytest.raises(hubmod.PushError, match="--no-verify"):
-            hubmod.push(export, REPO, endpoint=hub.url, log=lambda _: None)
-        assert hub.requests == []
-        return
-    pytest.skip("bakery.engines is present: covered by test_push_runs_real_verify")
+def test_verify_missing_is_a_clear_error(export, hub, hub_env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bakery.engines", None)  # as if verify were not installed
+    with pytest.raises(hubmod.PushError, match="not available.*--no-verify"):
+        hubmod.push(export, REPO, endpoint=hub.url, log=lambda _: None)
+    assert hub.requests == []
+
+
+def test_push_runs_real_verify_and_ships_its_verdicts(export, hub, hub_env):
+    pytest.importorskip("bakery.engines")
+    logs: list[str] = []
+    hubmod.push(export, REPO, endpoint=hub.url, backoff=0.01, log=logs.append)
+    assert any(line.startswith("verify transformers: pass") for line in logs), logs
+    stored = hub.files(REPO)
+    assert stored == local_files(export)
+    assert "compare/verify.json" in stored
+    assert json.loads(stored["compare/verify.json"])["transformers"]["status"] == "pass"
+    assert "Checked by `bakery verify`" in stored["README.md"].decode()
+
+
+def test_export_that_fails_verify_is_not_pushed(export, hub, hub_env):
+    pytest.importorskip("bakery.engines")
+    manifest = json.loads((export / "bakery.json").read_text())
+    manifest["terms"][0]["coef"] = -4.0  # the weights carry +4: no longer what the manifest says
+    (export / "bakery.json").write_text(json.dumps(manifest))
+    with pytest.raises(hubmod.PushError, match="failed `bakery verify --engine transformers`"):
+        hubmod.push(export, REPO, endpoint=hub.url, log=lambda _: None)
+    assert hub.requests == []
 
 
 def test_dry_run_lists_files_with_sizes_and_sends_nothing(export, hub, hub_env):

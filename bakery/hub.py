@@ -441,6 +441,9 @@ def push(export_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
         raise PushError(f"the token from {source} (user {user}) is read-only: create a token with "
                         f"write access at {endpoint}/settings/tokens and set HF_TOKEN")
     retried("creating the repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True), user)
+    if branch == "main" and not create_pr:
+        info = retried("reading the repo", lambda: api.model_info(repo_id), user)
+        check_no_clash(repo_id, [s.rfilename for s in (info.siblings or [])])
     if branch != "main":
         retried(f"creating branch {branch}",
                 lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), user)
@@ -454,6 +457,17 @@ def push(export_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
     changed = any(getattr(op, "_is_committed", True) for op in ops)
     return PushResult(repo_id=repo_id, commit_url=info.commit_url, oid=info.oid, revision=branch,
                       pr_url=info.pr_url, files=plan.files, changed=changed)
+
+
+def check_no_clash(repo_id: str, remote_files: Sequence[str]) -> None:
+    """Refuse to commit over a repo that already holds something other than a bakery export."""
+    foreign = [f for f in remote_files if f not in (".gitattributes", "README.md")]
+    if foreign and "bakery.json" not in remote_files:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PushError(
+            f"name clash: {repo_id} already exists and holds a model that is not a bakery export "
+            f"({len(foreign)} files: {shown}). Choose another --repo, or propose the bake with "
+            "--create-pr or on a new --revision branch.")
 
 
 def _default_message(manifest: Manifest) -> str:

@@ -27,6 +27,9 @@ from bakery.card_sections import write_section
 from bakery.cli import main
 from bakery.vectors import VectorArtifact
 
+# the client itself passes a file object as data= to httpx2, which warns about it
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 TOKEN = "hf_testALICEwrite0123456789"
 READ_TOKEN = "hf_testALICEread0123456789"
 REPO = "alice/tiny-pirate"
@@ -222,12 +225,27 @@ def test_no_permission_403(export, hub, hub_env):
     assert res.exit_code == 0, res.output
 
 
-def test_existing_repo_409_on_create_is_fine_and_keeps_other_files(export, hub, hub_env):
-    hub.add_repo(REPO, files={"notes.txt": b"keep me"})
+def test_existing_bakery_repo_409_on_create_is_fine_and_keeps_other_files(export, hub, hub_env):
+    hub.add_repo(REPO, files={"notes.txt": b"keep me", "bakery.json": b"{}"})
     res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify")
     assert res.exit_code == 0, res.output
     assert hub.calls("create")[0].status == 409
     assert hub.files(REPO) == {"notes.txt": b"keep me", **local_files(export)}
+
+
+def test_name_clash_with_a_foreign_model_is_refused(export, hub, hub_env):
+    theirs = {".gitattributes": b"*.bin filter=lfs", "config.json": b"{}", "pytorch_model.bin": b"w"}
+    hub.add_repo(REPO, files=theirs)
+    res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify")
+    assert res.exit_code == 2
+    assert "name clash: alice/tiny-pirate already exists" in res.output
+    assert "config.json, pytorch_model.bin" in res.output
+    assert hub.calls("create")[0].status == 409 and hub.calls("commit") == []
+    assert hub.files(REPO) == theirs
+    # proposing it as a pull request leaves their main branch alone
+    res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify", "--create-pr")
+    assert res.exit_code == 0, res.output
+    assert hub.files(REPO) == theirs and hub.files(REPO, "refs/pr/1") == {**theirs, **local_files(export)}
 
 
 def test_conflict_409_on_commit_is_a_clear_error(export, hub, hub_env):
@@ -418,3 +436,27 @@ def test_bake_of_a_local_model_without_hub_id_needs_a_base_model(tmp_path, tiny_
     out = bake("bias", tiny_models("llama"), [(art, 2, 4.0, "pirate")], tmp_path / "local", progress=False)
     with pytest.raises(hubmod.CardError, match="`base_model` is missing"):
         hubmod.prepare(out, verify=False)
+
+
+@pytest.mark.slow
+def test_push_a_bake_of_the_embedded_model(tmp_path, smol_dir, hub, hub_env):
+    """A 270 MB bias bake of SmolLM2 goes through LFS and arrives byte-identical."""
+    from bakery.bakers import bake
+    from bakery.models import read_config
+
+    cfg = read_config(smol_dir)
+    torch.manual_seed(0)
+    art = VectorArtifact(torch.randn(cfg["num_hidden_layers"] + 1, cfg["hidden_size"]) * 0.1,
+                         meta={"trait": "pirate"})
+    out = bake("bias", smol_dir, [(art, 16, 2.0, "pirate")], tmp_path / "smol-pirate", progress=False)
+    res = run_cli("push", str(out), "--repo", "alice/smol-pirate", "--endpoint", hub.url, "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "base_model HuggingFaceTB/SmolLM2-135M-Instruct (finetune)" in res.output
+    res = run_cli("push", str(out), "--repo", "alice/smol-pirate", "--endpoint", hub.url, "--no-verify")
+    assert res.exit_code == 0, res.output
+    stored = hub.files("alice/smol-pirate")
+    local = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
+    assert set(stored) == set(local)
+    for rel, p in local.items():
+        assert hashlib.sha256(stored[rel]).digest() == hashlib.sha256(p.read_bytes()).digest(), rel
+    assert len(stored["model.safetensors"]) > 200_000_000

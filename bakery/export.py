@@ -28,7 +28,7 @@ def _slug(text: str) -> str:
 
 def _apply(reader, name: str, edits, dtype: torch.dtype):
     def produce() -> torch.Tensor:
-        x = reader.get(name).float()
+        x = reader.get(name).float()  # a fresh copy: edits may work in place
         for fn in edits:
             x = fn(x)
         return x.to(dtype)

@@ -15,6 +15,29 @@ from bakery.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, Ou
                                ShardedWriter, atomic_folder, check_output)
 
 
+def fail_after(monkeypatch, limit: int, make_error) -> None:
+    """Simulate the environment: the output device takes ``limit`` bytes, then every write and
+    kernel copy raises ``make_error()`` (a full disk, a Ctrl-C)."""
+    used = [0]
+    write, copy = ShardedWriter._write, ShardedWriter._copy
+
+    def spend(n: int) -> None:
+        used[0] += n
+        if used[0] > limit:
+            raise make_error()
+
+    def _write(self, fh, data):
+        spend(memoryview(data).nbytes)
+        write(self, fh, data)
+
+    def _copy(self, src, fh, offset, length):
+        spend(length)
+        copy(self, src, fh, offset, length)
+
+    monkeypatch.setattr(ShardedWriter, "_write", _write)
+    monkeypatch.setattr(ShardedWriter, "_copy", _copy)
+
+
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -130,15 +153,7 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "s").mkdir()
     save_file(_tensors(), tmp_path / "s" / "model.safetensors")
     r = CheckpointReader(tmp_path / "s")
-    written = []
-
-    def write(self, fh, data):  # the device fills up after 1 KB
-        written.append(len(data))
-        if sum(written) > 1024:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        fh.write(data)
-
-    monkeypatch.setattr(ShardedWriter, "_write", write)
+    fail_after(monkeypatch, 1024, lambda: OSError(errno.ENOSPC, "No space left on device"))
     (tmp_path / "o").mkdir()
     with pytest.raises(CheckpointError, match="no space left"):
         ShardedWriter(tmp_path / "o").write([OutTensor(n, i.dtype, i.shape, source=i) for n, i in r.tensors.items()])

@@ -16,6 +16,7 @@ from bakery.checkpoint import CheckpointError, ShardedWriter
 from bakery.manifest import Manifest
 from bakery.vectors import load_vector
 from test_bakers_bias import reload_strict, tree_digest, vec
+from test_checkpoint import fail_after
 
 
 def test_export_folder_contents_and_manifest(tiny_models, tmp_path):
@@ -68,15 +69,7 @@ def test_embedded_model_card_names_base_and_license(smol_dir, tmp_path):
 def test_interrupted_bake_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     src = tiny_models("llama")
     before = tree_digest(src)
-    calls = []
-
-    def interrupted(self, fh, data):
-        calls.append(1)
-        if len(calls) > 5:
-            raise KeyboardInterrupt  # Ctrl-C midway through the weights
-        fh.write(data)
-
-    monkeypatch.setattr(ShardedWriter, "_write", interrupted)
+    fail_after(monkeypatch, 100_000, KeyboardInterrupt)  # Ctrl-C midway through the weights
     with pytest.raises(KeyboardInterrupt):
         bake("ortho", src, [(vec(src), 2, 1.0)], tmp_path / "exp", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -85,15 +78,7 @@ def test_interrupted_bake_leaves_nothing(tiny_models, tmp_path, monkeypatch):
 
 def test_full_disk_during_bake_is_clear_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     src = tiny_models("llama")
-    sizes = []
-
-    def full(self, fh, data):
-        sizes.append(len(data))
-        if sum(sizes) > 50_000:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        fh.write(data)
-
-    monkeypatch.setattr(ShardedWriter, "_write", full)
+    fail_after(monkeypatch, 100_000, lambda: OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(CheckpointError, match="no space left.*nothing was kept"):
         bake("bias", src, [(vec(src), 2, 1.0)], tmp_path / "exp", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -65,7 +65,7 @@ class BakeRequest:
         return spec_for(self.config)
 
 
-Edit = Callable[[torch.Tensor], torch.Tensor]  # float32 in, float32 out
+Edit = Callable[[torch.Tensor], torch.Tensor]  # float32 in (its own copy: may edit in place), float32 out
 
 
 @dataclass

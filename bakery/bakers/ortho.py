@@ -63,13 +63,14 @@ def _unit(v: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def project_rows(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Rows of ``W`` (shape [N, hidden]) with ``r`` projected out: ``W - (W r) r^T``."""
-    return W - torch.outer(W @ r, r)
+    """Rows of ``W`` (shape [N, hidden]) with ``r`` projected out: ``W - (W r) r^T``, in place
+    (``W`` is the baker's own float32 copy; a rank-one update needs no second full matrix)."""
+    return W.addr_(W @ r, r, alpha=-1)
 
 
 def project_cols(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Columns of ``W`` (shape [hidden, N]) with ``r`` projected out: ``(I - r r^T) W``."""
-    return W - torch.outer(r, r @ W)
+    """Columns of ``W`` (shape [hidden, N]) with ``r`` projected out: ``(I - r r^T) W``, in place."""
+    return W.addr_(r, r @ W, alpha=-1)
 
 
 @register("ortho")

@@ -184,9 +184,9 @@ def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
         w = delta / fits[b]["gain"] if "gain" in fits[b] else delta
         name = f"{spec.block(b)}.{spec.mlp_out}.weight"
         if spec.conv1d:  # Conv1D stores [in, out]
-            plan.edit(name, lambda W, u=u, w=w: W + torch.outer(u, w))
+            plan.edit(name, lambda W, u=u, w=w: W.addr_(u, w))
         else:
-            plan.edit(name, lambda W, u=u, w=w: W + torch.outer(w, u))
+            plan.edit(name, lambda W, u=u, w=w: W.addr_(w, u))
     plan.route = "rank1"
     plan.site = "resid-out"
     plan.exact = False

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 
 import click
 
 from bakery.cli.common import clear_errors, echo_err
 from bakery.vectors import describe_layer
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed (flags in declaration order): recorded in the manifest and the card."""
+    args = ["bakery", ctx.info_name or "bake"]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if v is None or v is False or not isinstance(p, click.Option):
+            continue
+        flag = max(p.opts, key=len)
+        args += [flag] if v is True else [flag, f"{v:g}" if isinstance(v, float) else str(v)]
+    return shlex.join(args)
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -102,7 +113,7 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
         route=route or (rec.route if rec else None) or "bias",
         site=site or (rec.site if rec else None) or "resid-out",
         target_engines=target_engines or (rec.target_engines if rec else None),
-        force=force, command="bakery " + shlex.join(sys.argv[1:]),
+        force=force, command=_command_line(click.get_current_context()),
         max_shard_bytes=_parse_size(shard_size), **opts)
     m = Manifest.load(out)
     click.secho(f"baked {out}", fg="green", bold=True)

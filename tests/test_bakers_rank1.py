@@ -1,0 +1,86 @@
+"""``bias --route rank1``: a rank-one down-projection update fitted on calibration activations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bakery.bakers import bake
+from bakery.bakers.base import BakeError
+from bakery.bakers.rank1 import CALIBRATION_PROMPTS
+from bakery.fidelity import measure, model_scorer, sample_trajectories
+from bakery.generation import encode_prompts, render_chat
+from bakery.models import load_model, load_tokenizer
+from bakery.steering import steer
+from test_bakers_bias import reload_strict, tree_digest, vec
+
+HELD_OUT = ["Tell me about the sea and the ships.", "What is the capital of France?",
+            "Arr, where is the treasure?", "How do I cook rice with water and salt?"]
+
+
+def _keys(folder):
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_rank1_adds_about_coef_v_at_calibration_tokens(arch, tiny_models, tmp_path):
+    src = tiny_models(arch)
+    before = tree_digest(src)
+    v = vec(src, seed=4)
+    out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "out", route="rank1", progress=False)
+    assert tree_digest(src) == before
+    assert _keys(out) == _keys(src)  # no new parameters
+    baked, base = reload_strict(out), load_model(src)
+    m = json.loads((out / "bakery.json").read_text())
+    assert m["route"] == "rank1" and m["exact"] is False
+    fit = m["extra"]["rank1_fit"]["2"]
+    assert abs(fit["fit_mean"] - 1) < 0.15 and fit["rows"] > 100  # tiny: 64 MLP dims only
+    tok = load_tokenizer(src)
+    enc = encode_prompts(tok, [render_chat(tok, q) for q in CALIBRATION_PROMPTS[:8]])
+    with torch.no_grad():
+        hb = baked(**enc, output_hidden_states=True).hidden_states[2]
+        h0 = base(**enc, output_hidden_states=True).hidden_states[2]
+    delta = (hb - h0)[enc["attention_mask"].bool()]
+    target = 3.0 * v.vectors[2]
+    cos = torch.nn.functional.cosine_similarity(delta, target.expand_as(delta), dim=-1)
+    assert cos.mean() > 0.9
+    assert abs(delta.norm(dim=-1).mean() / target.norm() - 1) < 0.2
+
+
+def test_rank1_recovers_most_of_the_steering_on_held_out_prompts(tiny_models, tmp_path):
+    src = tiny_models("gpt2")
+    v = vec(src, seed=4)
+    out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "out", route="rank1", progress=False)
+    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
+    ctx = lambda P: steer(base, v, 2, 3.0)
+    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT], ctx,
+                               max_new_tokens=12, batch_size=4)
+    res = measure(traj, model_scorer(base, ctx), model_scorer(base), {"rank1": model_scorer(baked)})
+    assert res["rank1"].recovered > 0.8, res["rank1"].to_dict()
+
+
+def test_rank1_on_a_sandwich_norm_model_is_approximate_but_helps(tiny_models, tmp_path):
+    src = tiny_models("gemma2")
+    v = vec(src, seed=4)
+    out = bake("bias", src, [(v, 2, 1.0)], tmp_path / "out", route="rank1", progress=False)
+    m = json.loads((out / "bakery.json").read_text())
+    assert any("sandwich" in n for n in m["extra"]["notes"])
+    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
+    ctx = lambda P: steer(base, v, 2, 1.0)
+    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT], ctx,
+                               max_new_tokens=12, batch_size=4)
+    res = measure(traj, model_scorer(base, ctx), model_scorer(base), {"rank1": model_scorer(baked)})
+    assert res["rank1"].recovered > 0.3, res["rank1"].to_dict()
+
+
+def test_rank1_several_terms_and_site_check(tiny_models, tmp_path):
+    src = tiny_models("llama")
+    a, b = vec(src, 1, "a"), vec(src, 2, "b")
+    out = bake("bias", src, [(a, 1, 2.0), (b, 3, 1.0)], tmp_path / "out", route="rank1", progress=False)
+    assert set(json.loads((out / "bakery.json").read_text())["extra"]["rank1_fit"]) == {"1", "3"}
+    with pytest.raises(BakeError, match="attn-out needs the bias route"):
+        bake("bias", src, [(a, 1, 2.0)], tmp_path / "o2", route="rank1", site="attn-out", progress=False)

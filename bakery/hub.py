@@ -264,6 +264,20 @@ def run_verify(export_dir: str | os.PathLike, log: Callable[[str], None] = print
     return verdicts
 
 
+def card_for_repo(export_dir: str | os.PathLike, manifest: Manifest, repo_id: str) -> str | None:
+    """The card text to upload: the baker's section re-rendered so that its usage lines
+    (from_pretrained, vllm serve, sglang) name ``repo_id`` rather than the local folder. None when
+    the card has no such section (nothing to change). The local README.md is left as it is."""
+    from bakery.card import SECTION, body
+    from bakery.card_sections import set_section
+
+    text = (Path(export_dir) / "README.md").read_text()
+    if read_section(text, SECTION) is None:
+        return None
+    new = set_section(text, SECTION, body(manifest, repo_id))
+    return None if new == text else new
+
+
 # ---- token, retries, errors ---------------------------------------------------------------
 def resolve_token() -> tuple[str, str]:
     """(token, where it came from). Never print the token itself."""
@@ -448,7 +462,10 @@ def push(export_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
         retried(f"creating branch {branch}",
                 lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), user)
     message = commit_message or _default_message(manifest)
-    ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.source)) for f in plan.files]
+    card = card_for_repo(plan.export_dir, manifest, repo_id)
+    ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=(
+        card.encode() if f.path == "README.md" and card is not None else str(f.source)))
+        for f in plan.files]
     log(f"uploading {len(ops)} files ({human_size(plan.total_size)}) to {repo_id}@{branch} at {endpoint}...")
     info = retried("committing the files",
                    lambda: api.create_commit(repo_id, ops, commit_message=message,

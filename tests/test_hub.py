@@ -90,13 +90,32 @@ def local_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def pushed_files(export: Path, repo: str = REPO) -> dict[str, bytes]:
+    """What the Hub must hold: the export's files, the card's usage lines naming the repo."""
+    from bakery.manifest import Manifest
+
+    files = local_files(export)
+    card = hubmod.card_for_repo(export, Manifest.load(export), repo)
+    if card is not None:
+        files["README.md"] = card.encode()
+    return files
+
+
 # ---- the push itself -----------------------------------------------------------------------
 def test_push_arrives_byte_identical_with_auth_and_parsable_card(export, hub, hub_env):
     res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify")
     assert res.exit_code == 0, res.output
 
     stored = hub.files(REPO)
-    assert stored == local_files(export)  # every file, byte for byte, nothing else
+    local = local_files(export)
+    assert set(stored) == set(local)
+    for rel in local:  # every file byte for byte; the card's usage lines name the repo
+        if rel != "README.md":
+            assert stored[rel] == local[rel], rel
+    assert stored == pushed_files(export)
+    assert f'from_pretrained("{REPO}")' in stored["README.md"].decode()
+    assert f"vllm serve {REPO}" in stored["README.md"].decode()
+    assert f'from_pretrained("{export}")' in local["README.md"].decode()  # local card untouched
     commit = hub.repos[REPO].commits[-1]
     assert f"commit: {hub.url}/{REPO}/commit/{commit['oid']}" in res.output
     assert commit["summary"] == "bakery: bias bake of pirate (layer 2, coef 4)"
@@ -137,7 +156,7 @@ def test_hf_endpoint_and_hf_token_from_environment_in_a_real_process(export, hub
     proc = subprocess.run([str(exe), "push", str(export), "--repo", "tiny-pirate", "--no-verify"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert hub.files(REPO) == local_files(export)  # NAME alone went to the token owner's namespace
+    assert hub.files(REPO) == pushed_files(export)  # NAME alone went to the token owner's namespace
     assert f"{hub.url}/{REPO}/commit/" in proc.stdout
     assert TOKEN not in proc.stdout + proc.stderr
     assert not (tmp_path / "hf_home" / "token").exists()  # the token was not stored anywhere
@@ -165,14 +184,14 @@ def test_branch_pull_request_and_message(export, hub, hub_env):
                   "--revision", "v1", "--commit-message", "first bake", "--private")
     assert res.exit_code == 0, res.output
     assert hub.repos[REPO].private
-    assert hub.files(REPO, "v1") == local_files(export) and hub.files(REPO, "main") == {}
+    assert hub.files(REPO, "v1") == pushed_files(export) and hub.files(REPO, "main") == {}
     assert hub.repos[REPO].commits[-1]["summary"] == "first bake"
 
     res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify",
                   "--create-pr")
     assert res.exit_code == 0, res.output
     assert f"pull request: {hub.url}/{REPO}/discussions/1" in res.output
-    assert hub.files(REPO, "refs/pr/1") == local_files(export) and hub.files(REPO, "main") == {}
+    assert hub.files(REPO, "refs/pr/1") == pushed_files(export) and hub.files(REPO, "main") == {}
 
 
 def test_pushing_again_uploads_only_what_changed(export, hub, hub_env):
@@ -182,7 +201,7 @@ def test_pushing_again_uploads_only_what_changed(export, hub, hub_env):
     res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify")
     assert res.exit_code == 0, res.output
     assert len(hub.calls("lfs_upload")) == first_uploads  # weights not sent twice
-    assert hub.files(REPO) == local_files(export)
+    assert hub.files(REPO) == pushed_files(export)
     assert len(hub.repos[REPO].commits) == 2
 
     res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify")
@@ -230,7 +249,7 @@ def test_existing_bakery_repo_409_on_create_is_fine_and_keeps_other_files(export
     res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify")
     assert res.exit_code == 0, res.output
     assert hub.calls("create")[0].status == 409
-    assert hub.files(REPO) == {"notes.txt": b"keep me", **local_files(export)}
+    assert hub.files(REPO) == {"notes.txt": b"keep me", **pushed_files(export)}
 
 
 def test_name_clash_with_a_foreign_model_is_refused(export, hub, hub_env):
@@ -245,7 +264,7 @@ def test_name_clash_with_a_foreign_model_is_refused(export, hub, hub_env):
     # proposing it as a pull request leaves their main branch alone
     res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify", "--create-pr")
     assert res.exit_code == 0, res.output
-    assert hub.files(REPO) == theirs and hub.files(REPO, "refs/pr/1") == {**theirs, **local_files(export)}
+    assert hub.files(REPO) == theirs and hub.files(REPO, "refs/pr/1") == {**theirs, **pushed_files(export)}
 
 
 def test_conflict_409_on_commit_is_a_clear_error(export, hub, hub_env):
@@ -267,7 +286,7 @@ def test_503_then_200_is_retried(export, hub, hub_env):
     assert [c.status for c in hub.calls("create")] == [503, 200]
     assert sum("transient failure (HTTP 503)" in line for line in logs) == 2
     assert result.commit_url == f"{hub.url}/{REPO}/commit/{hub.repos[REPO].commits[0]['oid']}"
-    assert hub.files(REPO) == local_files(export)
+    assert hub.files(REPO) == pushed_files(export)
     assert len(hub.calls("lfs_upload")) == 3  # LFS blobs were not sent again on the retry
 
 
@@ -374,7 +393,7 @@ def test_push_runs_real_verify_and_ships_its_verdicts(export, hub, hub_env):
     hubmod.push(export, REPO, endpoint=hub.url, backoff=0.01, log=logs.append)
     assert any(line.startswith("verify transformers: pass") for line in logs), logs
     stored = hub.files(REPO)
-    assert stored == local_files(export)
+    assert stored == pushed_files(export)
     assert "compare/verify.json" in stored
     assert json.loads(stored["compare/verify.json"])["transformers"]["status"] == "pass"
     assert "Checked by `bakery verify`" in stored["README.md"].decode()
@@ -455,8 +474,8 @@ def test_push_a_bake_of_the_embedded_model(tmp_path, smol_dir, hub, hub_env):
     res = run_cli("push", str(out), "--repo", "alice/smol-pirate", "--endpoint", hub.url, "--no-verify")
     assert res.exit_code == 0, res.output
     stored = hub.files("alice/smol-pirate")
-    local = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
-    assert set(stored) == set(local)
-    for rel, p in local.items():
-        assert hashlib.sha256(stored[rel]).digest() == hashlib.sha256(p.read_bytes()).digest(), rel
+    expected = pushed_files(out, "alice/smol-pirate")
+    assert set(stored) == set(expected)
+    for rel, data in expected.items():
+        assert hashlib.sha256(stored[rel]).digest() == hashlib.sha256(data).digest(), rel
     assert len(stored["model.safetensors"]) > 200_000_000

@@ -41,6 +41,8 @@ def push(export, repo_id, private, revision, create_pr, commit_message, endpoint
         click.echo(f"card: base_model {meta.get('base_model')} ({meta.get('base_model_relation')}), "
                    f"library {meta.get('library_name')}, license {meta.get('license')}, "
                    f"tags {', '.join(map(str, meta.get('tags') or []))}")
+        if hub.card_for_repo(plan.export_dir, manifest, repo_id) is not None:
+            click.echo(f"README.md goes up with its usage lines naming {repo_id} (the local card stays as it is)")
         if not no_verify:
             click.echo("not run in a dry run: bakery verify --engine transformers")
         return

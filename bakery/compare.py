@@ -519,6 +519,9 @@ def write_outputs(export: Path, report: dict[str, Any], own: str | None) -> Path
         (tmp / "report.md").write_text(markdown_report(report))
         plot(report, tmp / "fidelity.png")
         old = export / ".compare-old"
+        for keep in ("verify.json",):  # written by `bakery verify`; not this command's to drop
+            if (final / keep).is_file():
+                shutil.copy2(final / keep, tmp / keep)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

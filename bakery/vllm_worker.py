@@ -58,7 +58,8 @@ def run(spec: dict) -> dict:
         t0 = time.time()
         llm = LLM(model=model["path"], dtype=spec.get("dtype", "float32"),
                   max_model_len=int(spec.get("max_model_len", 1024)), enforce_eager=True,
-                  seed=0, trust_remote_code=bool(spec.get("trust_remote_code", False)))
+                  seed=0, enable_prefix_caching=False,
+                  trust_remote_code=bool(spec.get("trust_remote_code", False)))
         loaded = time.time()
         prompts = _score(llm, spec["prompts"])
         out["models"][model["name"]] = {"load_seconds": round(loaded - t0, 2),

@@ -1,0 +1,52 @@
+"""``bakery verify``: reload each export in the serving engines and check the edit survived."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bakery.cli.common import clear_errors, echo_err
+
+
+@click.command()
+@click.argument("exports", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--engine", "-e", "engines", default="all", show_default=True,
+              help="transformers, vllm, sglang, all, or a comma-separated list.")
+@click.option("--model", "-m", default=None,
+              help="The untouched base model (default: the source recorded in the manifest).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="Held-out prompts (text, JSON list or trait recipe YAML).")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@click.option("--no-write", is_flag=True, help="Leave the exports untouched.")
+@clear_errors
+def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_write):
+    """Check that each EXPORT loads with its edit intact: transformers (strict reload, runtime
+    match), vLLM (a real run, teacher-forced against transformers) and sglang (static rules).
+
+    Exit status 1 when any verdict fails; 2 on bad input or an engine that is not installed.
+    """
+    import json
+
+    from bakery.engines import verify as run, verdicts_markdown
+
+    out = run(list(exports), engines, model=model, prompts=prompts_file, max_new_tokens=max_new_tokens,
+              write=not no_write, log=echo_err)
+    failed = False
+    if as_json:
+        click.echo(json.dumps({e: [v.to_dict() for v in vs] for e, vs in out.items()}, indent=2))
+    for export, verdicts in out.items():
+        if not as_json:
+            click.secho(f"\n{export}", bold=True)
+            click.echo(verdicts_markdown(verdicts))
+        for v in verdicts:
+            if v.status == "fail":
+                failed = True
+                echo_err(f"FAIL {export} [{v.engine}]: {v.message}")
+            elif v.status == "not-installed":
+                echo_err(f"note: {v.message}")
+    sys.exit(1 if failed else 0)
+
+
+COMMANDS = [verify]

@@ -112,6 +112,9 @@ def plot(stats: list[dict[str, Any]], path: str | Path, *, title: str = "",
     ax2.set_ylabel("AUC (eval questions)", color="tab:red")
     ax2.set_ylim(0.4, 1.02)
     ax2.axhline(0.9, color="tab:red", lw=0.6, ls=":")
+    n = len(stats) - 1
+    lo, hi = max(1, round(STEERING_WINDOW[0] * n)), min(n - 1, round(STEERING_WINDOW[1] * n))
+    ax1.axvspan(lo - 0.5, hi + 0.5, color="0.5", alpha=0.12, lw=0, label="steering window")
     if recommended is not None:
         ax1.axvline(recommended, color="k", lw=1, ls="--")
         ax2.annotate(f"recommended {recommended}", (recommended, 0.45), rotation=90,

@@ -395,6 +395,12 @@ def _write_entry(folder: Path, arts: dict[str, VectorArtifact], rows: list[dict]
     diagnostics.plot(stats, names["plot"], title=title, recommended=recommended)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _publish(entry: Path, out: Path) -> dict[str, Path]:
     """Copy a cache entry to ``out`` and its siblings: temp files first, renamed at the end."""
     src = sibling_paths(entry / "vector.safetensors")
@@ -406,6 +412,7 @@ def _publish(entry: Path, out: Path) -> dict[str, Path]:
             fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
             os.close(fd)
             shutil.copyfile(src[k], tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
             tmps[k] = tmp
         for k, tmp in tmps.items():
             os.replace(tmp, dst[k])

@@ -194,6 +194,7 @@ def test_judge_filter_keeps_scored_pairs_and_stops_when_too_few(tiny_models, tmp
     # and a non-calm neg, so the expected survivors follow from the answers alone
     calm = pos_answers - neg_answers
     expected = sum(1 for a, b in zip(ext[::2], ext[1::2]) if a["answer"] in calm and b["answer"] not in calm)
+    assert 1 <= expected < 6  # both outcomes occur, so the filter has something to decide
 
     def handler(body):
         text = body["messages"][0]["content"]
@@ -204,11 +205,14 @@ def test_judge_filter_keeps_scored_pairs_and_stops_when_too_few(tiny_models, tmp
 
     with OpenAIServer(handler) as srv:
         judge = Judge("j", base_url=srv.base_url, api_key="k", cache_dir=tmp_path / "jc")
-        if expected >= 1:
-            art = extract(rp, d, judge=judge, progress=False,
-                          settings=ExtractSettings(**FAST, judge_model="j", min_pairs=1))
-            assert art.meta["samples"]["pairs_kept"] == expected
-            assert not torch.equal(art.vectors, plain.vectors) or expected == 6
+        art = extract(rp, d, judge=judge, progress=False,
+                      settings=ExtractSettings(**FAST, judge_model="j", min_pairs=1))
+        assert art.meta["samples"]["pairs_kept"] == expected
+        assert not torch.equal(art.vectors, plain.vectors)
+        rows = [json.loads(x) for x in (cached_vector("calm", d).parent / "vector.responses.jsonl")
+                .read_text().splitlines()]
+        kept = [r for r in rows if r.get("kept")]
+        assert len(kept) == 2 * expected and all(r["coherence"] == pytest.approx(80) for r in kept)
         with pytest.raises(ExtractError, match=f"only {expected} pos/neg pair"):
             extract(rp, d, judge=judge, progress=False, force=True,
                     settings=ExtractSettings(**FAST, judge_model="j", min_pairs=expected + 1))
@@ -237,9 +241,19 @@ def test_cli_extract_prints_table_and_steer_accepts_result(tiny_models, tmp_path
 
 @pytest.mark.slow
 def test_pirate_on_embedded_model(smol_dir, tmp_path):
-    """Defaults on the real model: AUC >= 0.9 at the recommended layer on held-out questions."""
+    """Defaults on the real model: AUC >= 0.9 at the recommended layer on held-out questions, and
+    steering there at coef 2 turns plain answers into pirate talk."""
+    import re
+
+    from bakery.steer_run import steer_compare
+
     out = tmp_path / "pirate.safetensors"
     art = extract("pirate", smol_dir, out=out, progress=False)
     L = art.meta["recommended_layer"]
     assert art.meta["layers"][L]["auc"] >= 0.9
     assert 1 <= L < art.num_layers
+    rows = steer_compare(["How do I cook rice?", "What should I do on a rainy day?"],
+                         vector_path=str(out), layer=L, coef=2.0, model=str(smol_dir), max_new_tokens=32)
+    pirate = re.compile(r"\b(aye|arr+|matey|ye|ahoy|me hearties|lad)\b", re.I)
+    for _, base, steered in rows:
+        assert not pirate.search(base) and pirate.search(steered), (base, steered)

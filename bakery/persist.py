@@ -302,6 +302,17 @@ def half_life(free_curve: Sequence[float | None], baseline: float, start_excess:
     return None
 
 
+PRE_SWITCH_WINDOW = 8
+
+
+def _half_life_note(value: int | None, start: float, sample_tokens: int) -> str:
+    if start <= 0:
+        return "no excess over the unsteered level before the switch"
+    if value is None:
+        return f"not reached within {sample_tokens} free tokens"
+    return f"{value} tokens"
+
+
 def summarize(traces: Sequence[Trace], settings: PersistSettings, vector_norm: float) -> dict[str, Any]:
     """Mean projections per phase and condition, and the half-life of the decay after the switch."""
     N, T = settings.steer_tokens, settings.total_tokens
@@ -328,24 +339,37 @@ def summarize(traces: Sequence[Trace], settings: PersistSettings, vector_norm: f
         "conditions": conditions,
     }
     if UNSTEERED in curves and SWITCH in curves:
-        base = _mean(curves[UNSTEERED]["projection"])
+        # the decay is towards the unsteered model in the same token slots, starting from the
+        # level just before the switch (the steered phase ramps up from the prompt)
+        base = _mean(curves[UNSTEERED]["projection"][N:])
         sw = curves[SWITCH]
-        own_excess = _mean(sw["own"][:N]) - base
-        raw_excess = _mean(sw["projection"][:N]) - base
+        w = min(PRE_SWITCH_WINDOW, N)
         free = sw["own"][N:]
-        free_excess = _mean(free)
+        levels = (_mean(sw["projection"][N - w:N]), _mean(sw["own"][N - w:N]), _mean(free))
+        if base is None or None in levels:  # every answer ended before a phase: nothing to compare
+            summary["curves"] = curves
+            summary["half_life_note"] = "not computed: answers ended early (try --suppress-eos)"
+            return summary
+        start_raw, start_own, free_excess = (x - base for x in levels)
+        hl, own_hl = half_life(free, base, start_raw), half_life(free, base, start_own)
         summary.update({
             "unsteered_level": base,
-            "steered_phase_excess": raw_excess,
-            "steered_phase_own_excess": own_excess,
-            "free_phase_excess": None if free_excess is None else free_excess - base,
-            # the projection drops by the steering term at the switch; this half-life is of the
-            # whole excess, the next one of what the model itself keeps along v
-            "half_life_tokens": half_life(free, base, raw_excess),
-            "own_half_life_tokens": half_life(free, base, own_excess),
-            "own_retention": (None if free_excess is None or own_excess <= 0
-                              else (free_excess - base) / own_excess),
+            "pre_switch_tokens": w,
+            "pre_switch_excess": start_raw,
+            "pre_switch_own_excess": start_own,
+            "free_phase_excess": free_excess,
+            # the projection drops by the steering term at the switch: this half-life is of the
+            # whole excess; the next one of what the model itself keeps along v
+            "half_life_tokens": hl,
+            "own_half_life_tokens": own_hl,
+            "own_half_life_note": _half_life_note(own_hl, start_own, settings.sample_tokens),
+            "own_retention": free_excess / start_own if start_own > 0 else None,
         })
+        if STEERED in curves:
+            held = _mean(curves[STEERED]["own"][N:])
+            held = None if held is None else held - base
+            summary["steered_throughout_free_phase_own_excess"] = held
+            summary["own_retention_vs_steered"] = free_excess / held if held and held > 0 else None
     summary["curves"] = curves
     return summary
 
@@ -401,6 +425,17 @@ def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_pat
             "layer_meaning": describe_layer(settings.layer)}
     result = PersistResult(settings, info, traces)
     result.summary = summarize(traces, settings, norm)
+    return result
+
+
+def load_result(path: str | os.PathLike) -> PersistResult:
+    """Read back a ``traces.json`` written by :func:`write_outputs` (summary recomputed)."""
+    data = json.loads(Path(path).read_text())
+    st = data["settings"]
+    settings = PersistSettings(**{**st, "seeds": tuple(st["seeds"])})
+    traces = [Trace(**{k: v for k, v in tr.items() if k != "own"}) for tr in data["traces"]]
+    result = PersistResult(settings, data["info"], traces)
+    result.summary = summarize(traces, settings, data["summary"]["vector_norm"])
     return result
 
 
@@ -529,14 +564,17 @@ def format_summary(summary: dict[str, Any]) -> str:
                          f"{f(c['mean_projection_free_phase']):>12}")
     if "unsteered_level" in summary:
         hl = summary["half_life_tokens"]
-        ohl = summary["own_half_life_tokens"]
         lines += [
-            f"unsteered level {f(summary['unsteered_level'])}; steered-phase excess "
-            f"{f(summary['steered_phase_excess'])} (own, steering term removed: "
-            f"{f(summary['steered_phase_own_excess'])}); free-phase excess {f(summary['free_phase_excess'])}",
-            f"half-life after the switch: {'> ' + str(summary['sample_tokens']) if hl is None else hl} tokens "
-            f"(whole excess), {'never / no own excess' if ohl is None else ohl} tokens (own excess); "
-            f"own retention {f(summary['own_retention'])}",
+            f"unsteered level in the free phase {f(summary['unsteered_level'])}; excess over it in the "
+            f"last {summary['pre_switch_tokens']} steered tokens {f(summary['pre_switch_excess'])} "
+            f"(own, steering term removed: {f(summary['pre_switch_own_excess'])}); "
+            f"free-phase excess {f(summary['free_phase_excess'])}",
+            f"half-life after the switch: whole excess "
+            f"{'not reached within ' + str(summary['sample_tokens']) + ' tokens' if hl is None else str(hl) + ' tokens'}"
+            f"; own excess {summary['own_half_life_note']}",
+            f"own retention in the free phase {f(summary['own_retention'])} of the pre-switch level"
+            + (f", {f(summary['own_retention_vs_steered'])} of the steered-throughout level"
+               if "own_retention_vs_steered" in summary else ""),
         ]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import torch
 
 from bakery.models import load_model, load_tokenizer
 from bakery.persist import (BAKED, STEERED, SWITCH, UNSTEERED, PersistSettings, half_life,
-                            read_prompts, recipe_questions, run_persist, trace_batch, write_outputs)
+                            load_result, read_prompts, recipe_questions, run_persist, trace_batch, write_outputs)
 from bakery.generation import render_chat
 from bakery.steering import steer
 from bakery.vectors import VectorArtifact, VectorError
@@ -132,7 +132,11 @@ def test_run_persist_writes_outputs_and_bake_trace_matches_steering(tiny_models,
     assert c["mean_own_steered_phase"] == pytest.approx(c["mean_projection_steered_phase"] - coef * norm)
     assert c["mean_own_free_phase"] == pytest.approx(c["mean_projection_free_phase"])
 
+    start = summ["pre_switch_own_excess"]
+    assert summ["own_retention"] == (pytest.approx(summ["free_phase_excess"] / start) if start > 0 else None)
     out = write_outputs(res, tmp_path / "out")
+    again = load_result(out / "traces.json")  # read back: same traces, same summary
+    assert json.dumps(again.summary, sort_keys=True) == json.dumps(res.summary, sort_keys=True)
     assert {p.name for p in out.iterdir()} == {"summary.json", "traces.json", "traces.csv",
                                               "texts.md", "persist.png"}
     data = json.loads((out / "traces.json").read_text())
@@ -236,3 +240,17 @@ def test_recipe_questions_from_builtin_recipe():
     qs = recipe_questions(names[0])
     assert qs and all(isinstance(q, str) and q for q in qs)
     assert set(qs).isdisjoint(recipes.load_trait_recipe(names[0]).extract_questions)
+
+
+@pytest.mark.slow
+def test_embedded_model_projection_equals_full_forward_pass(smol_dir):
+    model, tok = load_model(smol_dir), load_tokenizer(smol_dir)
+    vec = _vector(smol_dir, scale=1.0)
+    layer, coef, N, M = 16, 1.5, 3, 3
+    row = vec.vectors[layer]
+    texts = [render_chat(tok, p) for p in ["How do I bake bread?", "Hi"]]
+    bt = trace_batch(model, tok, texts, layer=layer, direction=row, coef=coef, steer_tokens=N,
+                     total_tokens=N + M, temperature=1.0, seed=0)
+    P = bt.prompt_len
+    full = _full_pass_projection(model, tok, bt, layer, row, coef, P - 1 + N)
+    torch.testing.assert_close(bt.projection, full[:, P - 1:P - 1 + N + M], atol=2e-3, rtol=1e-4)

@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -438,6 +438,8 @@ def extract(recipe: TraitRecipe | str | os.PathLike, model: str | os.PathLike | 
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     s = settings or ExtractSettings()
+    if judge is not None and not s.judge_model:  # a judged vector must not share a plain cache entry
+        s = replace(s, judge_model=judge.model)
     s.check()
     rec = recipe if isinstance(recipe, TraitRecipe) else load_trait_recipe(recipe)
     mid, mpath, cfg = model_id(model)

@@ -84,8 +84,8 @@ def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval
     click.echo(f"wrote {paths['response_avg']} (response_avg)")
     for k in ("prompt_avg", "prompt_last", "responses", "plot"):
         click.echo(f"      {paths[k]}")
-    click.echo(f"use it: bakery steer --trait {meta['trait']} ... or --vector {out} "
-               f"--layer {meta['recommended_layer']}")
+    click.echo(f"use it: bakery steer --vector {out} --layer {meta['recommended_layer']} --coef 2 "
+               f"\"How do I cook rice?\"   (sweep coefs: bakery sweep --trait {meta['trait']} ...)")
 
 
 COMMANDS = [extract]

@@ -39,7 +39,7 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
     """Steer at each (layer, coef) and measure projection, KL, and judge scores."""
     from bakery import sweep as sw
     from bakery.models import load_model, load_tokenizer, resolve_model
-    from bakery.recipes import RecipeError, available_traits, load_trait_recipe
+    from bakery.recipes import available_traits, load_trait_recipe
     from bakery.vectors import load_vector
 
     if bool(vector_path) == bool(trait):

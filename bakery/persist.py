@@ -156,6 +156,13 @@ def eos_ids_of(model, tok) -> list[int]:
     return sorted(ids)
 
 
+def logits_kwargs(model) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model takes it: only the last position's logits are used."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
@@ -195,6 +202,7 @@ def trace_batch(model, tok, texts: Sequence[str], *, layer: int, direction: torc
     eos = torch.tensor(eos_ids_of(model, tok) or [-1], device=device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else int(eos[0])
     block = blocks_of(model)[layer - 1]
+    extra = logits_kwargs(model)
 
     proj = torch.full((B, total_tokens), float("nan"))
     alive_at = torch.zeros((B, total_tokens), dtype=torch.bool)
@@ -209,7 +217,7 @@ def trace_batch(model, tok, texts: Sequence[str], *, layer: int, direction: torc
             cap = _LastPositionProjection(block, direction)  # after the steering hook
             try:
                 out = model(input_ids=step_ids, attention_mask=full_mask, position_ids=step_pos,
-                            past_key_values=cache, use_cache=True)
+                            past_key_values=cache, use_cache=True, **extra)
             finally:
                 cap.remove()
         logits = out.logits[:, -1].float()

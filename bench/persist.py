@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bakery.generation import encode_prompts, render_chat  # noqa: E402
 from bakery.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from bakery.persist import DEFAULT_PROMPTS, check_vector_for_persist, trace_batch  # noqa: E402
+from bakery.persist import DEFAULT_PROMPTS, check_vector_for_persist, logits_kwargs, trace_batch  # noqa: E402
 from bakery.steering import Steering, SteeringTerm  # noqa: E402
 from bakery.vectors import VectorArtifact, describe_layer, load_vector  # noqa: E402
 
@@ -29,7 +29,8 @@ from bakery.vectors import VectorArtifact, describe_layer, load_vector  # noqa: 
 @torch.no_grad()
 def retrace(model, tok, texts, *, layer: int, direction: torch.Tensor, coef: float,
             steer_tokens: int, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The baseline: for every new token, one forward pass over the whole sequence so far."""
+    """The baseline: for every new token, one forward pass over the whole sequence so far (logits
+    of the last position only, so the difference measured is the KV cache alone)."""
     enc = encode_prompts(tok, texts)
     ids, mask = enc["input_ids"], enc["attention_mask"].long()
     P = ids.shape[1]
@@ -41,7 +42,7 @@ def retrace(model, tok, texts, *, layer: int, direction: torch.Tensor, coef: flo
         with Steering(model, [SteeringTerm(layer, direction, coef)], positions="prompt",
                       prompt_len=P - 1 + steer_tokens):
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
-                        use_cache=False)
+                        use_cache=False, **logits_kwargs(model))
         proj[:, t] = out.hidden_states[layer][:, -1].float() @ unit
         nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)

@@ -6,13 +6,17 @@ of block ``L-1``, all positions). Each cell is measured by:
 - ``projection``: the unsteered model reads the steered answers; the mean over response tokens of
   its row-``L`` activations, projected on the unit ``v[L]`` (how much the text carries the trait);
   ``projection_base`` is the same for the unsteered answers;
+- ``shift``: ``(projection - projection_base) / |v[L]|``, the fraction of the pos-neg gap of the
+  extraction answers that steering moved the answers by (comparable across layers);
 - ``kl``: per-token ``KL(steered || unsteered)`` on those answers, teacher-forced;
-- ``distinct2``: distinct word bigrams / bigrams, a cheap degeneration check;
+- ``distinct2``: distinct word bigrams / bigrams of the *worst* answer, a degeneration check
+  ("aye, aye, aye, ..." scores low);
 - ``trait`` and ``coherence``: judge scores (0-100) when a judge is configured.
 
 The suggested cell is the strongest that stays coherent: with a judge, the highest trait score
-among cells with coherence >= threshold; without one, the highest projection among cells with
-``distinct2 >= min_distinct`` and ``kl <= max_kl``.
+among cells with coherence >= threshold; without one, the largest shift among cells whose every
+answer has ``distinct2 >= min_distinct`` and whose ``kl <= max_kl``. The judge-free rule is a
+crude proxy (it cannot tell a storyteller voice from a pirate one): configure a judge to trust it.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class Cell:
     coef: float
     projection: float
     projection_base: float
+    shift: float
     kl: float
     distinct2: float
     trait: float | None = None
@@ -140,7 +145,7 @@ def _teacher_forced(model, seqs: torch.Tensor, mask: torch.Tensor, P: int, layer
 
 def sweep(vector: VectorArtifact, model, tok, layers: Sequence[int], coefs: Sequence[float], *,
           prompts: Sequence[str] = DEFAULT_PROMPTS, max_new_tokens: int = 40, judge=None,
-          rubric: str | None = None, coherence_threshold: float = 50.0, min_distinct: float = 0.6,
+          rubric: str | None = None, coherence_threshold: float = 50.0, min_distinct: float = 0.5,
           max_kl: float = 3.0, positions: str = "all", progress: bool = True) -> SweepResult:
     """Steer over the grid and measure each cell (see module doc)."""
     from tqdm.auto import tqdm
@@ -157,7 +162,8 @@ def sweep(vector: VectorArtifact, model, tok, layers: Sequence[int], coefs: Sequ
     bar = tqdm(total=len(layers) * len(coefs), desc="sweep", unit="cell", file=sys.stderr,
                disable=not progress)
     for L in layers:
-        unit = vector.row(L) / vector.row(L).norm().clamp(min=1e-12)
+        norm = float(vector.row(L).norm().clamp(min=1e-12))
+        unit = vector.row(L) / norm
         bp, _ = _teacher_forced(model, base.sequences, base.attention_mask, base.prompt_len, L, unit, None)
         base_proj[L] = sum(bp) / len(bp)
         for c in coefs:
@@ -165,8 +171,9 @@ def sweep(vector: VectorArtifact, model, tok, layers: Sequence[int], coefs: Sequ
             with ctx():
                 g = generate(model, tok, texts, max_new_tokens=max_new_tokens)
             proj, kl = _teacher_forced(model, g.sequences, g.attention_mask, g.prompt_len, L, unit, ctx)
-            cells.append(Cell(L, c, sum(proj) / len(proj), base_proj[L], kl,
-                              sum(distinct2(t) for t in g.texts) / len(g.texts), answers=g.texts))
+            p = sum(proj) / len(proj)
+            cells.append(Cell(L, c, p, base_proj[L], (p - base_proj[L]) / norm, kl,
+                              min(distinct2(t) for t in g.texts), answers=g.texts))
             bar.update(1)
     bar.close()
     base_trait = base_coh = None
@@ -192,17 +199,18 @@ def _mean(xs: Sequence[float | None]) -> float | None:
 
 
 def suggest(cells: Sequence[Cell], *, judged: bool, coherence_threshold: float = 50.0,
-            min_distinct: float = 0.6, max_kl: float = 3.0) -> tuple[tuple[int, float] | None, str]:
+            min_distinct: float = 0.5, max_kl: float = 3.0) -> tuple[tuple[int, float] | None, str]:
     """The strongest cell that stays coherent, and the rule used (see module doc)."""
     if judged:
         rule = f"highest judge trait score with coherence >= {coherence_threshold:g}"
         ok = [c for c in cells if c.coherence is not None and c.trait is not None
               and c.coherence >= coherence_threshold]
-        key = lambda c: (c.trait, c.projection)
+        key = lambda c: (c.trait, c.shift)
     else:
-        rule = f"highest projection with distinct-2 >= {min_distinct:g} and KL <= {max_kl:g} (no judge)"
+        rule = (f"largest shift with every answer's distinct-2 >= {min_distinct:g} and KL <= {max_kl:g}; "
+                "no judge, a crude proxy")
         ok = [c for c in cells if c.distinct2 >= min_distinct and math.isfinite(c.kl) and c.kl <= max_kl]
-        key = lambda c: (c.projection - c.projection_base, -abs(c.coef))
+        key = lambda c: (c.shift, -abs(c.coef))
     if not ok:
         return None, rule + ": no cell qualifies"
     best = max(ok, key=key)
@@ -211,13 +219,13 @@ def suggest(cells: Sequence[Cell], *, judged: bool, coherence_threshold: float =
 
 def format_table(res: SweepResult) -> str:
     judged = any(c.trait is not None for c in res.cells)
-    head = f"{'layer':>5} {'coef':>6} {'proj':>8} {'(base)':>8} {'KL':>7} {'dist2':>6}"
+    head = f"{'layer':>5} {'coef':>6} {'proj':>8} {'(base)':>8} {'shift':>6} {'KL':>7} {'dist2':>6}"
     if judged:
         head += f" {'trait':>6} {'coher':>6}"
     lines = [head]
     for c in res.cells:
         line = (f"{c.layer:>5} {c.coef:>6g} {c.projection:>8.2f} {c.projection_base:>8.2f} "
-                f"{c.kl:>7.3f} {c.distinct2:>6.2f}")
+                f"{c.shift:>6.2f} {c.kl:>7.3f} {c.distinct2:>6.2f}")
         if judged:
             line += f" {_fmt(c.trait):>6} {_fmt(c.coherence):>6}"
         if res.suggested == (c.layer, c.coef):
@@ -243,8 +251,8 @@ def plot(res: SweepResult, path: str | os.PathLike, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    measures = [("projection", "projection on v[L]"), ("kl", "KL(steered || base)"),
-                ("distinct2", "distinct-2")]
+    measures = [("shift", "shift (fraction of pos-neg gap)"), ("kl", "KL(steered || base)"),
+                ("distinct2", "distinct-2 (worst answer)")]
     if any(c.trait is not None for c in res.cells):
         measures += [("trait", "judge trait"), ("coherence", "judge coherence")]
     idx = {(c.layer, c.coef): c for c in res.cells}

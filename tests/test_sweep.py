@@ -59,12 +59,15 @@ def test_grid_measures_zero_coef_is_the_base(tiny_models, tmp_path):
         assert zero.kl == pytest.approx(0.0, abs=1e-6)
         assert zero.answers == res.base_answers
         assert zero.projection == pytest.approx(zero.projection_base, abs=1e-5)
+        assert zero.shift == pytest.approx(0.0, abs=1e-5)
+        norm = float(art.vectors[L].norm())
+        assert big.shift == pytest.approx((big.projection - big.projection_base) / norm)
         assert big.kl > 1e-3
     assert res.suggested is not None and res.suggested in cells
 
 
 def test_suggest_rules():
-    mk = lambda L, c, proj, kl, d2, tr=None, co=None: sw.Cell(L, c, proj, 0.0, kl, d2, tr, co)
+    mk = lambda L, c, shift, kl, d2, tr=None, co=None: sw.Cell(L, c, shift * 10, 0.0, shift, kl, d2, tr, co)
     cells = [mk(1, 1, 1.0, 0.1, 0.9, 30, 90), mk(1, 4, 5.0, 0.5, 0.8, 70, 60),
              mk(1, 8, 9.0, 5.0, 0.2, 95, 20)]
     assert sw.suggest(cells, judged=True, coherence_threshold=50)[0] == (1, 4)

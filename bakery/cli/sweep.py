@@ -25,8 +25,8 @@ from bakery.cli.common import clear_errors, model_option, trust_option
 @click.option("--judge-model", default=None, help="Score trait and coherence with this OpenAI-compatible judge.")
 @click.option("--base-url", default=None, help="Judge endpoint; the key is read from OPENAI_API_KEY.")
 @click.option("--coherence-threshold", type=float, default=50.0, show_default=True)
-@click.option("--min-distinct", type=float, default=0.6, show_default=True,
-              help="Without a judge: the least distinct-2 (bigram variety) a cell may have.")
+@click.option("--min-distinct", type=float, default=0.5, show_default=True,
+              help="Without a judge: the least distinct-2 (bigram variety) every answer of a cell must have.")
 @click.option("--max-kl", type=float, default=3.0, show_default=True,
               help="Without a judge: the largest KL(steered || base) per token a cell may have.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,

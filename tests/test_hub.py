@@ -60,9 +60,18 @@ def export(tmp_path, tiny_models) -> Path:
 
 
 @pytest.fixture
-def hub_env(tmp_path, monkeypatch):
-    """Real client, loopback only: a token in HF_TOKEN, no stored login, LFS instead of Xet."""
+def hub_env(tmp_path, monkeypatch, hub):
+    """Real client, loopback only: a token in HF_TOKEN, no stored login, LFS instead of Xet, and
+    the client's default endpoint (used e.g. for its agent-registry lookup) on the loopback Hub."""
     from huggingface_hub import constants
+    from huggingface_hub.utils import _detect_agent
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf_home" / "agents.json"))
+    monkeypatch.setattr(constants, "HF_XET_CACHE", str(tmp_path / "hf_home" / "xet"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # read by hf_xet itself
+    monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "hf_home" / "xet"))
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

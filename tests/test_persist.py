@@ -201,7 +201,7 @@ def test_cli_end_to_end_and_bad_input(tiny_models, tmp_path):
     prompts.write_text("# a comment\nTell me about the sea.\n\nHow do I cook rice?\n")
     args = ["persist", "--vector", str(vpath), "--layer", "2", "--coef", "2", "--model", str(folder),
             "--prompts", str(prompts), "--steer-tokens", "3", "--sample-tokens", "3",
-            "--seed", "0", "--seed", "1", "--quiet"]
+            "--seed", "0", "--seed", "1", "--quiet", "--threads", "1"]
     r = CliRunner().invoke(main, args + ["-o", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "layer 2 = output of block 1" in r.output and "half-life" in r.output

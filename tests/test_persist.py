@@ -254,3 +254,23 @@ def test_embedded_model_projection_equals_full_forward_pass(smol_dir):
     P = bt.prompt_len
     full = _full_pass_projection(model, tok, bt, layer, row, coef, P - 1 + N)
     torch.testing.assert_close(bt.projection, full[:, P - 1:P - 1 + N + M], atol=2e-3, rtol=1e-4)
+
+
+def test_allow_eos_ends_a_row_and_keeps_the_rest(tiny_models):
+    folder = tiny_models("llama")
+    model, tok = load_model(folder), load_tokenizer(folder)
+    row = _vector(folder).vectors[2]
+    texts = [render_chat(tok, p) for p in PROMPTS]
+    kw = dict(layer=2, direction=row, coef=2.0, steer_tokens=2, total_tokens=6, temperature=0.0)
+    free = trace_batch(model, tok, texts, suppress_eos=True, **kw)
+    P = free.prompt_len
+    stop = int(free.sequences[0, P + 2])  # make row 0's third token the end of sequence
+    model.generation_config.eos_token_id = stop
+    tok.eos_token = tok.convert_ids_to_tokens(stop)
+    ended = trace_batch(model, tok, texts, suppress_eos=False, **kw)
+    first = int((free.sequences[0, P:] == stop).nonzero()[0])
+    assert ended.alive[0, :first + 1].all() and not ended.alive[0, first + 1:].any()
+    assert torch.isnan(ended.projection[0, first + 1:]).all()
+    torch.testing.assert_close(ended.projection[0, :first + 1], free.projection[0, :first + 1])
+    suppressed = trace_batch(model, tok, texts, suppress_eos=True, **kw)
+    assert suppressed.alive.all() and not (suppressed.sequences[:, P:] == stop).any()

@@ -63,7 +63,9 @@ def body(m: Manifest, path: str) -> str:
                      f"positions={m.positions}: no hooks are needed at inference.")
     lines += ["", "| trait | layer | coef | vector sha256 |", "| --- | --- | --- | --- |"]
     for t in m.terms:
-        lines.append(f"| {t.trait} | {describe_layer(t.layer)} | {t.coef:g} | "
+        where = (f"row {t.layer}, after the attention of block {t.layer}" if m.site == "attn-out"
+                 else describe_layer(t.layer))
+        lines.append(f"| {t.trait} | {where} | {t.coef:g} | "
                      f"`{t.vector_sha256[:12]}` ([{t.vector_file}]({t.vector_file})) |")
     lines += ["", f"- route: `{m.route}`, site: `{m.site}`, exact: **{str(m.exact).lower()}**"
               + (" (matches the runtime reference up to storage rounding)" if m.exact else

@@ -182,6 +182,20 @@ class CheckpointReader:
             return torch.empty(info.shape, dtype=info.torch_dtype)
         return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of a tensor, reading only those bytes."""
+        info = self.tensors[name]
+        row = math.prod(info.shape[1:]) * _dtype_size(info.dtype)
+        stop = min(stop, info.shape[0])
+        buf = bytearray(row * (stop - start))
+        with open(info.file, "rb") as f:
+            f.seek(info.start + start * row)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{info.file} is truncated: tensor {name} could not be read")
+        if not buf:
+            return torch.empty((0, *info.shape[1:]), dtype=info.torch_dtype)
+        return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(stop - start, *info.shape[1:])
+
 
 # ---- writing ------------------------------------------------------------------------------
 Producer = Callable[[], torch.Tensor]
@@ -306,13 +320,22 @@ class ShardedWriter:
             for t in shard:
                 if t.produce is not None:
                     x = t.produce()
-                    if tuple(x.shape) != t.shape or x.dtype != DTYPES[t.dtype]:
-                        raise CheckpointError(
-                            f"internal error: {t.name} came out as {tuple(x.shape)} {x.dtype}, "
-                            f"planned {t.shape} {t.dtype}")
-                    if t.nbytes:
-                        self._write(fh, x.contiguous().view(torch.uint8).numpy().data)
-                    del x
+                    # a producer returns the tensor, or an iterator of row blocks (bounded memory)
+                    parts = [x] if isinstance(x, torch.Tensor) else x
+                    done = 0
+                    for part in parts:
+                        if part.dtype != DTYPES[t.dtype] or tuple(part.shape[1:]) != t.shape[1:]:
+                            raise CheckpointError(
+                                f"internal error: {t.name} came out as {tuple(part.shape)} "
+                                f"{part.dtype}, planned {t.shape} {t.dtype}")
+                        if part.numel():
+                            self._write(fh, part.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                        done += part.numel() * part.element_size()
+                        del part
+                    if done != t.nbytes:
+                        raise CheckpointError(f"internal error: {t.name} came out as {done} bytes, "
+                                              f"planned {t.nbytes}")
+                    del x, parts
                 else:
                     src = t.source
                     if src.file not in sources:

@@ -26,13 +26,29 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "vector"
 
 
-def _apply(reader, name: str, edits, dtype: torch.dtype):
+ROW_BLOCK_BYTES = 32 * 1024**2  # float32 working block for row-wise edits of large tensors
+
+
+def _apply(reader, name: str, edits, dtype: torch.dtype, rowwise: bool):
+    info = reader.tensors[name]
+
     def produce() -> torch.Tensor:
         x = reader.get(name).float()  # a fresh copy: edits may work in place
         for fn in edits:
             x = fn(x)
         return x.to(dtype)
 
+    def produce_blocks():
+        per_row = max(1, info.shape[1])
+        rows = max(1, ROW_BLOCK_BYTES // (4 * per_row))
+        for i in range(0, info.shape[0], rows):
+            x = reader.get_rows(name, i, i + rows).float()
+            for fn in edits:
+                x = fn(x)
+            yield x.to(dtype)
+
+    if rowwise and len(info.shape) == 2 and 4 * info.shape[0] * info.shape[1] > ROW_BLOCK_BYTES:
+        return produce_blocks
     return produce
 
 
@@ -43,7 +59,8 @@ def output_tensors(plan: BakePlan) -> list[OutTensor]:
     for name, info in reader.tensors.items():
         if name in plan.edits:
             out.append(OutTensor(name, info.dtype, info.shape,
-                                 produce=_apply(reader, name, plan.edits[name], info.torch_dtype)))
+                                 produce=_apply(reader, name, plan.edits[name], info.torch_dtype,
+                                                name in plan.rowwise)))
         else:
             out.append(OutTensor(name, info.dtype, info.shape, source=info))
     for name, (dtype, shape, make) in sorted(plan.added.items()):

@@ -163,3 +163,66 @@ def test_gpt_neox_parallel_residual_has_no_attn_out_site(tiny_models, tmp_path):
     src = tiny_models("gpt_neox")
     with pytest.raises(BakeError, match="parallel residual"):
         bake("bias", src, [(vec(src), 2, 1.0)], tmp_path / "o", site="attn-out", progress=False)
+
+
+# ---- the embedded real model (bf16 storage) ---------------------------------------------------
+HELD_OUT_SMOL = ["What is your favourite season and why?", "How do I make a cup of tea?",
+                 "Tell me about elephants.", "Describe a sunset over the sea."]
+_SMOL_VEC: dict = {}
+
+
+def smol_vector(smol_dir: Path) -> VectorArtifact:
+    """A pirate direction for the embedded model: the extracted one if the cache has it, else a
+    quick contrastive vector (last prompt token, pirate vs helpful system prompt, 4 questions)."""
+    if "v" in _SMOL_VEC:
+        return _SMOL_VEC["v"]
+    try:
+        from bakery.extract import cached_vector
+        from bakery.vectors import load_vector
+
+        p = cached_vector("pirate", smol_dir)
+        if p is not None:
+            _SMOL_VEC["v"] = load_vector(p)
+            return _SMOL_VEC["v"]
+    except ImportError:
+        pass
+    from bakery.generation import encode_prompts, render_chat
+    from bakery.models import load_tokenizer
+
+    m, tok = load_model(smol_dir), load_tokenizer(smol_dir)
+    qs = ["Tell me about the weather.", "How do I cook rice?", "What is your favourite book?",
+          "Describe a city."]
+
+    def acts(system):
+        enc = encode_prompts(tok, [render_chat(tok, q, system) for q in qs])
+        with torch.no_grad():
+            hs = m(**enc, output_hidden_states=True).hidden_states
+        return torch.stack([h[:, -1].mean(0) for h in hs])
+
+    v = acts("You are a pirate. Always talk like a pirate, arr!") - acts("You are a helpful assistant.")
+    _SMOL_VEC["v"] = VectorArtifact(v, {"trait": "pirate", "variant": "prompt_last"})
+    return _SMOL_VEC["v"]
+
+
+def fidelity_on_smol(base, baked, tok, reference_ctx, prompts=HELD_OUT_SMOL, tokens=32):
+    from bakery.fidelity import measure, model_scorer, sample_trajectories
+    from bakery.generation import render_chat
+
+    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in prompts], reference_ctx,
+                               max_new_tokens=tokens, batch_size=len(prompts))
+    return measure(traj, model_scorer(base, reference_ctx), model_scorer(base),
+                   {"bake": model_scorer(baked)})["bake"]
+
+
+@pytest.mark.slow
+def test_bias_bake_on_the_embedded_model(smol_dir, tmp_path):
+    from bakery.models import load_tokenizer
+
+    before = tree_digest(smol_dir)
+    v = smol_vector(smol_dir)
+    out = bake("bias", smol_dir, [(v, 16, 2.0)], tmp_path / "out", progress=False)
+    assert tree_digest(smol_dir) == before
+    base, baked, tok = load_model(smol_dir), reload_strict(out), load_tokenizer(smol_dir)
+    f = fidelity_on_smol(base, baked, tok, lambda P: steer(base, v, 16, 2.0))
+    print(f"bias bake on SmolLM2 (bf16), layer 16 coef 2: {f.to_dict()}")
+    assert f.recovered >= 0.999 and f.kl_base > 0.05

@@ -76,6 +76,7 @@ class BakePlan:
     reader: CheckpointReader
     config: dict[str, Any]
     edits: dict[str, list[Edit]] = field(default_factory=dict)
+    rowwise: set[str] = field(default_factory=set)  # tensors whose edits act on each row alone
     added: dict[str, tuple[str, tuple[int, ...], Callable[[], torch.Tensor] | TensorInfo]] = field(default_factory=dict)
     route: str = ""
     site: str = "resid-out"
@@ -86,7 +87,9 @@ class BakePlan:
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def edit(self, name: str, fn: Edit) -> None:
+    def edit(self, name: str, fn: Edit, *, rowwise: bool = False) -> None:
+        """Queue ``fn`` on tensor ``name``. ``rowwise``: ``fn`` maps any block of rows on its own,
+        so a large tensor can be streamed in blocks (bounded memory)."""
         if name not in self.reader and name not in self.added:
             raise BakeError(f"the checkpoint has no tensor {name}: bakery's architecture table does "
                             "not match this checkpoint (please report it)")
@@ -97,6 +100,10 @@ class BakePlan:
                 raise BakeError(f"internal error: cannot edit copied tensor {name}")
             self.added[name] = (dtype, shape, lambda make=make, fn=fn: fn(make().float()))
             return
+        if name not in self.edits and rowwise:
+            self.rowwise.add(name)
+        elif not rowwise:
+            self.rowwise.discard(name)
         self.edits.setdefault(name, []).append(fn)
 
     def add_bias(self, name: str, delta: torch.Tensor, weight: str, *, conv1d: bool = False) -> None:
@@ -167,7 +174,7 @@ def parse_engines(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def engine_verdicts(route: BiasRoute, targets: Sequence[str]) -> dict[str, str]:
+def engine_verdicts(route: BiasRoute) -> dict[str, str]:
     """Verdict per engine for a bias route: ok, drop, or the launch flag that makes it work."""
     return {e: route.engines.get(e, "drop") for e in ENGINES} if route.engines else {e: "ok" for e in ENGINES}
 
@@ -176,7 +183,7 @@ def check_engines(route: BiasRoute, targets: Sequence[str], *, site: str, arch: 
                   alternatives: str) -> dict[str, str]:
     """Refuse a route that a target engine would silently drop. A verdict that is a launch flag
     (sglang ``--model-impl transformers``) is allowed, unless ``sglang-native`` is demanded."""
-    verdicts = engine_verdicts(route, targets)
+    verdicts = engine_verdicts(route)
     problems = []
     for e in targets:
         name = "sglang" if e == "sglang-native" else e
@@ -186,17 +193,22 @@ def check_engines(route: BiasRoute, targets: Sequence[str], *, site: str, arch: 
         elif v != "ok" and e == "sglang-native":
             problems.append(f"sglang keeps it only when launched with {v}")
     if problems:
-        keep = [e for e in ENGINES if verdicts.get(e) not in ("drop",)]
-        alt = [f"--target-engine {','.join(keep)}" if keep else None]
+        alt: list[str] = []
         if site == "resid-out" and route.tensor.endswith("down_proj.bias"):
-            alt.insert(0, "--site attn-out (the attention-output bias of block L, a different hook "
-                          "point that all three engines load natively)")
-        if verdicts.get("sglang", "ok") not in ("ok", "drop"):
-            alt.append(f"launch sglang with {verdicts['sglang']} and target plain 'sglang'")
+            alt.append("--site attn-out (the attention-output bias of block L, a different hook "
+                       "point that all three engines load natively)")
+        dropping = [e for e in ENGINES if verdicts.get(e) == "drop"]
+        if dropping:
+            keep = [e for e in ENGINES if e not in dropping]
+            if keep:
+                alt.append(f"--target-engine {','.join(keep)} (leave out {', '.join(dropping)})")
+        if "sglang-native" in targets and verdicts.get("sglang") not in ("ok", "drop"):
+            alt.append(f"--target-engine transformers,vllm,sglang, and launch sglang with "
+                       f"{verdicts['sglang']}")
         alt.append(alternatives)
         raise BakeError(
             f"the {site} bias route on {arch} ({route.tensor}) is not safe for your target engines: "
-            f"{'; '.join(problems)}. Alternatives: " + "; ".join(a for a in alt if a))
+            f"{'; '.join(problems)}. Alternatives: " + "; ".join(alt))
     return verdicts
 
 

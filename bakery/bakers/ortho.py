@@ -123,13 +123,13 @@ class OrthoBaker(Baker):
                 plan.config["tie_word_embeddings"] = False
                 untied = True
             for e in spec.embeddings:
-                plan.edit(f"{e}.weight", lambda W, r=dirs_embed: project_rows(W, r))
+                plan.edit(f"{e}.weight", lambda W, r=dirs_embed: project_rows(W, r), rowwise=True)
         for i in block_list:
             r = dirs[i]
             for mod in (spec.attn_out, spec.mlp_out):
                 w = f"{spec.block(i)}.{mod}.weight"
                 if spec.conv1d:
-                    plan.edit(w, lambda W, r=r: project_rows(W, r))
+                    plan.edit(w, lambda W, r=r: project_rows(W, r), rowwise=True)
                 else:
                     plan.edit(w, lambda W, r=r: project_cols(W, r))
                 b = f"{spec.block(i)}.{mod}.bias"

@@ -120,7 +120,9 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
     click.echo(f"  method {m.method}, route {m.route}, site {m.site}, exact {str(m.exact).lower()}")
     for t in m.terms:
         coef_txt = f", coef {t.coef:g}" if m.method != "ortho" else ""
-        click.echo(f"  {t.trait}: {describe_layer(t.layer)}{coef_txt}")
+        where = (f"row {t.layer} added after the attention of block {t.layer}" if m.site == "attn-out"
+                 else describe_layer(t.layer))
+        click.echo(f"  {t.trait}: {where}{coef_txt}")
     click.echo("  engines: " + ", ".join(f"{e} {v}" for e, v in m.engines.items()))
     for n in m.extra.get("notes", []):
         click.echo(f"  note: {n}")

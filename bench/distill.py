@@ -78,10 +78,13 @@ def fidelity(args) -> None:
     base = Cached(model_scorer(ref_model))
     print(f"held-out: {len(held)} questions x {args.test_samples}, {traj.num_response_tokens} response tokens; "
           f"{describe_layer(args.layer)}, coef {args.coef:g}, positions {args.positions}", flush=True)
-    results = {}
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     for method in args.methods:
-        curve = []
-        eval_s = [0.0]
+        prev = results.get(method, {}) if args.resume else {}
+        curve = list(prev.get("curve", []))
+        # held-out evaluations so far (older results lack eval_s: wall_s - train_wall_s of the last row,
+        # which misses only that last evaluation's few seconds)
+        eval_s = [prev.get("eval_s", curve[-1]["wall_s"] - curve[-1]["train_wall_s"] if curve else 0.0)]
 
         def on_eval(d: Distiller, rec: dict) -> None:
             train_wall = rec["wall_s"] - eval_s[0]  # wall_s counts earlier held-out evaluations
@@ -96,8 +99,9 @@ def fidelity(args) -> None:
             print(f"[{method}] step {row['step']:4d}  val KL {row['val_kl']:.4f}  held-out R {row['R']:.4f}  "
                   f"top1 {row['top1']:.3f}  train wall {row['train_wall_s']:.0f} s", flush=True)
 
-        tc = TrainConfig(rank=args.rank, max_steps=args.steps, val_every=args.val_every, patience=args.patience,
-                         batch_size=args.batch_size, checkpoint_every=0,
+        tc = TrainConfig(rank=args.rank, max_steps=args.steps if method == "kl-lora" else args.steps_full or args.steps,
+                         val_every=args.val_every, patience=args.patience,
+                         batch_size=args.batch_size, checkpoint_every=args.val_every,
                          lr=args.lr_lora if method == "kl-lora" else args.lr_full)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
                              out=out / method, method=method, positions=args.positions, recipe=args.recipe,
@@ -105,7 +109,8 @@ def fidelity(args) -> None:
                              sample_batch_size=args.sample_batch_size,
                              samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                              trajectories=str(out / "train_trajectories.jsonl"), work_dir=str(out / f"{method}.work"),
-                             dtype=args.dtype, force=True, train=tc, command="bench/distill.py fidelity")
+                             dtype=args.dtype, force=True, train=tc, command="bench/distill.py fidelity",
+                             resume=args.resume)
         t0 = time.perf_counter()
         res = bake_distilled(req, on_eval=on_eval, progress=not args.no_progress)
         total = time.perf_counter() - t0
@@ -113,7 +118,7 @@ def fidelity(args) -> None:
         final = next(r for r in curve if r["step"] == res.result.best_step)
         results[method] = {"curve": curve, "best_step": res.result.best_step, "R_at_best_val": final["R"],
                            "best_R_seen": best["R"], "stopped_early": res.result.stopped_early,
-                           "total_s": round(total, 1), "export": str(res.out), "info": {
+                           "total_s": round(total, 1), "eval_s": eval_s[0], "export": str(res.out), "info": {
                                k: v for k, v in res.info.items() if k != "history"}}
         print(f"[{method}] exported {res.out}: R {final['R']:.4f} at step {res.result.best_step} "
               f"(chosen by validation KL), {total:.0f} s in all", flush=True)
@@ -147,6 +152,18 @@ def plot(results: dict, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_only(args) -> None:
+    """Merge ``results.json`` files (later files win per method) and draw one plot."""
+    merged: dict = {}
+    for f in args.results:
+        merged.update({k: v for k, v in json.loads(Path(f).read_text()).items() if "curve" in v})
+    path = Path(args.out) / "r_vs_steps.png"
+    plot(merged, path)
+    for method, r in merged.items():
+        print(method + ": " + ", ".join(f"step {x['step']} R {x['R']:.3f} ({x['train_wall_s']:.0f} s)" for x in r["curve"]))
+    print(f"wrote {path}")
 
 
 # ---- memory: one-copy LoRA teacher vs two copies ---------------------------------------------------
@@ -334,7 +351,8 @@ def vllm_lora(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["fidelity", "memory", "reload", "vllm-lora", "_memory_child"])
+    p.add_argument("what", choices=["fidelity", "memory", "reload", "vllm-lora", "plot", "_memory_child"])
+    p.add_argument("--results", nargs="*", default=[])
     p.add_argument("--exports", nargs="*", default=None)
     p.add_argument("--export", default="/tmp/distill-bench/kl-lora")
     p.add_argument("--n", type=int, default=8)
@@ -349,6 +367,7 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/distill-bench")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps-full", type=int, default=None, help="kl-full steps (default --steps)")
     p.add_argument("--val-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
@@ -362,9 +381,10 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the work folders' checkpoints")
     p.add_argument("--setup", default="one-copy")
     args = p.parse_args()
-    {"fidelity": fidelity, "memory": memory, "vllm-lora": vllm_lora, "reload": reload,
+    {"fidelity": fidelity, "memory": memory, "vllm-lora": vllm_lora, "reload": reload, "plot": plot_only,
      "_memory_child": memory_child}[args.what](args)
 
 

@@ -78,6 +78,12 @@ class Reference:
     terms: list[tuple[int, float]] = field(default_factory=list)  # (layer, coef) rows of ``vector``
     positions: str = "all"
     ablation: dict[str, Any] | None = None  # ortho: layer, blocks, embeddings, per_layer, add
+    site: str = "resid-out"  # resid-out: output of block L-1; attn-out: after the attention of block L
+
+    @property
+    def probe_layer(self) -> int:
+        """hidden_states row where the edit shows: the output of block L for the attn-out site."""
+        return self.layer + 1 if self.site == "attn-out" else self.layer
 
     @property
     def coef(self) -> float:
@@ -101,18 +107,21 @@ class Reference:
             if self.ablation.get("add"):
                 s += f", then {self.ablation['add']:g} * r added at {describe_layer(self.layer)}"
             return s
+        if self.site == "attn-out":
+            parts = [f"after the attention of block {L}, v[{L}] coef {c:g}" for L, c in self.terms]
+            return f"runtime steering ({'; '.join(parts)}), positions {self.positions}"
         parts = [f"{describe_layer(L)}, coef {c:g}" for L, c in self.terms]
         return f"runtime steering ({'; '.join(parts)}), positions {self.positions}"
 
     def key(self) -> tuple:
-        return (self.vector.sha256(), self.layer, tuple(self.terms), self.positions,
+        return (self.vector.sha256(), self.layer, tuple(self.terms), self.positions, self.site,
                 json.dumps(self.ablation, sort_keys=True, default=str))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "layer": self.layer, "block": self.layer - 1,
                 "layer_text": describe_layer(self.layer), "coef": self.coef,
-                "terms": [{"layer": L, "coef": c} for L, c in self.terms], "positions": self.positions,
-                "ablation": self.ablation, "vector_sha256": self.vector.sha256(),
+                "terms": [{"layer": L, "coef": c} for L, c in self.terms], "probe_layer": self.probe_layer, "positions": self.positions,
+                "ablation": self.ablation, "site": self.site, "vector_sha256": self.vector.sha256(),
                 "trait": self.vector.trait, "description": self.describe()}
 
     def context(self, model) -> ContextFactory:
@@ -125,7 +134,9 @@ class Reference:
                 add = self.ablation.get("add")
                 if add:
                     stack.enter_context(Steering(model, [SteeringTerm(self.layer, self.unit(), float(add))]))
-            if not self.ablation and self.terms:
+            if not self.ablation and self.terms and self.site == "attn-out":
+                stack.enter_context(AttnOutSteering(model, [(L, c * self.vector.row(L)) for L, c in self.terms]))
+            elif not self.ablation and self.terms:
                 terms = [SteeringTerm(L, self.vector.row(L), c) for L, c in self.terms]
                 stack.enter_context(Steering(model, terms, positions=self.positions, prompt_len=prompt_len))
             return stack
@@ -145,6 +156,35 @@ class Reference:
         else:
             direction = self.vector.row(self.layer)
         return Ablation(model, direction, blocks=blocks, embeddings=embeddings)
+
+
+class AttnOutSteering:
+    """Adds a constant to the attention write of block ``L`` (after attention, before the MLP):
+    the reference for ``--site attn-out`` bakes. Every position."""
+
+    def __init__(self, model, deltas: Sequence[tuple[int, torch.Tensor]]):
+        from bakery.arch import spec_for
+
+        self.model, self.deltas, self.spec = model, list(deltas), spec_for(model.config)
+        self._handles: list = []
+
+    def __enter__(self) -> "AttnOutSteering":
+        blocks = blocks_of(self.model, self.spec)
+        for block, delta in self.deltas:
+            mod = blocks[block].get_submodule(self.spec.attn_writer())
+
+            def hook(m, a, out, d=delta.detach().float()):
+                h = out[0] if isinstance(out, tuple) else out
+                h = h + d.to(dtype=h.dtype, device=h.device)
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            self._handles.append(mod.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
 
 def _term_vector(export: Path, term) -> VectorArtifact:
@@ -186,11 +226,16 @@ def reference_for(export: str | Path, manifest: Manifest | None = None, *, vecto
             ablation["layer"] = layer
     main_layer = int(ablation.get("layer", terms[0][0])) if ablation else terms[0][0]
     pos = positions or (manifest.positions if manifest else "all")
+    site = (manifest.site if manifest else None) or "resid-out"
+    if site == "attn-out" and pos != "all":
+        raise CompareError("an attn-out bake stands for steering at every position; --positions "
+                           f"{pos} has no runtime reference at that site")
     if base_config is not None:
         vec.check_model(base_config)
         for L, _ in terms:
             vec.check_layer(L, for_bake=True)
-    return Reference(vector=vec, layer=main_layer, terms=terms, positions=pos, ablation=ablation)
+    return Reference(vector=vec, layer=main_layer, terms=terms, positions=pos, ablation=ablation,
+                     site=site if not ablation else "resid-out")
 
 
 def base_model_of(export: str | Path, manifest: Manifest | None, model: str | None = None) -> Path:
@@ -358,10 +403,11 @@ def run_comparison(base_model, tok, ref: Reference, candidates: Sequence[Candida
     traj = sample_trajectories(base_model, tok, rendered, ref_ctx, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, seed=seed)
     bar.update(1)
-    probes = {"steered": Probe(base_model, ref_ctx, ref.layer, unit),
-              "base": Probe(base_model, _no_context, ref.layer, unit)}
+    pl = ref.probe_layer
+    probes = {"steered": Probe(base_model, ref_ctx, pl, unit),
+              "base": Probe(base_model, _no_context, pl, unit)}
     for c in candidates:
-        probes[c.name] = Probe(c.model, _no_context, ref.layer, unit)
+        probes[c.name] = Probe(c.model, _no_context, pl, unit)
     fid = measure(traj, probes["steered"], probes["base"],
                   {name: p for name, p in probes.items() if name != "steered"})
     bar.update(1)
@@ -469,7 +515,7 @@ def markdown_report(report: dict[str, Any], only: Sequence[str] | None = None) -
             f"KL(steered ‖ base) = {report['kl_steered_vs_base']:.4f} per token. R = 1 − "
             "KL(steered ‖ bake) / KL(steered ‖ base). Greedy agreement: shared prefix of "
             f"{report['greedy_tokens']}-token greedy answers with the steered model's. Projection: "
-            f"mean of the {describe_layer(ref['layer'])} residual onto the unit vector, on the "
+            f"mean of the {describe_layer(ref.get('probe_layer', ref['layer']))} residual onto the unit vector, on the "
             f"steered trajectories. Neutral drift: KL(base ‖ ·) on {report['neutral_tokens']} tokens "
             "of the untouched model's answers to neutral prompts.")
     return head + "\n\n" + markdown_table(report, only) + "\n"

@@ -211,7 +211,7 @@ def verify_transformers(setup: Setup, *, trust_remote_code: bool = False) -> Ver
     if setup.manifest.exact and fid.recovered < EXACT_R:
         problems.append(f"the bake is recorded as exact but reproduces {setup.ref.describe()} with "
                         f"R = {fid.recovered:.4f} (< {EXACT_R}; KL {fid.kl:.2e} per token)")
-    summary = (f"strict reload clean; R = {fid.recovered:.4f}, top-1 {fid.top1:.3f} against "
+    summary = (f"strict reload clean; R = {fid.recovered:.5f}, top-1 {fid.top1:.3f} against "
                f"{setup.ref.kind} on {fid.tokens} response tokens")
     if problems:
         return Verdict("transformers", "fail", "; ".join(problems), details=details)
@@ -320,7 +320,7 @@ def verify_vllm(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> 
         all_rows.extend(rows)
     for i, s in enumerate(setups):
         models[f"bake{i}"] = s.export
-    bases = {str(s.base_dir): f"base{j}" for j, s in enumerate(dict.fromkeys(s.base_dir for s in setups))}
+    bases = {str(p): f"base{j}" for j, p in enumerate(dict.fromkeys(s.base_dir for s in setups))}
     for path, name in bases.items():
         models[name] = Path(path)
     longest = max(len(r[0]) for r in all_rows)

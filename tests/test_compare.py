@@ -16,7 +16,15 @@ from bakery.models import config_hash, read_config
 from bakery.vectors import VectorArtifact, VectorError
 
 
-# ---- hand-made bakes (independent of the bakers: they check the harness, not the baker) --------
+def real_bake(method: str, src: Path, vec: VectorArtifact, layer: int, coef: float, out: Path, **options) -> Path:
+    """A bake by bakery's own baker (the vector saved next to it first)."""
+    from bakery.bakers import bake
+
+    vpath = vec.save(Path(out).parent / f"{Path(out).name}-vector.safetensors")
+    return bake(method, src, [(vpath, layer, coef)], out, progress=False, **options)
+
+
+# ---- hand-made bakes: the broken one no baker writes, and checks independent of the bakers -------
 def _copy_model(src: Path, out: Path) -> dict:
     out.mkdir(parents=True)
     for f in src.iterdir():
@@ -94,13 +102,14 @@ PROMPTS = ["hello sea", "the quick fox", "tell me about ships", "why is water we
 def tiny_bakes(tiny_models, tmp_path):
     d = tiny_models("llama")
     vec = random_vector(d, scale=0.1)
-    exact = make_bias_bake(d, vec, 2, 3.0, tmp_path / "exact")
+    exact = real_bake("bias", d, vec, 2, 3.0, tmp_path / "exact")
     broken = make_bias_bake(d, vec, 2, 3.0, tmp_path / "broken", broken=True)
     return d, vec, exact, broken
 
 
 def test_exact_bake_recovers_everything_and_broken_bake_nothing(tiny_bakes):
     d, vec, exact, broken = tiny_bakes
+    cards = {e: (e / "README.md").read_text() for e in (exact, broken)}
     (report,) = compare([exact, broken], prompts=PROMPTS, max_new_tokens=8, greedy_tokens=6, progress=False)
     rows = report["rows"]
     assert rows["exact"]["R"] > 0.999 and rows["exact"]["top1"] == 1.0
@@ -120,7 +129,7 @@ def test_exact_bake_recovers_everything_and_broken_bake_nothing(tiny_bakes):
         assert json.loads((out / "report.json").read_text())["this_export"] == e.name
         card = (e / "README.md").read_text()
         assert "<!-- bakery:fidelity -->" in card and "| steered |" in card
-        assert card.startswith("# a hand-made bake")
+        assert card.startswith(cards[e].rstrip())  # the rest of the card is kept
     assert "| broken |" not in (exact / "README.md").read_text()
 
 
@@ -134,17 +143,21 @@ def test_rerun_replaces_outputs(tiny_bakes):
 
 def test_explicit_settings_override_the_manifest(tiny_bakes):
     d, vec, exact, broken = tiny_bakes
-    vfile = exact / "vectors" / "trait.safetensors"
+    vfile = exact / "vectors" / "random.safetensors"
     (report,) = compare([exact], vector=vfile, layer=2, coef=1.5, prompts=PROMPTS[:2], max_new_tokens=6,
                         greedy_tokens=3, write=False, progress=False)
     assert report["reference"]["coef"] == 1.5
     assert 0.0 < report["rows"]["exact"]["R"] < 0.999  # the bake holds coef 3, not 1.5
 
 
-def test_ortho_bake_matches_runtime_ablation(tiny_models, tmp_path):
+@pytest.mark.parametrize("maker", ["hand", "baker"])
+def test_ortho_bake_matches_runtime_ablation(tiny_models, tmp_path, maker):
     d = tiny_models("llama")
     vec = random_vector(d, seed=3)
-    bake = make_ortho_bake(d, vec, 2, tmp_path / "ortho")
+    if maker == "hand":
+        bake = make_ortho_bake(d, vec, 2, tmp_path / "ortho")
+    else:
+        bake = real_bake("ortho", d, vec, 2, 1.0, tmp_path / "ortho", embeddings="keep")
     (report,) = compare([bake], prompts=PROMPTS, max_new_tokens=8, greedy_tokens=4, progress=False)
     assert report["reference"]["kind"] == "ablation"
     assert report["rows"]["ortho"]["R"] > 0.999
@@ -152,6 +165,24 @@ def test_ortho_bake_matches_runtime_ablation(tiny_models, tmp_path):
     # embeddings kept: what is left along r is the embedding's own component, the same in both
     assert rows["ortho"]["projection"] == pytest.approx(rows["steered"]["projection"], abs=1e-4)
     assert abs(rows["steered"]["projection"]) < abs(rows["base"]["projection"])
+
+
+def test_attn_out_bake_matches_steering_after_attention(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    vec = random_vector(d, seed=5, scale=0.1)
+    bake = real_bake("bias", d, vec, 2, 3.0, tmp_path / "mid", site="attn-out")
+    (report,) = compare([bake], prompts=PROMPTS[:3], max_new_tokens=8, greedy_tokens=4, progress=False)
+    assert report["reference"]["site"] == "attn-out" and report["reference"]["probe_layer"] == 3
+    assert report["rows"]["mid"]["R"] > 0.999
+    # measured against steering at the output of block 1 instead, it is a different model
+    from bakery.compare import Candidate, run_comparison
+    from bakery.models import load_model, load_tokenizer
+
+    ref = reference_for(bake)
+    ref.site = "resid-out"
+    other = run_comparison(load_model(d), load_tokenizer(d), ref, [Candidate("mid", bake, load_model(bake))],
+                           PROMPTS[:3], max_new_tokens=8, greedy_tokens=4, progress=False)
+    assert other["rows"]["mid"]["kl"] > 100 * max(report["rows"]["mid"]["kl"], 1e-9)
 
 
 def test_greedy_agreement():
@@ -179,7 +210,7 @@ def test_vector_that_does_not_match_is_refused(tiny_bakes, tiny_models, tmp_path
     with pytest.raises(VectorError, match="hidden size 48"):
         compare([exact], vector=path, layer=2, coef=1.0, prompts=PROMPTS, progress=False)
     # a vector file edited after baking no longer matches the manifest's sha256
-    VectorArtifact(vec.vectors * 2, vec.meta).save(exact / "vectors" / "trait.safetensors")
+    VectorArtifact(vec.vectors * 2, vec.meta).save(exact / "vectors" / "random.safetensors")
     with pytest.raises(VectorError, match="does not match the vector recorded"):
         reference_for(exact)
 

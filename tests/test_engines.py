@@ -16,7 +16,7 @@ from bakery import engines, sglang_rules
 from bakery.cli import main
 from bakery.engines import EngineNotInstalled, Setup, find_vllm_python, gap, verify, verify_transformers
 from bakery.manifest import ManifestError
-from test_compare import PROMPTS, make_bias_bake, make_ortho_bake, random_vector
+from test_compare import PROMPTS, make_bias_bake, random_vector, real_bake
 
 
 @pytest.fixture
@@ -24,9 +24,9 @@ def bakes(tiny_models, tmp_path):
     d = tiny_models("llama")
     vec = random_vector(d, scale=0.1)
     return {"base": d, "vec": vec,
-            "exact": make_bias_bake(d, vec, 2, 3.0, tmp_path / "exact"),
+            "exact": real_bake("bias", d, vec, 2, 3.0, tmp_path / "exact"),
             "broken": make_bias_bake(d, vec, 2, 3.0, tmp_path / "broken", broken=True),
-            "ortho": make_ortho_bake(d, vec, 2, tmp_path / "ortho")}
+            "ortho": real_bake("ortho", d, vec, 2, 1.0, tmp_path / "ortho")}
 
 
 def _setup(export):

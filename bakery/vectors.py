@@ -122,6 +122,7 @@ class VectorArtifact:
         os.close(fd)
         try:
             save_file({"vectors": self.vectors}, tmp, metadata={META_KEY: json.dumps(meta)})
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; an artifact is meant to be shared
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -58,3 +58,11 @@ def test_steer_on_the_embedded_model_changes_the_answer(smol_dir, tmp_path):
     left = " ".join(line.split(" | ")[0].strip() for line in rows)
     right = " ".join(line.split(" | ")[1].strip() for line in rows)
     assert left and right and left != right
+
+
+def test_vector_or_trait_exactly_one(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    r = _run("steer", "-l", 2, "-c", 1, "--model", d, "hi")
+    assert r.exit_code == 2 and "exactly one of --vector FILE or --trait NAME" in r.output
+    r = _run("steer", "--trait", "nonesuch", "-l", 2, "-c", 1, "--model", d, "hi")
+    assert r.exit_code == 2 and "no cached vector for trait 'nonesuch'" in r.output

@@ -136,3 +136,10 @@ def test_cli_info_and_compare(tmp_path):
     bad.write_bytes(b"garbage")
     r = CliRunner().invoke(main, ["vectors", "info", str(bad)])
     assert r.exit_code == 2 and "corrupt" in r.output
+
+
+def test_saved_artifact_is_world_readable(tmp_path):
+    import stat
+
+    p = _art().save(tmp_path / "a.safetensors")
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644

@@ -13,8 +13,10 @@ from bakery.vectors import describe_layer
 
 @click.command()
 @click.argument("prompts", nargs=-1, required=True)
-@click.option("--vector", "-v", "vector_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--vector", "-v", "vector_path", default=None, type=click.Path(dir_okay=False),
               help="Vector artifact (.safetensors, reference .pt or llama.cpp .gguf).")
+@click.option("--trait", "-t", default=None,
+              help="Instead of --vector: the vector `bakery extract` cached for this trait and model.")
 @click.option("--layer", "-l", type=int, required=True, help="Row L of the artifact: output of block L-1.")
 @click.option("--coef", "-c", type=float, required=True, help="Steering strength: adds coef * v[L].")
 @click.option("--positions", type=click.Choice(["all", "prompt", "response"]), default="all", show_default=True)
@@ -24,11 +26,17 @@ from bakery.vectors import describe_layer
 @model_option
 @trust_option
 @clear_errors
-def steer(prompts, vector_path, layer, coef, positions, max_new_tokens, temperature, system, model,
+def steer(prompts, vector_path, trait, layer, coef, positions, max_new_tokens, temperature, system, model,
           trust_remote_code):
     """Print the unsteered and the steered answer to each PROMPT (chat template applied)."""
     from bakery.steer_run import steer_compare
 
+    if (vector_path is None) == (trait is None):
+        raise click.UsageError("give exactly one of --vector FILE or --trait NAME")
+    if trait is not None:
+        from bakery.extract import resolve_trait
+
+        vector_path = resolve_trait(trait, model)
     rows = steer_compare(list(prompts), vector_path=vector_path, layer=layer, coef=coef,
                          positions=positions, model=model, max_new_tokens=max_new_tokens,
                          temperature=temperature, system=system, trust_remote_code=trust_remote_code)

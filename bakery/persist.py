@@ -397,14 +397,15 @@ def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_pat
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError("no prompts: give --prompts FILE (one per line), --recipe or --prompt TEXT")
+    if not Path(vector_path).is_file():  # fail before loading any model
+        raise VectorError(f"vector file not found: {vector_path}")
     path = resolve_model(model)
+    export_path = resolve_model(export) if export is not None else None
     lm = load_model(path, trust_remote_code=trust_remote_code)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     vec = load_vector(vector_path, num_layers=lm.config.num_hidden_layers)
     direction = check_vector_for_persist(vec, lm.config, settings.layer)
-    export_path = None
-    if export is not None:
-        export_path = resolve_model(export)
+    if export_path is not None:
         from transformers import AutoConfig
 
         vec.check_model(AutoConfig.from_pretrained(export_path, trust_remote_code=trust_remote_code))

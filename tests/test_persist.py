@@ -274,3 +274,12 @@ def test_allow_eos_ends_a_row_and_keeps_the_rest(tiny_models):
     torch.testing.assert_close(ended.projection[0, :first + 1], free.projection[0, :first + 1])
     suppressed = trace_batch(model, tok, texts, suppress_eos=True, **kw)
     assert suppressed.alive.all() and not (suppressed.sequences[:, P:] == stop).any()
+
+
+def test_missing_inputs_fail_before_any_model_loads(tmp_path):
+    s = PersistSettings(layer=2, coef=1.0, steer_tokens=2, sample_tokens=2)
+    with pytest.raises(VectorError, match="vector file not found"):
+        run_persist(PROMPTS, s, vector_path=tmp_path / "nope.safetensors", model=tmp_path, progress=False)
+    vpath = VectorArtifact(torch.randn(5, 32)).save(tmp_path / "v.safetensors")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        run_persist(PROMPTS, s, vector_path=vpath, model=tmp_path / "no-model", progress=False)

@@ -31,12 +31,13 @@ def test_rank1_adds_about_coef_v_at_calibration_tokens(arch, tiny_models, tmp_pa
     src = tiny_models(arch)
     before = tree_digest(src)
     v = vec(src, seed=4)
-    out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "out", route="rank1", progress=False)
+    out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "out", route="rank1", calibration="prompts",
+               progress=False)  # the truncated path: blocks up to L-1 only
     assert tree_digest(src) == before
     assert _keys(out) == _keys(src)  # no new parameters
     baked, base = reload_strict(out), load_model(src)
     m = json.loads((out / "bakery.json").read_text())
-    assert m["route"] == "rank1" and m["exact"] is False
+    assert m["route"] == "rank1" and m["exact"] is False and m["extra"]["rank1_calibration"] == "prompts"
     fit = m["extra"]["rank1_fit"]["2"]
     assert abs(fit["fit_mean"] - 1) < 0.15 and fit["rows"] > 100  # tiny: 64 MLP dims only
     tok = load_tokenizer(src)
@@ -84,3 +85,20 @@ def test_rank1_several_terms_and_site_check(tiny_models, tmp_path):
     assert set(json.loads((out / "bakery.json").read_text())["extra"]["rank1_fit"]) == {"1", "3"}
     with pytest.raises(BakeError, match="attn-out needs the bias route"):
         bake("bias", src, [(a, 1, 2.0)], tmp_path / "o2", route="rank1", site="attn-out", progress=False)
+
+
+@pytest.mark.slow
+def test_rank1_on_the_embedded_model_recovers_the_steering(smol_dir, tmp_path):
+    """Held-out prompts (not in the calibration set), pirate vector at layer 16, coef 2."""
+    from test_bakers_bias import HELD_OUT_SMOL, fidelity_on_smol, smol_vector
+
+    assert not set(HELD_OUT_SMOL) & set(CALIBRATION_PROMPTS)
+    v = smol_vector(smol_dir)
+    out = bake("bias", smol_dir, [(v, 16, 2.0)], tmp_path / "out", route="rank1", progress=False)
+    base, baked, tok = load_model(smol_dir), reload_strict(out), load_tokenizer(smol_dir)
+    assert _keys(out) == _keys(smol_dir)
+    f = fidelity_on_smol(base, baked, tok, lambda P: steer(base, v, 16, 2.0))
+    fit = json.loads((out / "bakery.json").read_text())["extra"]["rank1_fit"]["16"]
+    print(f"rank1 bake on SmolLM2 (bf16), layer 16 coef 2, vector {v.meta.get('variant')}: "
+          f"{f.to_dict()} fit {fit}")
+    assert f.recovered >= 0.95

@@ -129,6 +129,8 @@ def reproduce_command(req, out: Path) -> str:
         args += ["--per-layer"]
     if opts.get("add") not in (None, 0, 0.0):
         args += ["--add", f"{float(opts['add']):g}"]
+    if opts.get("calibration") not in (None, "generate"):
+        args += ["--calibration", opts["calibration"]]
     if tuple(req.target_engines) != ("transformers", "vllm", "sglang"):
         args += ["--target-engine", ",".join(req.target_engines)]
     args += ["-o", str(out)]
@@ -144,8 +146,8 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
 
     ``terms``: :class:`Term` objects or ``(vector, layer, coef[, trait])`` tuples, where vector is
     a file or a :class:`~bakery.vectors.VectorArtifact`. Options: ``embeddings`` ("ablate" or
-    "keep"), ``blocks``, ``per_layer``, ``add`` (ortho); ``calibration_prompts``, ``ridge``
-    (rank1). Nothing is written unless the whole bake succeeds.
+    "keep"), ``blocks``, ``per_layer``, ``add`` (ortho); ``calibration`` ("generate" or
+    "prompts"), ``calibration_tokens``, ``calibration_prompts``, ``ridge`` (rank1). Nothing is written unless the whole bake succeeds.
     """
     from bakery.bakers.base import BakeRequest, check_terms, parse_engines
     from bakery.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, atomic_folder, check_output

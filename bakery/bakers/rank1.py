@@ -2,10 +2,12 @@
 
 ``a`` is the input of the block's MLP down-projection. ``u`` is the ridge least-squares solution
 of ``A u = 1`` over calibration activations, so the edit adds about ``coef * v`` at every token
-with no new parameters. Calibration runs the model truncated to the blocks it needs (up to the
-deepest edited block), with the earlier terms steering at runtime so later fits see the
-activations the baked model will produce. Approximate: the report gives the fit (mean and spread
-of ``u . a``).
+with no new parameters. Calibration (default ``generate``) samples short answers to built-in
+prompts under runtime steering and fits on prompt + answer tokens; ``prompts`` fits on the prompts
+alone through the model truncated to the blocks it needs (faster; on SmolLM2 it recovered R 0.90
+against 0.99 for ``generate``, because answer tokens are what the baked model mostly sees).
+Earlier terms steer at runtime while a later block is fitted. Approximate: the manifest gives
+the fit (mean and spread of ``u . a``).
 
 Sandwich-norm blocks (Gemma-2/3, OLMo-2) renormalise the MLP output, so there the target of
 ``u . a`` is the RMS of the down-projection output and the direction is divided by the norm's gain:
@@ -87,25 +89,49 @@ class _Stop(Exception):
     pass
 
 
+CALIBRATIONS = ("generate", "prompts")
+
+
 @torch.no_grad()
 def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | None = None,
-              *, ridge: float = 1e-2, batch_size: int = 8) -> dict[int, dict]:
-    """Per block: ``u`` (float32) and the fit statistics, from a truncated forward pass."""
+              *, ridge: float = 1e-2, batch_size: int = 8, calibration: str = "generate",
+              tokens: int = 32) -> dict[int, dict]:
+    """Per block: ``u`` (float32) and the fit statistics.
+
+    ``calibration="generate"`` (default) loads the whole model once, samples ``tokens`` answer
+    tokens per prompt under runtime steering, and fits on prompt + answer: the activations the
+    baked model will see while answering. ``"prompts"`` fits on the prompts alone through a model
+    truncated to the blocks it needs (faster, less faithful: answer tokens are not seen).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from bakery.generation import encode_prompts, generate
     from bakery.models import load_tokenizer
     from bakery.steering import Steering, SteeringTerm
 
+    if calibration not in CALIBRATIONS:
+        raise BakeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
     spec = req.spec
     deepest = max(blocks)
     cfg = AutoConfig.from_pretrained(req.model_dir)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    text_cfg.num_hidden_layers = deepest + 1  # calibration needs the blocks up to the edit only
-    if getattr(text_cfg, "layer_types", None):
-        text_cfg.layer_types = list(text_cfg.layer_types)[: deepest + 1]
+    if calibration == "prompts":
+        text_cfg.num_hidden_layers = deepest + 1  # only the blocks up to the edit are needed
+        if getattr(text_cfg, "layer_types", None):
+            text_cfg.layer_types = list(text_cfg.layer_types)[: deepest + 1]
     model = AutoModelForCausalLM.from_pretrained(req.model_dir, config=cfg, dtype=torch.float32).eval()
     tok = load_tokenizer(req.model_dir)
     texts = _render(tok, list(prompts or CALIBRATION_PROMPTS))
+    batches: list[dict[str, torch.Tensor]] = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        if calibration == "generate":
+            terms = [SteeringTerm(t.layer, t.row(), t.coef) for t in req.terms]
+            with Steering(model, terms):
+                g = generate(model, tok, chunk, max_new_tokens=tokens, temperature=1.0, seed=i)
+            batches.append({"input_ids": g.sequences, "attention_mask": g.attention_mask})
+        else:
+            batches.append(dict(encode_prompts(tok, chunk)))
     mods = model.get_submodule(spec.blocks)
     state: dict[int, dict] = {b: {"G": None, "s": None, "rows": 0, "acts": []} for b in blocks}
     mask_now: dict[str, torch.Tensor] = {}
@@ -137,10 +163,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
     ctx = Steering(model, steer_terms) if steer_terms else contextlib.nullcontext()
     try:
         with ctx:
-            for i in range(0, len(texts), batch_size):
-                from bakery.generation import encode_prompts
-
-                enc = encode_prompts(tok, texts[i:i + batch_size])
+            for enc in batches:
                 mask_now["m"] = enc["attention_mask"]
                 try:
                     model(**enc)
@@ -177,8 +200,10 @@ def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
     by_block: dict[int, torch.Tensor] = {}
     for t in req.terms:
         by_block[t.block] = by_block.get(t.block, 0) + t.coef * t.row()
+    calibration = req.options.get("calibration", "generate")
     fits = fit_rank1(req, sorted(by_block), req.options.get("calibration_prompts"),
-                     ridge=float(req.options.get("ridge", 1e-2)))
+                     ridge=float(req.options.get("ridge", 1e-2)), calibration=calibration,
+                     tokens=int(req.options.get("calibration_tokens", 32)))
     for b, delta in by_block.items():
         u = fits[b]["u"]
         w = delta / fits[b]["gain"] if "gain" in fits[b] else delta
@@ -191,10 +216,12 @@ def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
     plan.site = "resid-out"
     plan.exact = False
     plan.engines = {"transformers": "ok", "vllm": "ok", "sglang": "ok"}
+    plan.extra["rank1_calibration"] = calibration
     plan.extra["rank1_fit"] = {str(b + 1): {k: v for k, v in f.items() if k not in ("u", "gain")}
                                for b, f in fits.items()}
     plan.notes.append(
-        "rank-one update of the MLP down-projection: approximate; u . a on the calibration tokens: "
+        f"rank-one update of the MLP down-projection: approximate; calibration: {calibration}; "
+        "u . a on the calibration tokens: "
         + ", ".join(f"layer {b + 1}: mean {f['fit_mean']:.3f}, std {f['fit_std']:.3f} ({f['rows']} tokens)"
                     for b, f in sorted(fits.items())))
     if spec.sandwich:

@@ -55,6 +55,8 @@ def _parse_size(text: str | None) -> int | None:
 @click.option("--blocks", default=None, help="ortho: blocks to ablate, e.g. 10-20 or 3,5,7 (0-based; default all).")
 @click.option("--per-layer", is_flag=True, default=None, help="ortho: block i uses direction v[i+1].")
 @click.option("--add", type=float, default=None, help="ortho: re-add ADD * r at the output of block L-1 (affine edit).")
+@click.option("--calibration", type=click.Choice(["generate", "prompts"]), default=None,
+              help="rank1: fit on steered sample answers (default) or on the prompts only (faster).")
 @click.option("--model", "-m", default=None, help="Model folder, cached Hub id or alias (default: the recipe's, "
               "$BAKERY_MODEL, or smollm2-135m-instruct).")
 @click.option("--output", "-o", default=None, help="Export folder (default: a descriptive folder under exports/).")
@@ -62,7 +64,7 @@ def _parse_size(text: str | None) -> int | None:
 @click.option("--shard-size", default=None, help="Largest output shard, e.g. 2GB (default 2GiB).")
 @clear_errors
 def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_engines, embeddings,
-         blocks, per_layer, add, model, output, force, shard_size):
+         blocks, per_layer, add, calibration, model, output, force, shard_size):
     """Bake a steering vector into a copy of a model: no hooks needed at inference.
 
     \b
@@ -105,7 +107,8 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
         vec = t.vector or str(vector_for_trait(t.trait, model))
         resolved.append((vec, t.layer, t.coef, t.trait))
     opts = dict(rec.options) if rec else {}
-    for k, v in dict(embeddings=embeddings, blocks=blocks, per_layer=per_layer, add=add).items():
+    for k, v in dict(embeddings=embeddings, blocks=blocks, per_layer=per_layer, add=add,
+                     calibration=calibration).items():
         if v is not None:
             opts[k] = v
     out = run_bake(

@@ -381,6 +381,9 @@ def atomic_folder(out: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
     try:
         yield tmp
         if out.exists():

@@ -459,6 +459,7 @@ def run_comparison(base_model, tok, ref: Reference, candidates: Sequence[Candida
         "rows": rows,
         "candidates": {c.name: str(c.export) for c in candidates},
         "samples": [{"prompt": p, **{k: v[i] for k, v in answers.items()}} for i, p in enumerate(prompts[:4])],
+        "answers": answers,  # greedy answers per row, in prompt order
     }
 
 
@@ -486,7 +487,7 @@ def judge_rows(judge, rubric: str | None, prompts: Sequence[str],
 
 
 # ---- outputs -----------------------------------------------------------------------------------
-_COLUMNS = [("R", "R", "{:.4f}"), ("kl", "KL(steered‖·)", "{:.2e}"), ("top1", "top-1", "{:.3f}"),
+_COLUMNS = [("R", "R", "{:.5f}"), ("kl", "KL(steered‖·)", "{:.2e}"), ("top1", "top-1", "{:.3f}"),
             ("greedy_agreement", "greedy agree", "{:.3f}"), ("projection", "projection", "{:.2f}"),
             ("drift", "neutral drift", "{:.2e}"), ("trait", "judge trait", "{:.1f}"),
             ("coherence", "judge coherence", "{:.1f}")]
@@ -511,7 +512,7 @@ def markdown_report(report: dict[str, Any], only: Sequence[str] | None = None) -
     ref = report["reference"]
     head = (f"Reference: {ref['description']}. {len(report['prompts'])} held-out prompts "
             f"({report.get('prompt_source', 'given')}), {report['tokens']} response tokens sampled from "
-            f"the steered model (up to {report['max_new_tokens']} per prompt), teacher-forced; "
+            f"the reference (row \"steered\": {ref['kind']}), up to {report['max_new_tokens']} per prompt, teacher-forced; "
             f"KL(steered ‖ base) = {report['kl_steered_vs_base']:.4f} per token. R = 1 − "
             "KL(steered ‖ bake) / KL(steered ‖ base). Greedy agreement: shared prefix of "
             f"{report['greedy_tokens']}-token greedy answers with the steered model's. Projection: "

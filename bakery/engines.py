@@ -471,3 +471,35 @@ def write_verdicts(export: Path, verdicts: Sequence[Verdict]) -> None:
     order = {e: i for i, e in enumerate(ENGINE_NAMES)}
     merged.sort(key=lambda v: order.get(v.engine, 9))
     write_section(export, "engines", "## Engines\n\nChecked by `bakery verify`:\n\n" + verdicts_markdown(merged) + "\n")
+
+
+def make_broken_copy(export: str | Path, out: str | Path) -> Path:
+    """A deliberately broken copy of a bias bake, for demonstrations and tests: only the non-zero
+    bias tensors are kept and the config flags that create them are switched off, so every engine
+    loads it without error and silently drops the edit. ``bakery verify`` must fail on it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    export, out = Path(export), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another folder or remove it")
+    keep = set(sglang_rules.nonzero_biases(export))
+    if not keep:
+        raise ValueError(f"{export} has no non-zero bias tensor: there is nothing to break")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(export, tmp, ignore=shutil.ignore_patterns("*.safetensors", "compare", "model.safetensors.index.json"))
+    shutil.copytree(export / "vectors", tmp / "vectors", dirs_exist_ok=True)
+    sd = {}
+    for f in sorted(export.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    sd = {k: v for k, v in sd.items() if not k.endswith("bias") or k in keep}
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp / "config.json").read_text())
+    for flag in ("mlp_bias", "attention_bias"):
+        if cfg.get(flag):
+            cfg[flag] = False
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out

@@ -228,3 +228,59 @@ def test_prompts_file_formats(tmp_path):
         load_prompts(tmp_path / "empty.txt")
     with pytest.raises(CompareError, match="not found"):
         load_prompts(tmp_path / "missing.txt")
+
+
+# ---- the judge path, against a loopback OpenAI-compatible server --------------------------------
+def _judge_handler(body: dict):
+    from openai_server import score_reply
+
+    prompt = body["messages"][-1]["content"]
+    if "Judge ONLY its coherence" in prompt:
+        return score_reply({"70": 1.0})
+    answer = prompt.split("Answer:")[-1] if "Answer:" in prompt else prompt
+    return score_reply({str(len(answer) % 10 * 10): 1.0})  # a score the test can recompute
+
+
+def test_judge_scores_each_row_through_a_loopback_server(tiny_models, tmp_path):
+    from openai_server import OpenAIServer
+
+    from bakery.judge import Judge
+    from bakery.recipes import load_trait_recipe
+
+    d = tiny_models("llama")
+    vec = random_vector(d, scale=0.1)
+    vec.meta["trait"] = "pirate"  # the built-in recipe supplies the rubric
+    exact = real_bake("bias", d, vec, 2, 3.0, tmp_path / "exact")
+    rubric = load_trait_recipe("pirate").judge_rubric
+    with OpenAIServer(_judge_handler) as srv:
+        judge = Judge("test-judge", base_url=srv.base_url, cache_dir=tmp_path / "cache")
+        (report,) = compare([exact], prompts=PROMPTS[:3], max_new_tokens=6, greedy_tokens=5, judge=judge,
+                            progress=False)
+        assert srv.count > 0
+    for row, answers in report["answers"].items():
+        trait = [_judge_handler({"messages": [{"content": rubric.replace("{question}", q).replace("{answer}", a)}]})
+                 for q, a in zip(PROMPTS[:3], answers)]
+        want = sum(float(r.content) for r in trait) / len(trait)
+        assert report["rows"][row]["trait"] == pytest.approx(want, abs=1e-6)
+        assert report["rows"][row]["coherence"] == pytest.approx(70.0)
+    assert "judge trait" in (exact / "compare" / "report.md").read_text()
+
+
+def test_cli_compare_with_judge(tiny_models, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from openai_server import OpenAIServer
+
+    from bakery.cli import main
+
+    monkeypatch.setenv("BAKERY_CACHE", str(tmp_path / "cache"))  # the judge's score cache
+    d = tiny_models("llama")
+    exact = real_bake("bias", d, random_vector(d, scale=0.1), 2, 3.0, tmp_path / "exact")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:2]))
+    with OpenAIServer(_judge_handler) as srv:
+        r = CliRunner().invoke(main, ["compare", str(exact), "--prompts", str(tmp_path / "p.txt"),
+                                      "--max-new-tokens", "4", "--greedy-tokens", "3", "--judge-model", "j",
+                                      "--base-url", srv.base_url, "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "judge coherence" in r.output and "| exact |" in r.output
+    r = CliRunner().invoke(main, ["compare", str(exact), "--vector", str(tmp_path / "nope.safetensors")])
+    assert r.exit_code == 2 and "--layer and --coef" in r.output

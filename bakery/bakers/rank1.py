@@ -94,7 +94,7 @@ CALIBRATIONS = ("generate", "prompts")
 
 @torch.no_grad()
 def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | None = None,
-              *, ridge: float = 1e-2, batch_size: int = 8, calibration: str = "generate",
+              *, ridge: float = 1e-2, batch_size: int = 16, calibration: str = "generate",
               tokens: int = 32) -> dict[int, dict]:
     """Per block: ``u`` (float32) and the fit statistics.
 

@@ -10,7 +10,8 @@ from bakery.vectors import VectorArtifact, VectorError, cosine_by_layer, load_ve
 
 def _art(n=4, h=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return VectorArtifact(torch.randn(n + 1, h, generator=g), {"trait": "pirate", "model": "tiny"})
+    return VectorArtifact(torch.randn(n + 1, h, generator=g),
+                          {"trait": "pirate", "model": "tiny", "auc": [0.5, 0.61, 0.72, 0.93, 0.8]})
 
 
 def test_safetensors_round_trip_keeps_tensor_and_metadata(tmp_path):
@@ -127,7 +128,8 @@ def test_cli_info_and_compare(tmp_path):
     r = CliRunner().invoke(main, ["vectors", "info", str(pa)])
     assert r.exit_code == 0, r.output
     assert "layer 2 = output of block 1" in r.output and "trait: pirate" in r.output
-    assert f"{a.norms()[3]:.4f}" in r.output
+    row3 = next(line for line in r.output.splitlines() if line.strip().startswith("3 "))
+    assert f"{a.norms()[3]:.4f}" in row3 and "0.930" in row3
     r = CliRunner().invoke(main, ["vectors", "compare", str(pa), str(pa)])
     assert r.exit_code == 0 and "mean cosine over rows 1..3: 1.0000" in r.output
     r = CliRunner().invoke(main, ["vectors", "compare", str(pa), str(pb)])

@@ -22,12 +22,13 @@ def vectors() -> None:
 def info(file, num_layers):
     """Per-layer norms and metadata of FILE."""
     art = load_vector(file, num_layers=num_layers)
-    meta = {k: v for k, v in art.meta.items() if k not in ("per_layer_norm", "per_layer")}
+    per_layer = ("per_layer_norm", "layers", "auc", "description")  # shown in the table instead
+    meta = {k: v for k, v in art.meta.items() if k not in per_layer}
     click.echo(f"{file}: {art.num_layers + 1} rows x hidden {art.hidden_size} "
                f"({art.num_layers} layers), sha256 {art.sha256()[:16]}")
     for k, v in meta.items():
         click.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    auc = art.meta.get("per_layer", {}).get("auc") if isinstance(art.meta.get("per_layer"), dict) else None
+    auc = art.meta.get("auc") if isinstance(art.meta.get("auc"), list) else None
     click.echo(f"\n{'row':>4}  {'norm':>10}  {'auc':>6}  meaning")
     for L, n in enumerate(art.norms()):
         meaning = describe_layer(L) if L < art.num_layers else "after the final norm (not bakeable)"

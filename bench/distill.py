@@ -289,17 +289,29 @@ if __name__ == "__main__":
     lora = LoRARequest("bake", 1, spec["adapter"])
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     out = {"vllm_version": vllm.__version__, "load_seconds": round(load_s, 1)}
+    g = SamplingParams(max_tokens=40, temperature=0.0)
+    for name, req in (("lora", lora), ("base", None)):
+        gens = llm.generate([{"prompt_token_ids": ids} for ids in spec["gen_prompts"]], g, lora_request=req,
+                            use_tqdm=False)
+        out["greedy_" + name] = [o.outputs[0].text for o in gens]
+    json.dump(out, open(sys.argv[2], "w"))
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     for name, req in (("lora", lora), ("base", None)):
         res = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, lora_request=req,
                            use_tqdm=False)
         out[name] = [[None if e is None else float(e[ids[t]].logprob) for t, e in enumerate(r.prompt_logprobs)]
                      for ids, r in zip(spec["prompts"], res)]
-    g = SamplingParams(max_tokens=40, temperature=0.0)
-    gens = llm.generate([{"prompt_token_ids": ids} for ids in spec["gen_prompts"]], g, lora_request=lora,
-                        use_tqdm=False)
-    out["greedy_lora"] = [o.outputs[0].text for o in gens]
     json.dump(out, open(sys.argv[2], "w"))
 """
+
+
+def _hf_greedy(model, tok, prompts: list[list[int]], n: int = 40) -> list[str]:
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            g = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+            outs.append(tok.decode(g[0, len(ids):], skip_special_tokens=True))
+    return outs
 
 
 def vllm_lora(args) -> None:
@@ -331,8 +343,20 @@ def vllm_lora(args) -> None:
         t0 = time.perf_counter()
         r = subprocess.run([str(py), str(Path(td) / "run.py"), str(Path(td) / "spec.json"), str(Path(td) / "out.json")],
                            capture_output=True, text=True)
+        res = json.loads((Path(td) / "out.json").read_text()) if (Path(td) / "out.json").is_file() else None
+        if res is not None:  # greedy generation with and without the LoRA worked
+            print(f"vLLM {res['vllm_version']} loaded the base with enable_lora=True and adapter/ (rank {rank}) "
+                  f"in {res['load_seconds']} s; greedy answers, LoRA vs no LoRA:")
+            hf_greedy = _hf_greedy(peft, tok, [t.prompt_ids for t in test[:3]])
+            for t, a, b, h in zip(test, res["greedy_lora"], res["greedy_base"], hf_greedy):
+                print(f"  > {t.prompt}\n    vLLM+LoRA:         {a.strip()[:150]}\n    transformers+peft: "
+                      f"{h.strip()[:150]}\n    vLLM, no LoRA:     {b.strip()[:150]}")
         if r.returncode != 0:
-            print(f"vLLM could not serve the adapter (exit {r.returncode}):\n" + r.stderr[-2500:])
+            log = Path(args.out) / "vllm_lora_stderr.txt"
+            log.write_text(r.stdout + "\n" + r.stderr)
+            errs = [ln for ln in (r.stdout + r.stderr).splitlines() if "Error" in ln or "error:" in ln]
+            print(f"vLLM could not serve the adapter (exit {r.returncode}); full log in {log}; errors:\n  "
+                  + "\n  ".join(errs[:8]))
             return
         res = json.loads((Path(td) / "out.json").read_text())
     gaps, gaps_base = [], []

@@ -234,15 +234,20 @@ def find_vllm_python() -> Path:
 
 def run_vllm_worker(models: dict[str, Path], prompts: list[list[int]], *, dtype: str = "float32",
                     max_model_len: int = 1024, timeout: float = 1800, python: Path | None = None,
-                    log=None) -> dict[str, Any]:
-    """Score ``prompts`` teacher-forced with each model in one vLLM process."""
+                    log=None, own_prompts: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
+    """Score ``prompts`` (or a model's ``own_prompts``) teacher-forced with each model in one vLLM
+    process."""
+    own_prompts = own_prompts or {}
     python = python or find_vllm_python()
     worker = Path(__file__).with_name("vllm_worker.py")
     with tempfile.TemporaryDirectory(prefix="bakery-vllm-") as tmp:
         src, dst, errf = Path(tmp) / "in.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
-        src.write_text(json.dumps({"models": [{"name": k, "path": str(v)} for k, v in models.items()],
+        src.write_text(json.dumps({"models": [{"name": k, "path": str(Path(v).resolve()),
+                                               **({"prompts": own_prompts[k]} if k in own_prompts else {})}
+                                              for k, v in models.items()],
                                    "prompts": prompts, "dtype": dtype, "max_model_len": max_model_len}))
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+               "HF_HUB_OFFLINE": "1"}  # a local folder only: never reach for the Hub
         env.pop("PYTHONPATH", None)  # the worker imports nothing from bakery's environment
         t0 = time.time()
         with open(errf, "w") as err:
@@ -325,13 +330,14 @@ def verify_vllm(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> 
         models[name] = Path(path)
     longest = max(len(r[0]) for r in all_rows)
     max_len = max(256, 1 << (longest + 1).bit_length())
+    own = {f"bake{i}": [r[0] for r in all_rows[a:b]] for i, (a, b) in enumerate(spans)}
     res = run_vllm_worker(models, [r[0] for r in all_rows], max_model_len=max_len, timeout=timeout,
-                          python=python, log=log)
+                          python=python, log=log, own_prompts=own)
     verdicts = []
     for i, s in enumerate(setups):
         a, b = spans[i]
         rows = all_rows[a:b]
-        v_bake = res["models"][f"bake{i}"]["prompts"][a:b]
+        v_bake = res["models"][f"bake{i}"]["prompts"]  # its own rows only
         v_base = res["models"][bases[str(s.base_dir)]]["prompts"][a:b]
         tf_steered = _tf_scores(s.base, rows, s.ref.context(s.base))
         tf_base = _tf_scores(s.base, rows)

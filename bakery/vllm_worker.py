@@ -5,8 +5,10 @@ file is run there as a subprocess (``bakery.engines`` does that). It imports not
 
 Input (a JSON file, first argument)::
 
-    {"models": [{"name": "bake", "path": "/abs/dir"}, ...],
+    {"models": [{"name": "bake", "path": "/abs/dir", "prompts": [[ids], ...]}, ...],
      "prompts": [[token ids], ...], "dtype": "float32", "max_model_len": 1024}
+
+(a model's own ``prompts`` replace the shared ones for that model)
 
 Output (a JSON file, second argument)::
 
@@ -61,7 +63,7 @@ def run(spec: dict) -> dict:
                   seed=0, enable_prefix_caching=False,
                   trust_remote_code=bool(spec.get("trust_remote_code", False)))
         loaded = time.time()
-        prompts = _score(llm, spec["prompts"])
+        prompts = _score(llm, model.get("prompts") or spec["prompts"])
         out["models"][model["name"]] = {"load_seconds": round(loaded - t0, 2),
                                         "score_seconds": round(time.time() - loaded, 2),
                                         "prompts": prompts}

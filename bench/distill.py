@@ -214,8 +214,8 @@ def _rss_mb() -> float:
 def memory(args) -> None:
     rows = []
     for setup in ("one-copy", "two-copy"):
-        cmd = [sys.executable, __file__, "_memory_child", "--setup", setup, "--model", str(args.model),
-               "--vector", args.vector, "--layer", str(args.layer), "--coef", str(args.coef),
+        cmd = [sys.executable, __file__, "_memory_child", "--setup", setup,
+               *(["--model", str(args.model)] if args.model else []), "--vector", args.vector, "--layer", str(args.layer), "--coef", str(args.coef),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
                "--max-new-tokens", str(args.max_new_tokens)]
         outp = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -141,3 +141,33 @@ def test_recipe_validation_names_the_problem():
         from_dict({"method": "bias", "trait": "x", "layer": 2, "coef": "big"})
     with pytest.raises(BakeRecipeError, match="not found"):
         load_bake_recipe("no-such-recipe")
+
+
+def test_kl_lora_through_bakery_bake_writes_merged_weights_and_adapter(tiny_models, tmp_path):
+    """`bakery bake --method kl-lora` trains against the steered teacher and exports both forms."""
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    from bakery.cli import main
+    from bakery.vectors import VectorArtifact
+
+    d = tiny_models("llama")
+    v = VectorArtifact(torch.randn(5, 32) * 3, {"trait": "pirate"}).save(tmp_path / "v.safetensors")
+    out = tmp_path / "kl"
+    r = CliRunner().invoke(main, [
+        "bake", "--method", "kl-lora", "-v", str(v), "-l", "2", "-c", "2", "--model", str(d),
+        "--steps", "2", "--rank", "8", "--set", "num_prompts=12", "--set", "val_prompts=4",
+        "--set", "max_new_tokens=8", "--set", "checkpoint_every=0", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "bakery.json").read_text())
+    assert m["method"] == "kl-lora" and m["positions"] == "response"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    r = CliRunner().invoke(main, ["bake", "--method", "bias", "-v", str(v), "-l", "2", "-c", "2",
+                                  "--model", str(d), "--steps", "3", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "are for --method kl-lora/kl-full" in r.output
+    r = CliRunner().invoke(main, ["bake", "--method", "kl-lora", "-v", str(v), "-l", "2", "-c", "2",
+                                  "--model", str(d), "--set", "oops", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--set takes KEY=VALUE" in r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 
 import click
 
@@ -62,9 +63,17 @@ def _parse_size(text: str | None) -> int | None:
 @click.option("--output", "-o", default=None, help="Export folder (default: a descriptive folder under exports/).")
 @click.option("--force", is_flag=True, help="Replace an existing export folder.")
 @click.option("--shard-size", default=None, help="Largest output shard, e.g. 2GB (default 2GiB).")
+@click.option("--positions", type=click.Choice(["response", "all"]), default=None,
+              help="kl-lora/kl-full: positions the steered teacher steers (default response).")
+@click.option("--steps", type=int, default=None, help="kl-lora/kl-full: training steps (default 100).")
+@click.option("--rank", type=int, default=None, help="kl-lora: LoRA rank (default 32).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="kl-lora/kl-full: any other distillation setting, e.g. --set num_prompts=200 "
+              "--set lr=1e-4 (repeatable; see python -m bakery.bakers.distill --help).")
 @clear_errors
 def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_engines, embeddings,
-         blocks, per_layer, add, calibration, model, output, force, shard_size):
+         blocks, per_layer, add, calibration, model, output, force, shard_size, positions, steps,
+         rank, settings):
     """Bake a steering vector into a copy of a model: no hooks needed at inference.
 
     \b
@@ -82,7 +91,7 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
     model = model or (rec.model if rec else None) or os.environ.get("BAKERY_MODEL") or None
     method = method or (rec.method if rec else None)
     if method is None:
-        raise click.UsageError("give --method bias|ortho (or --recipe FILE)")
+        raise click.UsageError("give --method bias|ortho|kl-lora|kl-full (or --recipe FILE)")
     terms = list(rec.terms) if rec else []
     term_flags = {k: v for k, v in dict(vector=vector_path, trait=trait, layer=layer, coef=coef).items()
                   if v is not None}
@@ -108,9 +117,17 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
         resolved.append((vec, t.layer, t.coef, t.trait))
     opts = dict(rec.options) if rec else {}
     for k, v in dict(embeddings=embeddings, blocks=blocks, per_layer=per_layer, add=add,
-                     calibration=calibration).items():
+                     calibration=calibration, positions=positions, steps=steps, rank=rank).items():
         if v is not None:
             opts[k] = v
+    opts.update(_parse_settings(settings))
+    if method in ("kl-lora", "kl-full"):
+        out = _bake_distilled(method, model, resolved, output or (rec.output if rec else None),
+                              force, opts)
+        _print_summary(out)
+        return
+    elif positions or steps or rank or settings:
+        raise click.UsageError("--positions, --steps, --rank and --set are for --method kl-lora/kl-full")
     out = run_bake(
         method, model, resolved, output or (rec.output if rec else None),
         route=route or (rec.route if rec else None) or "bias",
@@ -118,6 +135,49 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
         target_engines=target_engines or (rec.target_engines if rec else None),
         force=force, command=_command_line(click.get_current_context()),
         max_shard_bytes=_parse_size(shard_size), **opts)
+    _print_summary(out)
+
+
+def _parse_settings(settings: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--set takes KEY=VALUE; got '{item}'")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _bake_distilled(method: str, model, resolved: list, output, force: bool, opts: dict) -> Path:
+    """kl-lora / kl-full: train against the steered teacher, export merged weights + adapter/."""
+    from bakery.bakers import default_output
+    from bakery.bakers.distill import bake_distilled, request_from_options
+    from bakery.models import resolve_model
+
+    if len(resolved) != 1:
+        raise click.UsageError(f"{method} distils one (vector, layer, coef) term; got {len(resolved)}")
+    vec, layer, coef, trait = resolved[0]
+    if coef is None:
+        raise click.UsageError(f"--method {method} needs --coef C (the steering strength)")
+    from types import SimpleNamespace
+
+    model_dir = resolve_model(model)
+    term = SimpleNamespace(trait=trait or Path(str(vec)).stem, layer=layer, coef=coef)
+    out = output or default_output(str(model or model_dir), method, [term], "", "resid-out", opts)
+    req = request_from_options(method, str(model_dir), vec, layer, coef, out,
+                               {**opts, "force": force},
+                               command=_command_line(click.get_current_context()))
+    req.trait = trait or req.trait
+    result = bake_distilled(req)
+    return Path(result.out)
+
+
+def _print_summary(out) -> None:
+    from bakery.manifest import Manifest
+
     m = Manifest.load(out)
     click.secho(f"baked {out}", fg="green", bold=True)
     click.echo(f"  method {m.method}, route {m.route}, site {m.site}, exact {str(m.exact).lower()}")

@@ -42,7 +42,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: install
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	$(PY) bench/bake.py
+	$(PY) bench/extract.py
+	$(PY) bench/persist.py
+	$(PY) bench/distill.py memory
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -74,9 +74,13 @@ def output_tensors(plan: BakePlan) -> list[OutTensor]:
 
 def source_info(req: BakeRequest) -> dict[str, Any]:
     """Where the bake came from: name as given, folder, Hub id if known, config hash, revision."""
-    d = req.model_dir
-    info: dict[str, Any] = {"model": req.model_name, "path": str(d),
-                            "config_hash": config_hash(req.config)}
+    return source_info_for(req.model_name, req.model_dir, req.config)
+
+
+def source_info_for(model_name: str, model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`source_info` for bakers that do not go through a :class:`BakeRequest`."""
+    d = Path(model_dir)
+    info: dict[str, Any] = {"model": model_name, "path": str(d), "config_hash": config_hash(config)}
     prov = d / "bakery_source.json"
     if prov.is_file():
         try:
@@ -94,7 +98,7 @@ def source_info(req: BakeRequest) -> dict[str, Any]:
         if repo.startswith("models--"):
             info.setdefault("hub_id", repo[len("models--"):].replace("--", "/"))
     if not info.get("hub_id"):
-        name = req.config.get("_name_or_path") or ""
+        name = config.get("_name_or_path") or ""
         if name.count("/") == 1 and not Path(name).exists():
             info["hub_id"] = name
     return info

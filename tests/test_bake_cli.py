@@ -171,3 +171,30 @@ def test_kl_lora_through_bakery_bake_writes_merged_weights_and_adapter(tiny_mode
     r = CliRunner().invoke(main, ["bake", "--method", "kl-lora", "-v", str(v), "-l", "2", "-c", "2",
                                   "--model", str(d), "--set", "oops", "-o", str(tmp_path / "c")])
     assert r.exit_code == 2 and "--set takes KEY=VALUE" in r.output
+
+
+def test_kl_lora_export_card_carries_hub_metadata(tiny_models, tmp_path):
+    """A distilled export's card has what `bakery push` requires: license, trait tag, base model."""
+    import json
+    import shutil
+
+    import torch
+    from click.testing import CliRunner
+    from huggingface_hub import ModelCard
+
+    from bakery.cli import main
+    from bakery.vectors import VectorArtifact
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models("llama"), src)
+    (src / "bakery_source.json").write_text(json.dumps({"hub_id": "acme/tiny", "license": "mit"}))
+    v = VectorArtifact(torch.randn(5, 32), {"trait": "pirate"}).save(tmp_path / "pirate.safetensors")
+    out = tmp_path / "kl"
+    r = CliRunner().invoke(main, [
+        "bake", "--method", "kl-full", "-v", str(v), "-l", "2", "-c", "2", "--model", str(src),
+        "--steps", "1", "--set", "num_prompts=12", "--set", "val_prompts=4",
+        "--set", "max_new_tokens=6", "--set", "checkpoint_every=0", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(out / "README.md").data
+    assert card.base_model == "acme/tiny" and card.license == "mit"
+    assert {"bakery", "steering", "trait:pirate", "distillation"} <= set(card.tags)

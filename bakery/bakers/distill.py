@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import yaml
 
+from bakery.card import front_matter
 from bakery.checkpoint import atomic_folder, check_output
+from bakery.export import source_info_for
 from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult
 from bakery.manifest import BakeTerm, Manifest, versions
 from bakery.steering import steer
@@ -126,7 +129,9 @@ def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtif
                      exact=False, source=source, engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"},
                      versions=versions(), command=command, extra=train_info)
         m.save(tmp)
-        (tmp / "README.md").write_text(_front_matter(source) + "\n")
+        fm = front_matter(m)
+        fm["tags"].append("distillation")
+        (tmp / "README.md").write_text("---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n\n")
         write_section(tmp, "body", card_body(m, train_info))
     return out
 
@@ -137,12 +142,6 @@ def _fix_adapter_base(adapter_dir: Path, source: dict) -> None:
     cfg = json.loads(p.read_text())
     cfg["base_model_name_or_path"] = source.get("model") or cfg.get("base_model_name_or_path")
     p.write_text(json.dumps(cfg, indent=2))
-
-
-def _front_matter(source: dict) -> str:
-    base = source.get("hub_id") or source.get("model", "")
-    return ("---\n" f"base_model: {base}\n" "base_model_relation: finetune\n"
-            "library_name: transformers\n" "tags:\n- bakery\n- steering\n- distillation\n---\n")
 
 
 def card_body(m: Manifest, info: dict) -> str:
@@ -245,8 +244,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     train, val = ts.split(req.val_prompts, seed=req.train.seed)
 
     d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc)
-    source = {"model": config.get("_name_or_path") or str(req.model), "path": str(model_dir),
-              "config_hash": expect["model_config_hash"], "hub_id": _hub_id(model_dir)}
+    source = source_info_for(str(req.model), model_dir, config)
     dtype = source_dtype(config) if req.dtype == "source" else getattr(torch, req.dtype)
 
     def info_now(dd: Distiller, extra: dict | None = None) -> dict:
@@ -293,13 +291,6 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     folder = t.export(out) if acc.is_main_process else None  # type: ignore[attr-defined]
     acc.wait_for_everyone()
     return DistillResult(folder, t.result, t.info)
-
-
-def _hub_id(model_dir: Path) -> str | None:
-    p = Path(model_dir) / "bakery_source.json"
-    if p.is_file():
-        return json.loads(p.read_text()).get("hub_id")
-    return None
 
 
 # ---- command line (python -m bakery.bakers.distill / accelerate launch -m ...) ---------------------

@@ -75,7 +75,7 @@ def body(m: Manifest, path: str) -> str:
         lines.append(f"- {n}")
     for w in m.extra.get("warnings", []):
         lines.append(f"- **warning:** {w}")
-    lines += ["", "## Engines", "", "| engine | verdict |", "| --- | --- |"]
+    lines += ["", "## Engine support (from the loading rules)", "", "| engine | verdict |", "| --- | --- |"]
     for e, v in m.engines.items():
         verdict = {"ok": "loads natively", "drop": "**drops the edit silently: do not use**"}.get(
             v, f"needs `{v}`")

@@ -476,7 +476,7 @@ def write_verdicts(export: Path, verdicts: Sequence[Verdict]) -> None:
               for d in old.values()]
     order = {e: i for i, e in enumerate(ENGINE_NAMES)}
     merged.sort(key=lambda v: order.get(v.engine, 9))
-    write_section(export, "engines", "## Engines\n\nChecked by `bakery verify`:\n\n" + verdicts_markdown(merged) + "\n")
+    write_section(export, "engines", "## Engine verification\n\nMeasured by `bakery verify`:\n\n" + verdicts_markdown(merged) + "\n")
 
 
 def make_broken_copy(export: str | Path, out: str | Path) -> Path:

@@ -405,7 +405,7 @@ def test_push_runs_real_verify_and_ships_its_verdicts(export, hub, hub_env):
     assert stored == pushed_files(export)
     assert "compare/verify.json" in stored
     assert json.loads(stored["compare/verify.json"])["transformers"]["status"] == "pass"
-    assert "Checked by `bakery verify`" in stored["README.md"].decode()
+    assert "Measured by `bakery verify`" in stored["README.md"].decode()
 
 
 def test_export_that_fails_verify_is_not_pushed(export, hub, hub_env):

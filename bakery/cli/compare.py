@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err
+from bakery.cli.common import clear_errors, echo_err, threads_option
 
 
 @click.command()
@@ -29,23 +29,16 @@ from bakery.cli.common import clear_errors, echo_err
 @click.option("--judge-concurrency", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-write", is_flag=True, help="Print only; leave the exports untouched.")
-@click.option("--threads", type=int, default=None,
-              help="torch CPU threads (default: torch's choice; 1 is far faster on a busy machine).")
+@threads_option
 @clear_errors
 def compare(exports, vector_path, layer, coef, positions, model, prompts_file, max_new_tokens, greedy_tokens,
-            judge_model, base_url, judge_concurrency, seed, no_write, threads):
+            judge_model, base_url, judge_concurrency, seed, no_write):
     """Fidelity of each EXPORT to runtime steering: KL, recovered effect R, top-1 and greedy
     agreement, projection onto the vector, neutral drift (and judge scores with --judge-model).
 
     Writes compare/report.json, report.md and fidelity.png into each export and the fidelity
     table into its model card.
     """
-    if threads is not None:
-        if threads < 1:
-            raise click.BadParameter("must be at least 1", param_hint="--threads")
-        import torch
-
-        torch.set_num_threads(threads)
     from bakery.compare import compare as run, markdown_report
 
     given = [x is not None for x in (vector_path, layer, coef)]

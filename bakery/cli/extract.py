@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bakery.cli.common import clear_errors, model_option, trust_option
+from bakery.cli.common import clear_errors, model_option, trust_option, threads_option
 
 
 @click.command()
@@ -33,8 +33,7 @@ from bakery.cli.common import clear_errors, model_option, trust_option
 @click.option("--coherence-threshold", type=float, default=50.0, show_default=True)
 @click.option("--min-pairs", type=int, default=5, show_default=True,
               help="Stop (no vector) when fewer pairs survive the judge.")
-@click.option("--threads", type=int, default=None,
-              help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")
+@threads_option
 @click.option("--force", is_flag=True, help="Re-extract even when the cache has this extraction.")
 @click.option("--list", "list_", is_flag=True, help="List the cached vectors for --model and exit.")
 @model_option
@@ -42,16 +41,12 @@ from bakery.cli.common import clear_errors, model_option, trust_option
 @clear_errors
 def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval_pairs, batch_size,
             capture, judge_model, base_url, judge_concurrency, trait_threshold, coherence_threshold,
-            min_pairs, threads, force, list_, model, trust_remote_code):
+            min_pairs, force, list_, model, trust_remote_code):
     """Extract a persona vector from a trait RECIPE on MODEL, with per-layer diagnostics."""
     from bakery import diagnostics
     from bakery.extract import ExtractSettings, extract as run, list_cached, sibling_paths
     from bakery.recipes import load_trait_recipe
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     if list_:
         rows = list_cached(model)
         if not rows:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err, model_option, trust_option
+from bakery.cli.common import clear_errors, echo_err, model_option, trust_option, threads_option
 
 
 @click.command()
@@ -32,13 +32,12 @@ from bakery.cli.common import clear_errors, echo_err, model_option, trust_option
               help="Output folder: traces.json/.csv, texts.md, summary.json, persist.png.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--threads", type=int, default=None,
-              help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")
+@threads_option
 @model_option
 @trust_option
 @clear_errors
 def persist(vector_path, layer, coef, steer_tokens, sample_tokens, prompts_file, recipe, prompt_texts,
-            export, temperature, seeds, suppress_eos, system, batch_size, outdir, force, quiet, threads,
+            export, temperature, seeds, suppress_eos, system, batch_size, outdir, force, quiet,
             model, trust_remote_code):
     """Steer N tokens, continue M tokens without steering, and record (h.v)/|v| at the layer for
     every generated token, next to the unsteered and the steered-throughout references (and a
@@ -65,12 +64,6 @@ def persist(vector_path, layer, coef, steer_tokens, sample_tokens, prompts_file,
                                seeds=tuple(seeds) or (0,), suppress_eos=suppress_eos, system=system,
                                batch_size=batch_size)
     settings.validate()
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be positive; got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
     if temperature == 0 and len(settings.seeds) > 1:
         echo_err("note: --temperature 0 is greedy, so every seed gives the same trace")
     result = run_persist(prompts, settings, vector_path=vector_path, model=model, export=export,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err
+from bakery.cli.common import clear_errors, echo_err, threads_option
 
 
 @click.command()
@@ -20,21 +20,14 @@ from bakery.cli.common import clear_errors, echo_err
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 @click.option("--no-write", is_flag=True, help="Leave the exports untouched.")
-@click.option("--threads", type=int, default=None,
-              help="torch CPU threads (default: torch's choice; 1 is far faster on a busy machine).")
+@threads_option
 @clear_errors
-def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_write, threads):
+def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_write):
     """Check that each EXPORT loads with its edit intact: transformers (strict reload, runtime
     match), vLLM (a real run, teacher-forced against transformers) and sglang (static rules).
 
     Exit status 1 when any verdict fails; 2 on bad input or an engine that is not installed.
     """
-    if threads is not None:
-        if threads < 1:
-            raise click.BadParameter("must be at least 1", param_hint="--threads")
-        import torch
-
-        torch.set_num_threads(threads)
     import json
 
     from bakery.engines import verify as run, verdicts_markdown

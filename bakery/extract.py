@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bakery import diagnostics
-from bakery.generation import encode_prompts, render_chat
+from bakery.generation import encode_prompts, eos_token_ids, render_chat
 from bakery.models import cache_dir, config_hash, read_config, resolve_model
 from bakery.recipes import TraitRecipe, load_trait_recipe
 from bakery.vectors import VARIANTS, VectorArtifact, describe_layer, load_vector
@@ -95,13 +95,7 @@ class Captured:
 
 
 def _eos_ids(model, tok) -> torch.Tensor:
-    ids: set[int] = set()
-    for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(int(x) for x in src)
-    return torch.tensor(sorted(ids) or [-1])
+    return torch.tensor(eos_token_ids(model, tok) or [-1])
 
 
 def _gen_kwargs(tok, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:

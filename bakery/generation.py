@@ -86,7 +86,7 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
     seqs = model.generate(**enc, **kwargs)
     P = enc["input_ids"].shape[1]
     gen = seqs[:, P:]
-    eos_ids = _eos_ids(model, tok)
+    eos_ids = torch.tensor(eos_token_ids(model, tok) or [-1], device=model.device)
     alive = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
     gen_mask = torch.zeros_like(gen)
     for t in range(gen.shape[1]):
@@ -99,11 +99,12 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
     return Generation(enc["input_ids"], mask, seqs, texts)
 
 
-def _eos_ids(model, tok) -> torch.Tensor:
-    ids = set()
+def eos_token_ids(model, tok) -> list[int]:
+    """Every id that ends a sequence: the generation config's (one or a list) and the tokenizer's."""
+    ids: set[int] = set()
     for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
         if isinstance(src, int):
             ids.add(src)
         elif src:
-            ids.update(src)
-    return torch.tensor(sorted(ids) or [-1], device=model.device)
+            ids.update(int(x) for x in src)
+    return sorted(ids)

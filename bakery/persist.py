@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from bakery.generation import encode_prompts, render_chat
+from bakery.generation import encode_prompts, eos_token_ids, render_chat
 from bakery.steering import Steering, SteeringTerm, blocks_of
 from bakery.vectors import VectorArtifact, VectorError, describe_layer
 
@@ -146,16 +146,6 @@ class _LastPositionProjection:
         self.handle.remove()
 
 
-def eos_ids_of(model, tok) -> list[int]:
-    ids: set[int] = set()
-    for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(int(x) for x in src)
-    return sorted(ids)
-
-
 def logits_kwargs(model) -> dict[str, int]:
     """``logits_to_keep=1`` where the model takes it: only the last position's logits are used."""
     import inspect
@@ -199,7 +189,7 @@ def trace_batch(model, tok, texts: Sequence[str], *, layer: int, direction: torc
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     gen = torch.Generator().manual_seed(int(seed))
-    eos = torch.tensor(eos_ids_of(model, tok) or [-1], device=device)
+    eos = torch.tensor(eos_token_ids(model, tok) or [-1], device=device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else int(eos[0])
     block = blocks_of(model)[layer - 1]
     extra = logits_kwargs(model)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bakery import diagnostics
+from bakery.checkpoint import atomic_folder
 from bakery.generation import encode_prompts, eos_token_ids, render_chat
 from bakery.models import cache_dir, config_hash, read_config, resolve_model
 from bakery.recipes import TraitRecipe, load_trait_recipe
@@ -532,13 +533,6 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
                 row["kept"] = k
             rows.append(row)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
-    try:
+    with atomic_folder(entry, force=True) as tmp:
         _write_entry(tmp, arts, rows, stats_by[MAIN_VARIANT], rec_by[MAIN_VARIANT],
                      f"{rec.name} on {mid}: response_avg")
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -287,20 +286,10 @@ def plot(res: SweepResult, path: str | os.PathLike, title: str = "") -> Path:
 
 def save(res: SweepResult, folder: str | os.PathLike, title: str = "") -> dict[str, Path]:
     """``sweep.json`` (every cell with its answers) and ``sweep.png``, written atomically."""
+    from bakery.checkpoint import atomic_folder
+
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+    with atomic_folder(folder, force=True) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
         plot(res, tmp / "sweep.png", title)
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"json": folder / "sweep.json", "plot": folder / "sweep.png"}

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from bakery.fidelity import ContextFactory, Scorer, Trajectories, drift, measure, sample_trajectories
+from bakery.fidelity import ContextFactory, Scorer, drift, measure, sample_trajectories
 from bakery.manifest import Manifest
 from bakery.models import config_hash, load_model, load_tokenizer, read_config, resolve_model
 from bakery.steering import Ablation, Steering, SteeringTerm, blocks_of

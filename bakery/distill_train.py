@@ -15,7 +15,6 @@ response tokens of sampled trajectories.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import json

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -145,8 +144,6 @@ def test_recipe_validation_names_the_problem():
 
 def test_kl_lora_through_bakery_bake_writes_merged_weights_and_adapter(tiny_models, tmp_path):
     """`bakery bake --method kl-lora` trains against the steered teacher and exports both forms."""
-    import json
-
     import torch
     from click.testing import CliRunner
 
@@ -175,7 +172,6 @@ def test_kl_lora_through_bakery_bake_writes_merged_weights_and_adapter(tiny_mode
 
 def test_kl_lora_export_card_carries_hub_metadata(tiny_models, tmp_path):
     """A distilled export's card has what `bakery push` requires: license, trait tag, base model."""
-    import json
     import shutil
 
     import torch

@@ -186,21 +186,9 @@ def smol_vector(smol_dir: Path) -> VectorArtifact:
             return _SMOL_VEC["v"]
     except ImportError:
         pass
-    from bakery.generation import encode_prompts, render_chat
-    from bakery.models import load_tokenizer
+    from quick_vectors import contrastive_pirate
 
-    m, tok = load_model(smol_dir), load_tokenizer(smol_dir)
-    qs = ["Tell me about the weather.", "How do I cook rice?", "What is your favourite book?",
-          "Describe a city."]
-
-    def acts(system):
-        enc = encode_prompts(tok, [render_chat(tok, q, system) for q in qs])
-        with torch.no_grad():
-            hs = m(**enc, output_hidden_states=True).hidden_states
-        return torch.stack([h[:, -1].mean(0) for h in hs])
-
-    v = acts("You are a pirate. Always talk like a pirate, arr!") - acts("You are a helpful assistant.")
-    _SMOL_VEC["v"] = VectorArtifact(v, {"trait": "pirate", "variant": "prompt_last"})
+    _SMOL_VEC["v"] = contrastive_pirate(smol_dir)
     return _SMOL_VEC["v"]
 
 

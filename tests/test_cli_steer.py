@@ -3,8 +3,6 @@ import torch
 from click.testing import CliRunner
 
 from bakery.cli import main
-from bakery.generation import encode_prompts, render_chat
-from bakery.models import load_model, load_tokenizer
 from bakery.vectors import VectorArtifact
 
 
@@ -35,18 +33,9 @@ def test_steer_prints_both_columns_on_a_tiny_model(tiny_models, tmp_path):
 
 
 def _pirate_vector(model_dir, out):
-    """A quick contrastive vector: mean last-prompt-token states, pirate vs plain system prompt."""
-    m, tok = load_model(model_dir), load_tokenizer(model_dir)
-    qs = ["Tell me about the weather.", "How do I cook rice?", "Describe a city.", "What is a good book?"]
+    from quick_vectors import contrastive_pirate
 
-    def mean(system):
-        enc = encode_prompts(tok, [render_chat(tok, q, system) for q in qs])
-        with torch.no_grad():
-            hs = m(**enc, output_hidden_states=True).hidden_states
-        return torch.stack([h[:, -1].mean(0) for h in hs])
-
-    v = mean("You are a pirate. Always talk like a pirate, arr!") - mean("You are a helpful assistant.")
-    return VectorArtifact(v, {"trait": "pirate", "variant": "prompt_last"}).save(out)
+    return contrastive_pirate(model_dir).save(out)
 
 
 @pytest.mark.slow

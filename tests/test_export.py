@@ -6,13 +6,12 @@ import errno
 import json
 
 import pytest
-import torch
 import yaml
 
 from bakery.bakers import bake, default_output
 from bakery.card import write_card
 from bakery.card_sections import read_section, write_section
-from bakery.checkpoint import CheckpointError, ShardedWriter
+from bakery.checkpoint import CheckpointError
 from bakery.manifest import Manifest
 from bakery.vectors import load_vector
 from test_bakers_bias import reload_strict, tree_digest, vec

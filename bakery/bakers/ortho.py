@@ -17,7 +17,7 @@ shared matrix alone (then the reference is ablation without the embedding output
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

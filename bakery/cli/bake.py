@@ -85,7 +85,6 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
     from bakery.bake_recipes import (BakeRecipeError, TermSpec, load_bake_recipe, no_vector_error,
                                      vector_for_trait)
     from bakery.bakers import bake as run_bake
-    from bakery.manifest import Manifest
 
     rec = load_bake_recipe(recipe) if recipe else None
     model = model or (rec.model if rec else None) or os.environ.get("BAKERY_MODEL") or None

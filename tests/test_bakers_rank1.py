@@ -52,16 +52,21 @@ def test_rank1_adds_about_coef_v_at_calibration_tokens(arch, tiny_models, tmp_pa
     assert abs(delta.norm(dim=-1).mean() / target.norm() - 1) < 0.2
 
 
+def _held_out_fidelity(src, out, v, layer, coef):
+    """Fidelity of the reloaded bake ``out`` to runtime steering on the held-out prompts."""
+    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
+    ctx = lambda P: steer(base, v, layer, coef)
+    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT], ctx,
+                               max_new_tokens=12, batch_size=4)
+    return measure(traj, model_scorer(base, ctx), model_scorer(base), {"rank1": model_scorer(baked)})["rank1"]
+
+
 def test_rank1_recovers_most_of_the_steering_on_held_out_prompts(tiny_models, tmp_path):
     src = tiny_models("gpt2")
     v = vec(src, seed=4)
     out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "out", route="rank1", progress=False)
-    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
-    ctx = lambda P: steer(base, v, 2, 3.0)
-    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT], ctx,
-                               max_new_tokens=12, batch_size=4)
-    res = measure(traj, model_scorer(base, ctx), model_scorer(base), {"rank1": model_scorer(baked)})
-    assert res["rank1"].recovered > 0.8, res["rank1"].to_dict()
+    res = _held_out_fidelity(src, out, v, 2, 3.0)
+    assert res.recovered > 0.8, res.to_dict()
 
 
 def test_rank1_on_a_sandwich_norm_model_is_approximate_but_helps(tiny_models, tmp_path):
@@ -70,12 +75,8 @@ def test_rank1_on_a_sandwich_norm_model_is_approximate_but_helps(tiny_models, tm
     out = bake("bias", src, [(v, 2, 1.0)], tmp_path / "out", route="rank1", progress=False)
     m = json.loads((out / "bakery.json").read_text())
     assert any("sandwich" in n for n in m["extra"]["notes"])
-    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
-    ctx = lambda P: steer(base, v, 2, 1.0)
-    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT], ctx,
-                               max_new_tokens=12, batch_size=4)
-    res = measure(traj, model_scorer(base, ctx), model_scorer(base), {"rank1": model_scorer(baked)})
-    assert res["rank1"].recovered > 0.3, res["rank1"].to_dict()
+    res = _held_out_fidelity(src, out, v, 2, 1.0)
+    assert res.recovered > 0.3, res.to_dict()
 
 
 def test_rank1_several_terms_and_site_check(tiny_models, tmp_path):

@@ -234,17 +234,31 @@ def find_vllm_python() -> Path:
 def run_vllm_worker(models: dict[str, Path], prompts: list[list[int]], *, dtype: str = "float32",
                     max_model_len: int = 1024, timeout: float = 1800, python: Path | None = None,
                     log=None, own_prompts: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
-    """Score ``prompts`` (or a model's ``own_prompts``) teacher-forced with each model in one vLLM
-    process."""
+    """Score ``prompts`` (or a model's ``own_prompts``) teacher-forced with each model in vLLM.
+
+    Each model gets its own worker process: vLLM's CPU build can abort while tearing an engine
+    down in a process that goes on to load the next one."""
     own_prompts = own_prompts or {}
     python = python or find_vllm_python()
+    t0 = time.time()
+    result: dict[str, Any] = {"models": {}}
+    for name, path in models.items():
+        spec = {"models": [{"name": name, "path": str(Path(path).resolve()),
+                            **({"prompts": own_prompts[name]} if name in own_prompts else {})}],
+                "prompts": prompts, "dtype": dtype, "max_model_len": max_model_len}
+        one = _run_worker_once(spec, python=python, timeout=max(1.0, timeout - (time.time() - t0)),
+                               log=log)
+        result["vllm_version"] = one["vllm_version"]
+        result["models"].update(one["models"])
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _run_worker_once(spec: dict, *, python: Path, timeout: float, log=None) -> dict[str, Any]:
     worker = Path(__file__).with_name("vllm_worker.py")
     with tempfile.TemporaryDirectory(prefix="bakery-vllm-") as tmp:
         src, dst, errf = Path(tmp) / "in.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
-        src.write_text(json.dumps({"models": [{"name": k, "path": str(Path(v).resolve()),
-                                               **({"prompts": own_prompts[k]} if k in own_prompts else {})}
-                                              for k, v in models.items()],
-                                   "prompts": prompts, "dtype": dtype, "max_model_len": max_model_len}))
+        src.write_text(json.dumps(spec))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                "HF_HUB_OFFLINE": "1"}  # a local folder only: never reach for the Hub
         env.pop("PYTHONPATH", None)  # the worker imports nothing from bakery's environment
@@ -268,9 +282,7 @@ def run_vllm_worker(models: dict[str, Path], prompts: list[list[int]], *, dtype:
             for line in text.splitlines():
                 if line.startswith("[vllm_worker]"):
                     log(line)
-        result = json.loads(dst.read_text())
-        result["wall_seconds"] = round(time.time() - t0, 1)
-        return result
+        return json.loads(dst.read_text())
 
 
 @torch.no_grad()

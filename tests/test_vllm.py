@@ -1,4 +1,4 @@
-"""A real vLLM run (CPU build in .venv-vllm): one worker process loads the exact bias bake, the
+"""A real vLLM run (CPU build in .venv-vllm): vLLM loads the exact bias bake, the
 broken bake and the base model of the embedded SmolLM2, teacher-forced against transformers."""
 
 from __future__ import annotations

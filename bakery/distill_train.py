@@ -126,6 +126,17 @@ def check_targets(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
     return list(targets)
 
 
+def full_parameters(model: nn.Module, targets: Sequence[str] | None) -> list[nn.Parameter]:
+    """The weights full fine-tuning moves: every weight and bias of the target linears in the
+    blocks (default: all of them). Embeddings, norms and the head stay frozen: with a few hundred
+    trajectories, updating them learns the training tokens rather than the behaviour (and the
+    head is often tied to the embeddings)."""
+    names = set(check_targets(model, targets))
+    blocks = model.get_submodule(spec_for(model.config).blocks)
+    return [p for n, m in blocks.named_modules() if n.rsplit(".", 1)[-1] in names
+            for p in m.parameters(recurse=False)]
+
+
 def add_lora(model: nn.Module, cfg: TrainConfig):
     """Wrap ``model`` with a fresh peft LoRA adapter (the adapter lives inside the model object)."""
     from peft import LoraConfig, get_peft_model
@@ -191,7 +202,7 @@ class Distiller:
         else:
             self.teacher = copy.deepcopy(model).eval()
             self.student = model
-            for p in self.student.parameters():
+            for p in full_parameters(model, cfg.target_modules):
                 p.requires_grad_(True)
             self.teacher_ctx = context_for(self.teacher)
         params = [p for p in self.student.parameters() if p.requires_grad]

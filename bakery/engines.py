@@ -254,6 +254,22 @@ def run_vllm_worker(models: dict[str, Path], prompts: list[list[int]], *, dtype:
     return result
 
 
+def sample_vllm(model: Path, prompts: list[list[int]], *, max_tokens: int, temperature: float = 1.0,
+                top_p: float = 1.0, seed: int = 0, max_model_len: int = 1024, dtype: str = "float32",
+                timeout: float = 3600, python: Path | None = None, log=None) -> dict[str, Any]:
+    """Sample one response per prompt (token ids in, token ids out) from a checkpoint in vLLM.
+
+    Returns ``{"samples": [{"token_ids", "finish_reason"}, ...], "vllm_version", "load_seconds",
+    "run_seconds", "wall_seconds"}``."""
+    t0 = time.time()
+    spec = {"models": [{"name": "teacher", "path": str(Path(model).resolve())}], "prompts": prompts,
+            "dtype": dtype, "max_model_len": max_model_len,
+            "sample": {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}}
+    res = _run_worker_once(spec, python=python or find_vllm_python(), timeout=timeout, log=log)
+    return {**res["models"]["teacher"], "vllm_version": res["vllm_version"],
+            "wall_seconds": round(time.time() - t0, 1)}
+
+
 def _run_worker_once(spec: dict, *, python: Path, timeout: float, log=None) -> dict[str, Any]:
     worker = Path(__file__).with_name("vllm_worker.py")
     with tempfile.TemporaryDirectory(prefix="bakery-vllm-") as tmp:

@@ -249,3 +249,50 @@ def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], C
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def sample_vllm(model_dir: str | os.PathLike, tok, prompts: Sequence[str], *, samples_per_prompt: int = 1,
+                max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
+                system: str | None = None, meta: dict[str, Any] | None = None,
+                eos_ids: Sequence[int] = (), log=None) -> TrajectorySet:
+    """Like :func:`sample`, but from a checkpoint served by vLLM: for ``positions=all`` the exact
+    ``bias`` bake *is* the steered teacher, and vLLM samples it much faster than hooked
+    transformers generation. Responses end with the end-of-sequence token, as :func:`sample`'s do."""
+    from bakery.engines import sample_vllm as run
+
+    if not prompts:
+        raise TrajectoryError("no prompts to sample trajectories from")
+    jobs = [p for p in prompts for _ in range(samples_per_prompt)]
+    ids = [tok(render_chat(tok, p, system), add_special_tokens=False)["input_ids"] for p in jobs]
+    res = run(Path(model_dir), ids, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+              seed=seed, max_model_len=max(len(i) for i in ids) + max_new_tokens, log=log)
+    out = TrajectorySet(meta={**(meta or {}), "temperature": temperature, "top_p": top_p,
+                              "max_new_tokens": max_new_tokens, "seed": seed,
+                              "samples_per_prompt": samples_per_prompt, "teacher_engine": "vllm",
+                              "vllm_version": res["vllm_version"],
+                              "vllm_load_seconds": res["load_seconds"],
+                              "vllm_sample_seconds": res["run_seconds"]})
+    eos = list(eos_ids)
+    for prompt, p_ids, s in zip(jobs, ids, res["samples"]):
+        resp = list(s["token_ids"])
+        # vLLM may leave the end-of-sequence token out of a response it stopped on it
+        if s["finish_reason"] == "stop" and eos and (not resp or resp[-1] not in eos):
+            resp.append(eos[0])
+        if resp:
+            out.items.append(Trajectory(prompt, list(p_ids), resp, system))
+    return out
+
+
+@torch.no_grad()
+def mean_logprob(ts: TrajectorySet | Sequence[Trajectory], scorer, pad_id: int, batch_size: int = 8) -> float:
+    """Mean per-token log-probability of the responses under ``scorer`` (a
+    :func:`bakery.fidelity.model_scorer`): how likely a model finds these trajectories, e.g. to
+    check samples from one engine come from the same steered distribution as another's."""
+    total, n = 0.0, 0
+    for ids, mask, P in to_fidelity(ts, pad_id, batch_size).batches:
+        lp = torch.log_softmax(scorer(ids, mask, P)[:, P - 1:-1].float(), -1)
+        actual = lp.gather(2, ids[:, P:, None])[..., 0]
+        keep = mask[:, P:].bool()
+        total += float(actual[keep].sum())
+        n += int(keep.sum())
+    return total / max(n, 1)

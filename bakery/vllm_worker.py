@@ -1,4 +1,4 @@
-"""Teacher-forced scoring in vLLM, run as a script with the vLLM environment's python.
+"""Teacher-forced scoring and sampling in vLLM, run as a script with the vLLM environment's python.
 
 vLLM pins an older transformers than bakery, so it lives in its own virtual environment and this
 file is run there as a subprocess (``bakery.engines`` does that). It imports nothing from bakery.
@@ -12,11 +12,16 @@ Input (a JSON file, first argument)::
 
 Output (a JSON file, second argument)::
 
-    {"vllm_version": "...", "models": {"bake": {"load_seconds": 31.2, "score_seconds": 0.8,
+    {"vllm_version": "...", "models": {"bake": {"load_seconds": 31.2, "run_seconds": 0.8,
        "prompts": [{"logprob": [null, -1.2, ...], "top1": [null, 42, ...]}, ...]}}}
 
 ``logprob[t]`` is the log-probability vLLM gives the actual token ``t`` after tokens ``< t``;
-``top1[t]`` is the token it ranks first there. Position 0 has no prediction (``null``). Models are
+``top1[t]`` is the token it ranks first there. Position 0 has no prediction (``null``).
+
+With ``"sample": {"temperature": 1.0, "top_p": 0.95, "max_tokens": 48, "seed": 0}`` in the input
+the worker samples instead: one request per prompt, seeded ``seed + index`` so a run repeats, and
+each model's entry holds ``"samples": [{"token_ids": [...], "finish_reason": "stop"}, ...]``
+(the distilled bakers' teacher, where the exact bias bake is the steered model). Models are
 loaded one after another in the same process, so vLLM starts once per run, not per model.
 """
 
@@ -50,6 +55,17 @@ def _score(llm, prompts: list[list[int]]) -> list[dict]:
     return result
 
 
+def _sample(llm, prompts: list[list[int]], cfg: dict) -> list[dict]:
+    from vllm import SamplingParams
+
+    seed = int(cfg.get("seed", 0))
+    params = [SamplingParams(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
+                             max_tokens=int(cfg["max_tokens"]), seed=seed + i) for i in range(len(prompts))]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    return [{"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason}
+            for o in outs]
+
+
 def run(spec: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import vllm
@@ -63,11 +79,16 @@ def run(spec: dict) -> dict:
                   seed=0, enable_prefix_caching=False,
                   trust_remote_code=bool(spec.get("trust_remote_code", False)))
         loaded = time.time()
-        prompts = _score(llm, model.get("prompts") or spec["prompts"])
+        prompts = model.get("prompts") or spec["prompts"]
+        if spec.get("sample"):
+            res = {"samples": _sample(llm, prompts, spec["sample"])}
+            what = "sampled"
+        else:
+            res = {"prompts": _score(llm, prompts)}
+            what = "scored"
         out["models"][model["name"]] = {"load_seconds": round(loaded - t0, 2),
-                                        "score_seconds": round(time.time() - loaded, 2),
-                                        "prompts": prompts}
-        print(f"[vllm_worker] {model['name']}: loaded in {loaded - t0:.1f}s, scored "
+                                        "run_seconds": round(time.time() - loaded, 2), **res}
+        print(f"[vllm_worker] {model['name']}: loaded in {loaded - t0:.1f}s, {what} "
               f"{len(prompts)} prompts in {time.time() - loaded:.1f}s", file=sys.stderr, flush=True)
         del llm
         gc.collect()

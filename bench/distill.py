@@ -4,11 +4,16 @@
 on held-out questions (a trait recipe's evaluation questions, never trained on) against training
 steps and wall time; writes JSON, a PNG plot and the exports.
 
+``teacher``: trajectories per second of hooked transformers generation against vLLM sampling the
+exact bias bake (``--teacher-engine vllm``, positions=all), with a check that both sample the same
+steered distribution.
+
 ``memory``: peak memory and training tokens/s of the one-copy LoRA teacher (adapter switched off)
 against a two-copy teacher/student setup, each measured in a fresh subprocess of this run.
 
     .venv/bin/python bench/distill.py fidelity --out /tmp/distill-bench
     .venv/bin/python bench/distill.py memory
+    .venv/bin/python bench/distill.py teacher --num-prompts 64 --max-new-tokens 48
 """
 
 from __future__ import annotations
@@ -305,6 +310,60 @@ if __name__ == "__main__":
 """
 
 
+def teacher(args) -> None:
+    """--teacher-engine: trajectories from hooked transformers generation against vLLM sampling the
+    exact bias bake (positions=all), same prompts and settings, in one run. Both sets are then scored
+    under runtime steering and the unsteered model: the same steered distribution gives the same
+    mean log-probability."""
+    import tempfile
+
+    from bakery.bakers.distill import DistillRequest, sample_from_bias_bake
+    from bakery.trajectories import mean_logprob
+
+    model_dir = resolve_model(args.model)
+    m, tok = load_model(model_dir), load_tokenizer(model_dir)
+    vec = load_vector(args.vector)
+    pool = prompt_pool(args.num_prompts, exclude=held_out_questions(args.recipe))
+    steered = lambda P: steer(m, vec, args.layer, args.coef, positions="all", prompt_len=P)
+    n = len(pool) * args.samples_per_prompt
+    print(f"{len(pool)} prompts x {args.samples_per_prompt} samples, {args.max_new_tokens} new tokens, "
+          f"{describe_layer(args.layer)}, coef {args.coef:g}, positions all, {torch.get_num_threads()} threads",
+          flush=True)
+    t0 = time.perf_counter()
+    tf = sample(m, tok, pool, steered, samples_per_prompt=args.samples_per_prompt,
+                max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size, seed=0,
+                progress=not args.no_progress)
+    tf_s = time.perf_counter() - t0
+    req = DistillRequest(model=str(model_dir), vector=vec, layer=args.layer, coef=args.coef, out="unused",
+                         positions="all", samples_per_prompt=args.samples_per_prompt,
+                         max_new_tokens=args.max_new_tokens, teacher_engine="vllm")
+    with tempfile.TemporaryDirectory(prefix="bakery-teacher-") as work:
+        t0 = time.perf_counter()
+        vl = sample_from_bias_bake(req, model_dir, m, tok, vec, "bench", pool, {}, Path(work))
+        vl_s = time.perf_counter() - t0
+    rows = {}
+    for name, ts, wall in (("transformers (hooked)", tf, tf_s), ("vLLM (bias bake)", vl, vl_s)):
+        rows[name] = {"trajectories": len(ts), "tokens": ts.num_response_tokens, "wall_s": round(wall, 1),
+                      "tokens_per_s": round(ts.num_response_tokens / wall, 1),
+                      "logprob_steered": round(mean_logprob(ts, model_scorer(m, steered), tok.pad_token_id), 4),
+                      "logprob_unsteered": round(mean_logprob(ts, model_scorer(m), tok.pad_token_id), 4)}
+    v = rows["vLLM (bias bake)"]
+    v.update(vllm_load_s=vl.meta["vllm_load_seconds"], vllm_sample_s=vl.meta["vllm_sample_seconds"],
+             sample_tokens_per_s=round(v["tokens"] / vl.meta["vllm_sample_seconds"], 1))
+    for name, r in rows.items():
+        print(f"{name:22s} {r['trajectories']:5d} trajectories {r['tokens']:6d} tokens in {r['wall_s']:7.1f} s "
+              f"= {r['tokens_per_s']:7.1f} tok/s; mean log-prob steered {r['logprob_steered']:.3f}, "
+              f"unsteered {r['logprob_unsteered']:.3f}")
+    t = rows["transformers (hooked)"]
+    print(f"vLLM: {v['vllm_load_s']} s to load, {v['vllm_sample_s']} s to sample "
+          f"({v['sample_tokens_per_s']} tok/s)")
+    print(f"speed-up, whole call (bias bake + vLLM start included): {v['tokens_per_s'] / t['tokens_per_s']:.2f}x; "
+          f"sampling alone: {v['sample_tokens_per_s'] / t['tokens_per_s']:.2f}x")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "teacher.json").write_text(json.dumps(rows, indent=1))
+
+
 def _hf_greedy(model, tok, prompts: list[list[int]], n: int = 40) -> list[str]:
     outs = []
     with torch.no_grad():
@@ -375,15 +434,16 @@ def vllm_lora(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["fidelity", "memory", "reload", "vllm-lora", "plot", "_memory_child"])
+    p.add_argument("what", choices=["fidelity", "memory", "reload", "vllm-lora", "teacher", "plot", "_memory_child"])
     p.add_argument("--results", nargs="*", default=[])
     p.add_argument("--exports", nargs="*", default=None)
     p.add_argument("--export", default="/tmp/distill-bench/kl-lora")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--vllm-python", default=str(Path(__file__).resolve().parent.parent / ".venv-vllm/bin/python"))
     p.add_argument("--model", default=None)
-    p.add_argument("--vector", default="/tmp/pirate_quick.safetensors")
-    p.add_argument("--layer", type=int, default=16)
+    p.add_argument("--vector", default=str(Path(__file__).resolve().parent.parent / "exports/demo/vectors/pirate.safetensors"),
+                   help="default: the demo vector (make demo writes it)")
+    p.add_argument("--layer", type=int, default=17, help="default: the demo vector's recommended layer")
     p.add_argument("--coef", type=float, default=2.0)
     p.add_argument("--recipe", default="pirate")
     p.add_argument("--positions", default="response", choices=["response", "all"])
@@ -408,7 +468,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue from the work folders' checkpoints")
     p.add_argument("--setup", default="one-copy")
     args = p.parse_args()
-    {"fidelity": fidelity, "memory": memory, "vllm-lora": vllm_lora, "reload": reload, "plot": plot_only,
+    {"fidelity": fidelity, "memory": memory, "vllm-lora": vllm_lora, "teacher": teacher, "reload": reload, "plot": plot_only,
      "_memory_child": memory_child}[args.what](args)
 
 

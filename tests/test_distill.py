@@ -275,6 +275,34 @@ def test_too_few_trajectories_is_a_clear_error(tiny, vec_file, shared_traj, tmp_
         bake_distilled(req, progress=False)
 
 
+def test_a_vllm_teacher_needs_positions_all(tiny, vec_file, tmp_path):
+    req = _req(tiny, vec_file, tmp_path / "x")
+    req.teacher_engine = "vllm"
+    with pytest.raises(DistillError, match="exact bias bake.*positions=response.*--positions all"):
+        bake_distilled(req, progress=False)
+    req = _req(tiny, vec_file, tmp_path / "y")
+    req.teacher_engine = "sglang"
+    with pytest.raises(DistillError, match="must be one of transformers, vllm"):
+        bake_distilled(req, progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_full_fine_tuning_moves_the_block_linears_only(tiny):
+    """kl-full trains every weight of the target linears and leaves embeddings and norms alone."""
+    m = load_model(tiny)
+    tc = TrainConfig(method="full", max_steps=1)
+    d = Distiller(m, 0, tc, lambda mm: (lambda P: contextlib.nullcontext()))
+    trained = {n for n, p in d.student.named_parameters() if p.requires_grad}
+    linears = {n for n, mod in d.student.named_modules() if isinstance(mod, torch.nn.Linear)
+               and ".layers." in n}
+    assert trained == {n + ".weight" for n in linears} | {n + ".bias" for n in linears
+                                                         if getattr(d.student.get_submodule(n), "bias", None) is not None}
+    assert not any("embed" in n or "norm" in n for n in trained)
+    d = Distiller(load_model(tiny), 0, TrainConfig(method="full", target_modules=["down_proj"]),
+                  lambda mm: (lambda P: contextlib.nullcontext()))
+    assert {n.split(".")[-2] for n, p in d.student.named_parameters() if p.requires_grad} == {"down_proj"}
+
+
 def test_a_rank_vllm_cannot_serve_warns():
     with pytest.warns(UserWarning, match="rank 12 cannot be served by vLLM"):
         TrainConfig(rank=12).check()

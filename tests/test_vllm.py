@@ -62,3 +62,36 @@ def test_vllm_keeps_the_exact_bake_and_catches_the_broken_one(smol_dir, tmp_path
     assert bad.status == "fail"
     assert "vLLM lost the edit" in bad.message and "mlp_bias: true" in bad.message
     assert bad.details["bake_vs_base_in_vllm"]["mean_abs_logprob_gap"] < 0.1 * unedited
+
+
+def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
+    """--teacher-engine vllm: trajectories sampled from the exact bias bake in vLLM are as likely
+    under runtime steering (positions=all) as hooked transformers samples, and far likelier than
+    under the unsteered model; prompts are the rendered chat, finished responses end with EOS."""
+    from bakery.bakers.distill import DistillRequest, sample_from_bias_bake
+    from bakery.fidelity import model_scorer
+    from bakery.generation import eos_token_ids, render_chat
+    from bakery.steering import steer
+    from bakery.trajectories import mean_logprob, sample
+    from quick_vectors import contrastive_pirate
+
+    m, tok = load_model(smol_dir), load_tokenizer(smol_dir)
+    vec = contrastive_pirate(smol_dir)
+    req = DistillRequest(model=str(smol_dir), vector=vec, layer=16, coef=2.0, out=tmp_path / "out",
+                         positions="all", max_new_tokens=40, samples_per_prompt=2, teacher_engine="vllm")
+    ts = sample_from_bias_bake(req, smol_dir, m, tok, vec, "pirate", PROMPTS, {"layer": 16}, tmp_path / "work")
+    assert len(ts) == 2 * len(PROMPTS) and ts.meta["teacher_engine"] == "vllm" and ts.meta["layer"] == 16
+    for t in ts.items:
+        assert t.prompt_ids == tok(render_chat(tok, t.prompt), add_special_tokens=False)["input_ids"]
+    eos = set(eos_token_ids(m, tok))
+    finished = [t for t in ts.items if len(t.response_ids) < 40]
+    assert all(t.response_ids[-1] in eos for t in finished)
+    assert all(tok.eos_token_id not in t.response_ids[:-1] for t in ts.items)
+
+    steered = model_scorer(m, lambda P: steer(m, vec, 16, 2.0, positions="all"))
+    base = model_scorer(m)
+    ref = sample(m, tok, PROMPTS, lambda P: steer(m, vec, 16, 2.0, positions="all"), samples_per_prompt=2,
+                 max_new_tokens=40, seed=1, progress=False)
+    lp_vllm, lp_tf = mean_logprob(ts, steered, tok.pad_token_id), mean_logprob(ref, steered, tok.pad_token_id)
+    assert mean_logprob(ts, base, tok.pad_token_id) < lp_vllm - 0.3
+    assert abs(lp_vllm - lp_tf) < 0.5, (lp_vllm, lp_tf)

@@ -29,14 +29,14 @@ import yaml
 from bakery.card import front_matter
 from bakery.checkpoint import atomic_folder, check_output
 from bakery.export import source_info_for
-from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult
+from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult, check_targets
 from bakery.manifest import BakeTerm, Manifest, versions
 from bakery.steering import steer
-from bakery.trajectories import TrajectorySet, prompt_pool, read_prompt_file, sample
+from bakery.trajectories import TrajectorySet, prompt_pool, read_prompt_file, sample, sample_vllm
 from bakery.vectors import VectorArtifact, describe_layer, load_vector
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
-TEACHER_ENGINES = ("transformers",)
+TEACHER_ENGINES = ("transformers", "vllm")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class DistillRequest:
     sample_batch_size: int = 16
     val_prompts: int = 16
     trajectories: str | None = None  # JSONL to reuse (or write)
+    teacher_engine: str = "transformers"  # vllm: sample the exact bias bake (positions=all only)
     work_dir: str | None = None  # checkpoints, trajectories, half-baked exports
     resume: bool = False
     dtype: str = "source"  # export dtype: source | float32 | bfloat16 | float16
@@ -91,6 +92,32 @@ def build_pool(req: DistillRequest) -> tuple[list[str], list[str]]:
     if req.prompts_file:
         extra += read_prompt_file(req.prompts_file)
     return prompt_pool(req.num_prompts, extra=extra, exclude=held, seed=req.train.seed), held
+
+
+def check_teacher_engine(req: DistillRequest) -> None:
+    if req.teacher_engine not in TEACHER_ENGINES:
+        raise DistillError(f"--teacher-engine must be one of {', '.join(TEACHER_ENGINES)}; got "
+                           f"'{req.teacher_engine}'")
+    if req.teacher_engine == "vllm" and req.positions != "all":
+        raise DistillError(
+            "--teacher-engine vllm samples from the exact bias bake, which equals steering at every "
+            f"position; positions={req.positions} steering has no such bake. Use --positions all, or "
+            "--teacher-engine transformers (hooked generation)")
+
+
+def sample_from_bias_bake(req: DistillRequest, model_dir: Path, model, tok, vec: VectorArtifact,
+                          trait: str, pool: list[str], meta: dict, work: Path) -> TrajectorySet:
+    """``positions=all``: bake ``coef * v`` exactly as a bias into ``work/teacher-bias`` and sample
+    the teacher's trajectories from that checkpoint in vLLM."""
+    from bakery.bakers import bake as run_bake
+    from bakery.generation import eos_token_ids
+
+    teacher_dir = run_bake("bias", str(model_dir), [(vec, req.layer, req.coef, trait)], work / "teacher-bias",
+                           target_engines="vllm", force=True, progress=False,
+                           command="teacher of a distilled bake (--teacher-engine vllm)")
+    return sample_vllm(teacher_dir, tok, pool, samples_per_prompt=req.samples_per_prompt,
+                       max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                       seed=req.train.seed, meta=meta, eos_ids=eos_token_ids(model, tok))
 
 
 def source_dtype(config: dict) -> torch.dtype:
@@ -197,6 +224,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
 
     if req.method not in METHODS:
         raise DistillError(f"method must be one of {', '.join(METHODS)}; got '{req.method}'")
+    check_teacher_engine(req)
     req.train.method = METHODS[req.method]
     req.train.check()
     model_dir = resolve_model(req.model)
@@ -227,10 +255,13 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         else:
             pool, _ = build_pool(req)
             t0 = time.perf_counter()
-            ts = sample(model, tok, pool, context_for(model), samples_per_prompt=req.samples_per_prompt,
-                        max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                        batch_size=req.sample_batch_size, seed=req.train.seed, meta=expect,
-                        progress=progress)
+            if req.teacher_engine == "vllm":
+                ts = sample_from_bias_bake(req, model_dir, model, tok, vec, trait, pool, expect, work)
+            else:
+                ts = sample(model, tok, pool, context_for(model), samples_per_prompt=req.samples_per_prompt,
+                            max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                            batch_size=req.sample_batch_size, seed=req.train.seed, meta=expect,
+                            progress=progress)
             ts.meta["sample_seconds"] = round(time.perf_counter() - t0, 1)
             ts.save(traj_path)
     acc.wait_for_everyone()
@@ -256,10 +287,14 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
              "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
              "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
              "history": dd.history, "processes": acc.num_processes, "replicas_in_sync": dd.replicas_in_sync,
-             "sample_seconds": ts.meta.get("sample_seconds"), "vector_norm": round(float(row.norm()), 4)}
+             "sample_seconds": ts.meta.get("sample_seconds"),
+             "teacher_engine": ts.meta.get("teacher_engine", "transformers"), "vector_norm": round(float(row.norm()), 4)}
         if req.train.method == "lora":
             i.update(rank=req.train.rank, alpha=req.train.resolved_alpha(), rslora=req.train.rslora,
                      target_modules=sorted(dd.unwrapped.peft_config["default"].target_modules))
+        else:
+            i.update(target_modules=check_targets(dd.unwrapped, req.train.target_modules),
+                     trained_parameters=sum(p.numel() for p in dd.unwrapped.parameters() if p.requires_grad))
         return {**i, **(extra or {})}
 
     def export(dd: Distiller, folder: Path, extra: dict | None = None) -> Path:
@@ -317,6 +352,8 @@ def _cli():
     @click.option("--val-prompts", type=int, default=16, show_default=True)
     @click.option("--trajectories", default=None, type=click.Path(dir_okay=False),
                   help="JSONL to reuse (or write, if missing).")
+    @click.option("--teacher-engine", type=click.Choice(TEACHER_ENGINES), default="transformers",
+                  show_default=True, help="vllm: sample the exact bias bake in vLLM (--positions all).")
     @click.option("--work-dir", default=None, type=click.Path(file_okay=False))
     @click.option("--resume", is_flag=True)
     @click.option("--rank", type=int, default=32, show_default=True)
@@ -339,8 +376,8 @@ def _cli():
     @trust_option
     @clear_errors
     def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts,
-             samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories, work_dir,
-             resume, rank, alpha, target_modules, rslora, lr, batch_size, max_steps, val_every, patience,
+             samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories,
+             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, lr, batch_size, max_steps, val_every, patience,
              checkpoint_every, save_every, seed, dtype, force, no_progress, model, trust_remote_code):
         """Distil runtime steering into weights (kl-lora / kl-full) and export the result."""
         tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, batch_size=batch_size,
@@ -352,6 +389,7 @@ def _cli():
                              num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              val_prompts=val_prompts, trajectories=trajectories, work_dir=work_dir,
+                             teacher_engine=teacher_engine,
                              resume=resume, dtype=dtype, force=force, train=tc, trust_remote_code=trust_remote_code,
                              command=" ".join(shlex.quote(a) for a in ["bakery-distill", *sys.argv[1:]]))
         res = bake_distilled(req, progress=not no_progress)

@@ -67,13 +67,16 @@ def _parse_size(text: str | None) -> int | None:
               help="kl-lora/kl-full: positions the steered teacher steers (default response).")
 @click.option("--steps", type=int, default=None, help="kl-lora/kl-full: training steps (default 100).")
 @click.option("--rank", type=int, default=None, help="kl-lora: LoRA rank (default 32).")
+@click.option("--teacher-engine", type=click.Choice(["transformers", "vllm"]), default=None,
+              help="kl-lora/kl-full with --positions all: vllm samples the teacher's trajectories "
+              "from the exact bias bake in vLLM (faster than hooked generation).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="kl-lora/kl-full: any other distillation setting, e.g. --set num_prompts=200 "
               "--set lr=1e-4 (repeatable; see python -m bakery.bakers.distill --help).")
 @clear_errors
 def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_engines, embeddings,
          blocks, per_layer, add, calibration, model, output, force, shard_size, positions, steps,
-         rank, settings):
+         rank, teacher_engine, settings):
     """Bake a steering vector into a copy of a model: no hooks needed at inference.
 
     \b
@@ -116,7 +119,8 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
         resolved.append((vec, t.layer, t.coef, t.trait))
     opts = dict(rec.options) if rec else {}
     for k, v in dict(embeddings=embeddings, blocks=blocks, per_layer=per_layer, add=add,
-                     calibration=calibration, positions=positions, steps=steps, rank=rank).items():
+                     calibration=calibration, positions=positions, steps=steps, rank=rank,
+                     teacher_engine=teacher_engine).items():
         if v is not None:
             opts[k] = v
     opts.update(_parse_settings(settings))
@@ -125,8 +129,9 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
                               force, opts)
         _print_summary(out)
         return
-    elif positions or steps or rank or settings:
-        raise click.UsageError("--positions, --steps, --rank and --set are for --method kl-lora/kl-full")
+    elif positions or steps or rank or teacher_engine or settings:
+        raise click.UsageError("--positions, --steps, --rank, --teacher-engine and --set are for "
+                               "--method kl-lora/kl-full")
     out = run_bake(
         method, model, resolved, output or (rec.output if rec else None),
         route=route or (rec.route if rec else None) or "bias",

@@ -396,7 +396,8 @@ def test_kl_lora_on_the_embedded_model_moves_towards_the_steered_model(smol_dir,
     assert diff < 1e-3
 
 
-def test_registry_bakes_kl_lora_through_the_shared_exporter(tiny, vec_file, tmp_path):
+def test_the_library_registry_bakes_kl_lora_with_merged_weights_and_adapter(tiny, vec_file, tmp_path):
+    """bakery.bakers.bake("kl-lora", ...) from a notebook writes what the CLI writes."""
     from bakery.bakers import available, bake
 
     assert {"kl-lora", "kl-full"} <= set(available())
@@ -404,10 +405,13 @@ def test_registry_bakes_kl_lora_through_the_shared_exporter(tiny, vec_file, tmp_
                samples_per_prompt=1, max_new_tokens=8, steps=3, val_prompts=6, rank=8, lr=5e-3,
                positions="all", work_dir=str(tmp_path / "work"), progress=False)
     m = Manifest.load(out)
-    assert m.method == "kl-lora" and m.route == "lora-merged" and m.extra["distill"]["steps"] == 3
+    assert m.method == "kl-lora" and m.route == "lora-merged" and m.extra["steps"] == 3
+    assert m.positions == "all" and m.terms[0].trait == "rand" and "--method kl-lora" in m.command
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "vectors" / "rand.safetensors").is_file()
     base, baked = load_model(tiny), load_model(out)
     changed = {n.rsplit(".", 2)[-2] for (n, p), (_, q) in zip(base.named_parameters(), baked.named_parameters())
                if not torch.equal(p, q)}
     assert changed == set(linear_module_names(base))  # exactly the LoRA targets, merged
     with pytest.raises(DistillError, match="unknown option.*bogus"):
         bake("kl-lora", str(tiny), [(str(vec_file), LAYER, COEF)], tmp_path / "bad", bogus=1, progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -431,59 +431,36 @@ def request_from_options(method: str, model: str, vector, layer: int, coef: floa
 
 
 class _DistillBaker:
-    """Registry adapter: trains in :meth:`plan` and hands the streaming exporter the trained tensors.
-
-    Through this path the export has the merged weights but no ``adapter/`` (the shared exporter
-    writes planned tensors only); ``python -m bakery.bakers.distill`` writes both.
-    """
+    """Registry entry: a distilled bake trains and writes its own folder (merged weights, adapter/,
+    vector, manifest, card), so :func:`bakery.bakers.bake` hands it the whole job."""
 
     name = ""
     needs_coef = True
 
     def plan(self, req, reader):
-        import tempfile
+        from bakery.bakers.base import BakeError
 
-        from bakery.bakers.base import BakeError, BakePlan
+        raise BakeError(f"{self.name} trains its weights: bake it with bakery.bakers.bake(), which "
+                        "calls bake_folder(), not through a streaming plan")
 
-        if len(req.terms) != 1:
-            raise BakeError(f"{self.name} distils one (vector, layer, coef) term; got {len(req.terms)}")
-        t = req.terms[0]
-        opts = dict(req.options)
-        progress = opts.pop("progress", True)
-        work = opts.pop("work_dir", None) or tempfile.mkdtemp(prefix="bakery-distill-")
-        dreq = request_from_options(self.name, str(req.model_dir), t.vector, t.layer, t.coef,
-                                    Path(work) / "unused-out", {**opts, "work_dir": work},
-                                    command=req.command)
-        dreq.trait = t.trait
-        trained = train_distilled(dreq, progress=progress)
-        merged = merged_copy(trained.distiller.unwrapped, dreq.train.method)
-        state = {k: v.detach().float().clone() for k, v in merged.state_dict().items()}
-        plan = BakePlan(reader=reader, config=dict(req.config), route="lora-merged"
-                        if dreq.train.method == "lora" else "full", exact=False,
-                        engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"})
-        for name in reader.tensors:
-            new = state.get(name)
-            if new is None:
-                continue
-            old = reader.get(name) if hasattr(reader, "get") else None
-            if old is not None and torch.equal(old.float(), new):
-                continue
-            plan.edit(name, lambda w, n=new, k=name: _replace(w, n, k))
-        info = {k: v for k, v in trained.info.items()}
-        plan.extra.update({"distill": info, "positions": dreq.positions})
-        plan.notes.append(f"trained {info['steps']} steps, validation R {info['val_R']} "
-                          f"(positions {dreq.positions}); work folder {work}")
-        if dreq.positions != "all":
-            plan.warnings.append(f"trained against positions={dreq.positions} steering; bakery.json "
-                                 "says positions=all on this path, compare with --positions "
-                                 f"{dreq.positions}")
-        return plan
+    def bake_folder(self, model_name: str, model_dir: Path, terms: list, out: Path | None, *, force: bool,
+                    command: str | None, progress: bool, options: dict[str, Any]) -> Path:
+        from bakery.bakers import default_output
+        from bakery.bakers.base import BakeError
 
-
-def _replace(w: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
-    if tuple(w.shape) != tuple(new.shape):
-        raise DistillError(f"trained tensor {name} has shape {tuple(new.shape)}, checkpoint {tuple(w.shape)}")
-    return new
+        if len(terms) != 1:
+            raise BakeError(f"{self.name} distils one (vector, layer, coef) term; got {len(terms)}")
+        t = terms[0]
+        out = Path(out) if out else default_output(model_name, self.name, terms, "", "resid-out", options)
+        opts = {k: v for k, v in options.items() if v is not None}
+        req = request_from_options(self.name, str(model_dir), t.vector, t.layer, t.coef, out,
+                                   {**opts, "force": force}, command=command or "")
+        req.trait = t.trait
+        if not req.command:
+            req.command = shlex.join(["bakery", "bake", "--method", self.name, "--model", model_name,
+                                      "--vector", str(t.vector_path or "VECTOR"), "--layer", str(t.layer),
+                                      "--coef", f"{t.coef:g}", "-o", str(out)])
+        return Path(bake_distilled(req, progress=progress).out)
 
 
 def _register() -> None:

@@ -157,26 +157,14 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 
 def _bake_distilled(method: str, model, resolved: list, output, force: bool, opts: dict) -> Path:
     """kl-lora / kl-full: train against the steered teacher, export merged weights + adapter/."""
-    from bakery.bakers import default_output
-    from bakery.bakers.distill import bake_distilled, request_from_options
-    from bakery.models import resolve_model
+    from bakery.bakers import bake as run_bake
 
     if len(resolved) != 1:
         raise click.UsageError(f"{method} distils one (vector, layer, coef) term; got {len(resolved)}")
-    vec, layer, coef, trait = resolved[0]
-    if coef is None:
+    if resolved[0][2] is None:
         raise click.UsageError(f"--method {method} needs --coef C (the steering strength)")
-    from types import SimpleNamespace
-
-    model_dir = resolve_model(model)
-    term = SimpleNamespace(trait=trait or Path(str(vec)).stem, layer=layer, coef=coef)
-    out = output or default_output(str(model or model_dir), method, [term], "", "resid-out", opts)
-    req = request_from_options(method, str(model_dir), vec, layer, coef, out,
-                               {**opts, "force": force},
-                               command=_command_line(click.get_current_context()))
-    req.trait = trait or req.trait
-    result = bake_distilled(req)
-    return Path(result.out)
+    return run_bake(method, model, resolved, output, force=force,
+                    command=_command_line(click.get_current_context()), **opts)
 
 
 def _print_summary(out) -> None:

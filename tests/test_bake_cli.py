@@ -168,6 +168,9 @@ def test_kl_lora_through_bakery_bake_writes_merged_weights_and_adapter(tiny_mode
     r = CliRunner().invoke(main, ["bake", "--method", "kl-lora", "-v", str(v), "-l", "2", "-c", "2",
                                   "--model", str(d), "--set", "oops", "-o", str(tmp_path / "c")])
     assert r.exit_code == 2 and "--set takes KEY=VALUE" in r.output
+    r = CliRunner().invoke(main, ["bake", "--method", "kl-lora", "-v", str(v), "-l", "2", "-c", "2",
+                                  "--model", str(d), "--teacher-engine", "vllm", "-o", str(tmp_path / "t")])
+    assert r.exit_code == 2 and "--positions all" in r.output and not (tmp_path / "t").exists()
 
 
 def test_kl_lora_export_card_carries_hub_metadata(tiny_models, tmp_path):

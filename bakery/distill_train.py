@@ -37,6 +37,7 @@ from bakery.trajectories import Trajectory, TrajectoryError, TrajectorySet, coll
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 METHODS = ("lora", "full")
+SCHEDULES = ("constant", "cosine")
 CKPT_DIR = "checkpoint"
 ContextFactory = Callable[[int | None], ContextManager]
 
@@ -68,6 +69,8 @@ class TrainConfig:
     target_modules: list[str] | None = None  # default: every linear in the blocks
     rslora: bool = False
     lr: float | None = None  # default 2e-4 for LoRA, 2e-5 for full
+    lr_schedule: str = "constant"  # constant | cosine (decays to lr_floor * lr at max_steps)
+    lr_floor: float = 0.1
     batch_size: int = 8  # global batch (split over processes)
     max_steps: int = 100
     val_every: int = 10
@@ -83,12 +86,23 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 2e-5)
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): a pure function of the step, so a resumed
+        run follows the same schedule without saving scheduler state."""
+        lr = self.resolved_lr()
+        if self.lr_schedule == "constant":
+            return lr
+        t = min(step / max(self.max_steps - 1, 1), 1.0)
+        return lr * (self.lr_floor + (1 - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
     def resolved_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise DistillError(f"method must be one of {', '.join(METHODS)}; got '{self.method}'")
+        if self.lr_schedule not in SCHEDULES:
+            raise DistillError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}; got '{self.lr_schedule}'")
         if self.method == "lora":
             if self.rank < 1:
                 raise DistillError(f"--rank must be at least 1; got {self.rank}")
@@ -412,6 +426,8 @@ class Distiller:
             s = self.student_logprobs(ids, mask, P)
             loss = kl_per_token(t, s).mean()
             self.optimizer.zero_grad(set_to_none=True)
+            for g in self.optimizer.param_groups:
+                g["lr"] = cfg.lr_at(self.step)
             self.acc.backward(loss)
             if cfg.grad_clip:
                 self.acc.clip_grad_norm_([p for p in self.wrapped.parameters() if p.requires_grad],

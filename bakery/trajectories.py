@@ -7,7 +7,8 @@ second run, or a run with other training settings, reuses them.
 
 The prompt pool: a recipe's 20 extraction questions are too few to learn a behaviour that holds on
 new questions, so :func:`prompt_pool` builds a larger, diverse pool offline from templates over many
-topics, plus the recipe's extraction questions and a user's file, with held-out questions removed.
+topics, plus the recipe's extraction questions, a user's file and questions the model writes itself
+(:func:`model_written_prompts`), with held-out questions removed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Sequence
@@ -60,6 +62,10 @@ GENERAL = (
     "How do I apologise to a friend?", "Give me tips for a job interview.",
     "What is the best advice you have ever heard?", "Describe the perfect weekend.",
 )
+
+
+QUESTION_REQUEST = ("Write one question that a curious person might ask an AI assistant about {topic}. "
+                    "Reply with the question only.")
 
 
 class TrajectoryError(ValueError):
@@ -112,6 +118,71 @@ def prompt_pool(n: int | None = None, *, extra: Iterable[str] = (), exclude: Ite
         seen.add(k)
         pool.append(q)
     return pool if n is None else pool[:n]
+
+
+_LEADS = ("question:", "q:", "sure! here's a question:", "here's a question:", "here is a question:")
+
+
+def clean_question(reply: str) -> str | None:
+    """The model's reply as one question (first line, quotes and a leading "Question:" or number
+    removed), or None when it is not a plausible standalone question."""
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    q = lines[0]
+    if q.lower() in _LEADS and len(lines) > 1:
+        q = lines[1]
+    for lead in _LEADS:
+        if q.lower().startswith(lead):
+            q = q[len(lead):].strip()
+    quoted = re.search(r'["“]([^"”]{10,})["”]?', q)
+    if quoted:  # 'A curious person might ask: "What is ...?"'
+        q = quoted.group(1)
+    elif ":" in q:  # 'Someone might ask: What is ...?'
+        q = q.rsplit(":", 1)[1]
+    q = q.lstrip("0123456789.)-* ").strip().strip('"\'“”').strip()
+    if not 10 <= len(q) <= 200 or not q.endswith("?") or q.count("?") > 2:
+        return None
+    return q
+
+
+@torch.no_grad()
+def model_written_prompts(model, tok, n: int, *, topics: Sequence[str] = TOPICS, exclude: Iterable[str] = (),
+                          seed: int = 0, batch_size: int = 16, max_new_tokens: int = 40,
+                          temperature: float = 0.9, progress: bool = True) -> list[str]:
+    """Up to ``n`` distinct questions written by ``model`` itself (unsteered), one request per
+    topic in turn, cleaned by :func:`clean_question`; ``exclude`` (held-out questions) never
+    appears. Tries at most ``3 n`` requests and warns when fewer usable questions came back."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    if n <= 0:
+        return []
+    order = list(topics)
+    random.Random(seed).shuffle(order)
+    banned = {_norm(q) for q in exclude}
+    out: list[str] = []
+    bar = tqdm(total=n, desc="model-written prompts", unit="q", disable=not progress)
+    tried = 0
+    while len(out) < n and tried < 3 * n:
+        k = min(batch_size, 3 * n - tried)
+        asks = [render_chat(tok, QUESTION_REQUEST.format(topic=order[(tried + j) % len(order)])) for j in range(k)]
+        g = generate(model, tok, asks, max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
+                     seed=seed + tried)
+        tried += k
+        for text in g.texts:
+            q = clean_question(text)
+            if q is None or _norm(q) in banned or len(out) >= n:
+                continue
+            banned.add(_norm(q))
+            out.append(q)
+            bar.update(1)
+    bar.close()
+    if len(out) < n:
+        warnings.warn(f"the model wrote only {len(out)} usable questions in {tried} requests (asked for "
+                      f"{n}); the pool uses templates for the rest", stacklevel=2)
+    return out
 
 
 @dataclass

@@ -107,7 +107,8 @@ def fidelity(args) -> None:
         tc = TrainConfig(rank=args.rank, max_steps=args.steps if method == "kl-lora" else args.steps_full or args.steps,
                          val_every=args.val_every, patience=args.patience,
                          batch_size=args.batch_size, checkpoint_every=args.val_every,
-                         lr=args.lr_lora if method == "kl-lora" else args.lr_full)
+                         lr=args.lr_lora if method == "kl-lora" else args.lr_full,
+                         lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
                              out=out / method, method=method, positions=args.positions, recipe=args.recipe,
                              held_out=held, num_prompts=args.num_prompts, val_prompts=args.val_prompts,
@@ -457,6 +458,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr-lora", type=float, default=2e-4)
     p.add_argument("--lr-full", type=float, default=2e-5)
+    p.add_argument("--schedule-lora", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--schedule-full", default="constant", choices=["constant", "cosine"])
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--test-samples", type=int, default=2)

@@ -30,9 +30,9 @@ stage "compare: every bake against runtime steering (R = 1 is a perfect bake)"
 bakery compare "$D/pirate-bias" "$D/pirate-rank1" "$D/pirate-kl-lora"
 bakery compare "$D/pirate-ortho"
 
-stage "verify: the exact bias bake in transformers, a real vLLM run, and sglang's loading rules"
+stage "verify: the exact bias bake and the merged kl-lora in transformers, a real vLLM run, and sglang's loading rules"
 if [[ -x .venv-vllm/bin/python ]]; then engines=all; else engines=transformers,sglang; echo "(vLLM not installed: make vllm)"; fi
-bakery verify "$D/pirate-bias" --engine "$engines"
+bakery verify "$D/pirate-bias" "$D/pirate-kl-lora" --engine "$engines"
 
 stage "verify: a deliberately broken bake (bias present, config flag off) must fail"
 rm -rf "$D/pirate-bias-broken"

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bakery.bakers.distill import DistillRequest, bake_distilled, train_distilled
+from bakery.bakers.distill import DistillRequest, bake_distilled, build_pool, train_distilled
 from bakery.distill_train import (CheckpointError, Distiller, DistillError, TrainConfig,
                                   check_targets, linear_module_names)
 from bakery.generation import render_chat
 from bakery.manifest import Manifest
 from bakery.models import load_model, load_tokenizer
 from bakery.steering import steer
-from bakery.trajectories import (TrajectoryError, TrajectorySet, collate, prompt_pool, sample,
-                                 to_fidelity)
+from bakery.trajectories import (TrajectoryError, TrajectorySet, clean_question, collate, model_written_prompts,
+                                 prompt_pool, sample, to_fidelity)
 from bakery.vectors import VectorArtifact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +72,37 @@ def test_prompt_pool_is_large_diverse_and_keeps_held_out_questions_out():
     assert "tell me about the ocean" not in norm and "how do i bake bread" not in norm
     assert pool[0] == "My own question?"  # a user's or recipe's prompts come first
     assert len({p.split()[0] for p in pool}) >= 8  # many templates, not one
+
+
+def test_a_model_reply_is_cleaned_to_one_question():
+    assert clean_question('A curious person might ask: "What is a cloud made of?"') == "What is a cloud made of?"
+    assert clean_question("Question:\n2. Why do owls hunt at night?\nThey are...") == "Why do owls hunt at night?"
+    assert clean_question("Someone might ask: How do bridges stay up?") == "How do bridges stay up?"
+    assert clean_question("Bridges are strong.") is None  # not a question
+    assert clean_question("Why?") is None  # too short to be a prompt
+    assert clean_question("") is None
+
+
+def test_a_model_that_writes_no_questions_warns_and_the_pool_is_still_full(tiny, tmp_path, vec_file):
+    m, tok = load_model(tiny), load_tokenizer(tiny)
+    with pytest.warns(UserWarning, match="wrote only 0 usable questions in 6 requests"):
+        assert model_written_prompts(m, tok, 2, max_new_tokens=4, progress=False) == []
+    req = _req(tiny, vec_file, tmp_path / "x")
+    req.model_prompts = 2
+    with pytest.warns(UserWarning, match="usable questions"):
+        pool, held = build_pool(req, m, tok)
+    assert len(pool) == req.num_prompts
+
+
+@pytest.mark.slow
+def test_the_embedded_model_writes_new_questions_for_the_pool(smol_dir):
+    m, tok = load_model(smol_dir), load_tokenizer(smol_dir)
+    qs = model_written_prompts(m, tok, 8, progress=False)
+    assert len(qs) == 8 and len(set(qs)) == 8 and all(q.endswith("?") for q in qs)
+    templated = set(prompt_pool())
+    assert not templated & set(qs)  # questions the templates would never write
+    again = model_written_prompts(m, tok, 8, exclude=qs[:3], progress=False)  # same seed, held out
+    assert not set(again) & set(qs[:3]) and set(qs[3:]) & set(again)
 
 
 def test_trajectories_roundtrip_and_collate_layout(tiny, vec_file, tmp_path):

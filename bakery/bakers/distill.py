@@ -32,7 +32,8 @@ from bakery.export import source_info_for
 from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult, check_targets
 from bakery.manifest import BakeTerm, Manifest, versions
 from bakery.steering import steer
-from bakery.trajectories import TrajectorySet, prompt_pool, read_prompt_file, sample, sample_vllm
+from bakery.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
+                                 sample_vllm)
 from bakery.vectors import VectorArtifact, describe_layer, load_vector
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
@@ -55,6 +56,7 @@ class DistillRequest:
     prompts_file: str | None = None
     held_out: list[str] = field(default_factory=list)  # never trained on
     num_prompts: int = 200
+    model_prompts: int = 0  # questions the model writes itself, added to the pool
     samples_per_prompt: int = 2
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -79,8 +81,9 @@ def teacher_meta(model_dir: Path, config: dict, vec: VectorArtifact, req: Distil
             "layer": req.layer, "coef": req.coef, "positions": req.positions}
 
 
-def build_pool(req: DistillRequest) -> tuple[list[str], list[str]]:
-    """(training pool, held-out questions). Recipe eval questions and ``held_out`` never train."""
+def build_pool(req: DistillRequest, model=None, tok=None, progress: bool = False) -> tuple[list[str], list[str]]:
+    """(training pool, held-out questions). Recipe eval questions and ``held_out`` never train;
+    with ``req.model_prompts`` the (unsteered) ``model`` writes that many questions of its own."""
     extra: list[str] = []
     held = list(req.held_out)
     if req.recipe:
@@ -91,6 +94,11 @@ def build_pool(req: DistillRequest) -> tuple[list[str], list[str]]:
         held += r.eval_questions
     if req.prompts_file:
         extra += read_prompt_file(req.prompts_file)
+    if req.model_prompts:
+        if model is None:
+            raise DistillError("model-written prompts need the model: pass it to build_pool")
+        extra += model_written_prompts(model, tok, req.model_prompts, exclude=held + extra,
+                                       seed=req.train.seed, progress=progress)
     return prompt_pool(req.num_prompts, extra=extra, exclude=held, seed=req.train.seed), held
 
 
@@ -253,7 +261,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         if traj_path.is_file():
             TrajectorySet.load(traj_path).check_matches(expect, where=str(traj_path))
         else:
-            pool, _ = build_pool(req)
+            pool, _ = build_pool(req, model, tok, progress=progress)
             t0 = time.perf_counter()
             if req.teacher_engine == "vllm":
                 ts = sample_from_bias_bake(req, model_dir, model, tok, vec, trait, pool, expect, work)
@@ -283,7 +291,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         i = {"steps": dd.step, "best_step": dd.best_step, "best_val_kl": round(dd.best_val, 6),
              "val_kl_base": round(base_kl, 6),
              "val_R": round(1 - dd.best_val / base_kl, 4) if base_kl else None,
-             "lr": req.train.resolved_lr(), "batch_size": req.train.batch_size,
+             "lr": req.train.resolved_lr(), "lr_schedule": req.train.lr_schedule, "batch_size": req.train.batch_size,
              "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
              "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
              "history": dd.history, "processes": acc.num_processes, "replicas_in_sync": dd.replicas_in_sync,
@@ -345,6 +353,8 @@ def _cli():
                   "evaluation questions are held out.")
     @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False))
     @click.option("--num-prompts", type=int, default=200, show_default=True)
+    @click.option("--model-prompts", type=int, default=0, show_default=True,
+                  help="Questions the model writes itself, added to the pool.")
     @click.option("--samples-per-prompt", type=int, default=2, show_default=True)
     @click.option("--max-new-tokens", type=int, default=48, show_default=True)
     @click.option("--temperature", type=float, default=1.0, show_default=True)
@@ -361,6 +371,8 @@ def _cli():
     @click.option("--target-modules", default=None, help="Comma-separated; default all block linears.")
     @click.option("--rslora", is_flag=True)
     @click.option("--lr", type=float, default=None, help="Default 2e-4 (LoRA), 2e-5 (full).")
+    @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+                  show_default=True, help="cosine: decay to a tenth of --lr by the last step.")
     @click.option("--batch-size", type=int, default=8, show_default=True)
     @click.option("--steps", "max_steps", type=int, default=100, show_default=True)
     @click.option("--val-every", type=int, default=10, show_default=True)
@@ -375,18 +387,20 @@ def _cli():
     @model_option
     @trust_option
     @clear_errors
-    def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts,
+    def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts, model_prompts,
              samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories,
-             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, lr, batch_size, max_steps, val_every, patience,
+             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, lr, lr_schedule, batch_size, max_steps, val_every, patience,
              checkpoint_every, save_every, seed, dtype, force, no_progress, model, trust_remote_code):
         """Distil runtime steering into weights (kl-lora / kl-full) and export the result."""
-        tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, batch_size=batch_size,
+        tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, lr_schedule=lr_schedule,
+                         batch_size=batch_size,
                          max_steps=max_steps, val_every=val_every, patience=patience,
                          checkpoint_every=checkpoint_every, save_every=save_every, seed=seed,
                          target_modules=target_modules.split(",") if target_modules else None)
         req = DistillRequest(model=model, vector=vector, layer=layer, coef=coef, out=out, method=method,
                              positions=positions, recipe=recipe, prompts_file=prompts_file,
-                             num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
+                             num_prompts=num_prompts, model_prompts=model_prompts,
+                             samples_per_prompt=samples_per_prompt,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              val_prompts=val_prompts, trajectories=trajectories, work_dir=work_dir,
                              teacher_engine=teacher_engine,

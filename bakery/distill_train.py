@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
-from bakery.trajectories import Trajectory, TrajectoryError, TrajectorySet, collate
+from bakery.trajectories import Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk, kl_topk
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 METHODS = ("lora", "full")
@@ -82,6 +82,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     min_trajectories: int = 16
+    teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 2e-5)
@@ -400,6 +401,8 @@ class Distiller:
         if len(train) < cfg.batch_size:
             raise TrajectoryError(f"{len(train)} training trajectories are fewer than one batch "
                                   f"({cfg.batch_size}); lower --batch-size or sample more")
+        if cfg.teacher_topk:
+            collate_topk(train.items)  # every trajectory must carry the kept teacher top-k
         if resume and work_dir is not None:
             self.load_checkpoint(work_dir)
         if not self.history:
@@ -422,9 +425,11 @@ class Distiller:
                 break
             batch = self.batch_for(train, self.step)
             ids, mask, P = collate(batch, self.pad_id)
-            t = self.teacher_logits(ids, mask, P)
             s = self.student_logprobs(ids, mask, P)
-            loss = kl_per_token(t, s).mean()
+            if cfg.teacher_topk:  # the teacher's distribution, kept from the sampling pass
+                loss = kl_topk(*collate_topk(batch), s).mean()
+            else:
+                loss = kl_per_token(self.teacher_logits(ids, mask, P), s).mean()
             self.optimizer.zero_grad(set_to_none=True)
             for g in self.optimizer.param_groups:
                 g["lr"] = cfg.lr_at(self.step)

@@ -52,6 +52,7 @@ class Generation:
     attention_mask: torch.Tensor  # [B, P + T]
     sequences: torch.Tensor  # [B, P + T]
     texts: list[str]
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, log-probs) [B, T, k] of the raw logits
 
     @property
     def prompt_len(self) -> int:
@@ -67,11 +68,13 @@ class Generation:
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
-             suppress_eos: bool = False) -> Generation:
+             suppress_eos: bool = False, keep_topk: int = 0) -> Generation:
     """Generate for rendered prompt texts in one left-padded batch.
 
     ``temperature=0`` is greedy. The returned attention mask marks generated tokens after the end
-    of sequence as padding, so teacher-forced scoring can skip them.
+    of sequence as padding, so teacher-forced scoring can skip them. ``keep_topk=k`` also returns
+    the top-k log-probabilities of the model's own (untempered, unfiltered) distribution at every
+    generated position: the distribution the sampling pass computed anyway.
     """
     enc = encode_prompts(tok, prompts).to(model.device)
     if seed is not None:
@@ -83,7 +86,15 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if suppress_eos:
         kwargs.update(min_new_tokens=max_new_tokens)
-    seqs = model.generate(**enc, **kwargs)
+    topk = None
+    if keep_topk:
+        out = model.generate(**enc, **kwargs, output_logits=True, return_dict_in_generate=True)
+        seqs = out.sequences
+        lp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)  # [B, T, V]
+        vals, ids = lp.topk(keep_topk, dim=-1)
+        topk = (ids.cpu(), vals.cpu())
+    else:
+        seqs = model.generate(**enc, **kwargs)
     P = enc["input_ids"].shape[1]
     gen = seqs[:, P:]
     eos_ids = torch.tensor(eos_token_ids(model, tok) or [-1], device=model.device)
@@ -96,7 +107,7 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
     mask = torch.cat([enc["attention_mask"], gen_mask], dim=1)
     texts = [tok.decode(gen[i][gen_mask[i].bool()], skip_special_tokens=True).strip()
              for i in range(gen.shape[0])]
-    return Generation(enc["input_ids"], mask, seqs, texts)
+    return Generation(enc["input_ids"], mask, seqs, texts, topk)
 
 
 def eos_token_ids(model, tok) -> list[int]:

@@ -191,6 +191,9 @@ class Trajectory:
     prompt_ids: list[int]  # rendered chat prompt, no padding
     response_ids: list[int]  # sampled response up to and including end of sequence
     system: str | None = None
+    # the teacher's top-k at each response position, kept from the sampling pass (--teacher-topk)
+    teacher_topk_ids: list[list[int]] | None = None
+    teacher_topk_logprobs: list[list[float]] | None = None
 
 
 @dataclass
@@ -279,6 +282,31 @@ def collate(items: Sequence[Trajectory], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, P
 
 
+def collate_topk(items: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept teacher top-k of a batch, [N, k] ids and log-probs, in the order of
+    :func:`bakery.distill_train.response_logprobs` (row by row, response positions in order)."""
+    missing = [t.prompt for t in items if t.teacher_topk_ids is None]
+    if missing:
+        raise TrajectoryError(f"{len(missing)} trajectories carry no teacher top-k (e.g. for "
+                              f"{missing[0]!r}): sample them with --teacher-topk K into a new --trajectories file")
+    ids = torch.tensor([row for t in items for row in t.teacher_topk_ids], dtype=torch.long)
+    lps = torch.tensor([row for t in items for row in t.teacher_topk_logprobs], dtype=torch.float32)
+    return ids, lps
+
+
+def kl_topk(teacher_ids: torch.Tensor, teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` per row, with the teacher known by its top-k and the tail mass
+    ``1 - sum(top-k)``: the KL between the two distributions coarse-grained to (top-k tokens, the
+    rest). It never exceeds the exact KL, and equals it as the tail mass goes to zero."""
+    s_top = student_lp.gather(1, teacher_ids.to(student_lp.device))
+    t_lp = teacher_lp.to(student_lp.device)
+    p = t_lp.exp()
+    head = (p * (t_lp - s_top)).sum(-1)
+    log_t_tail = torch.log1p(-p.sum(-1).clamp(max=1 - 1e-7))
+    log_s_tail = torch.log(-torch.expm1(torch.logsumexp(s_top, -1).clamp(max=-1e-7)))
+    return head + log_t_tail.exp() * (log_t_tail - log_s_tail)
+
+
 def to_fidelity(ts: TrajectorySet | Sequence[Trajectory], pad_id: int, batch_size: int = 8) -> Trajectories:
     """The same trajectories as :class:`bakery.fidelity.Trajectories`, for ``fidelity.measure``."""
     items = ts.items if isinstance(ts, TrajectorySet) else list(ts)
@@ -292,9 +320,11 @@ def to_fidelity(ts: TrajectorySet | Sequence[Trajectory], pad_id: int, batch_siz
 def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], ContextManager], *,
            samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
            top_p: float = 0.95, batch_size: int = 8, seed: int = 0, system: str | None = None,
-           meta: dict[str, Any] | None = None, progress: bool = True) -> TrajectorySet:
+           meta: dict[str, Any] | None = None, progress: bool = True, keep_topk: int = 0) -> TrajectorySet:
     """Sample ``samples_per_prompt`` responses per prompt from ``model`` under ``context`` (the
-    steered teacher: ``lambda P: steer(model, vec, L, coef, positions=...)``), in batches."""
+    steered teacher: ``lambda P: steer(model, vec, L, coef, positions=...)``), in batches.
+    ``keep_topk=k`` keeps the teacher's top-k log-probabilities at every response position from
+    the sampling pass, so training needs no teacher forward (:func:`kl_topk`)."""
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -303,20 +333,24 @@ def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], C
     rendered = [render_chat(tok, p, system) for p in jobs]
     out = TrajectorySet(meta={**(meta or {}), "temperature": temperature, "top_p": top_p,
                               "max_new_tokens": max_new_tokens, "seed": seed,
-                              "samples_per_prompt": samples_per_prompt})
+                              "samples_per_prompt": samples_per_prompt, "teacher_topk": keep_topk})
     bar = tqdm(total=len(jobs), desc="sampling teacher", unit="traj", disable=not progress)
     for i in range(0, len(jobs), batch_size):
         chunk = rendered[i:i + batch_size]
         with context(None):
             g = generate(model, tok, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, seed=seed + i)
+                         top_p=top_p, seed=seed + i, keep_topk=keep_topk)
         P = g.prompt_len
         for j in range(len(chunk)):
             pmask = g.attention_mask[j, :P].bool()
             resp = g.response_ids(j)
             if not resp:
                 continue
-            out.items.append(Trajectory(jobs[i + j], g.prompt_ids[j][pmask.cpu()].tolist(), resp, system))
+            t = Trajectory(jobs[i + j], g.prompt_ids[j][pmask.cpu()].tolist(), resp, system)
+            if g.topk is not None:
+                t.teacher_topk_ids = g.topk[0][j, :len(resp)].tolist()
+                t.teacher_topk_logprobs = [[round(x, 6) for x in row] for row in g.topk[1][j, :len(resp)].tolist()]
+            out.items.append(t)
         bar.update(len(chunk))
     bar.close()
     return out

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bakery.bakers.distill import DistillRequest, bake_distilled
-from bakery.distill_train import Distiller, TrainConfig, response_logprobs
+from bakery.distill_train import Distiller, TrainConfig
 from bakery.fidelity import measure, model_scorer
 from bakery.models import load_model, load_tokenizer, resolve_model
 from bakery.steering import steer
@@ -108,7 +108,8 @@ def fidelity(args) -> None:
                          val_every=args.val_every, patience=args.patience,
                          batch_size=args.batch_size, checkpoint_every=args.val_every,
                          lr=args.lr_lora if method == "kl-lora" else args.lr_full,
-                         lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full)
+                         lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full,
+                         teacher_topk=args.teacher_topk)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
                              out=out / method, method=method, positions=args.positions, recipe=args.recipe,
                              held_out=held, num_prompts=args.num_prompts, val_prompts=args.val_prompts,
@@ -259,7 +260,6 @@ def reload(args) -> None:
         vec = load_vector(folder / t.vector_file)
         ctx = lambda P: steer(ref_model, vec, t.layer, t.coef, positions=m.positions, prompt_len=P)
         baked = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        dtype = str(next(baked.parameters()).dtype)
         f = measure(traj, model_scorer(ref_model, ctx), model_scorer(ref_model), {"bake": model_scorer(baked)})["bake"]
         line = (f"{folder.name}: reloaded with AutoModelForCausalLM ({m.method}, stored "
                 f"{json.loads((folder / 'config.json').read_text()).get('dtype')}): held-out R {f.recovered:.4f}, "
@@ -326,7 +326,6 @@ def teacher(args) -> None:
     vec = load_vector(args.vector)
     pool = prompt_pool(args.num_prompts, exclude=held_out_questions(args.recipe))
     steered = lambda P: steer(m, vec, args.layer, args.coef, positions="all", prompt_len=P)
-    n = len(pool) * args.samples_per_prompt
     print(f"{len(pool)} prompts x {args.samples_per_prompt} samples, {args.max_new_tokens} new tokens, "
           f"{describe_layer(args.layer)}, coef {args.coef:g}, positions all, {torch.get_num_threads()} threads",
           flush=True)
@@ -459,6 +458,8 @@ def main() -> None:
     p.add_argument("--lr-lora", type=float, default=2e-4)
     p.add_argument("--lr-full", type=float, default=2e-5)
     p.add_argument("--schedule-lora", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--teacher-topk", type=int, default=0,
+                   help="train on the teacher's top-k kept from sampling (no teacher forward per step)")
     p.add_argument("--schedule-full", default="constant", choices=["constant", "cosine"])
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--samples-per-prompt", type=int, default=2)

@@ -18,13 +18,13 @@ import torch
 
 from bakery.bakers.distill import DistillRequest, bake_distilled, build_pool, train_distilled
 from bakery.distill_train import (CheckpointError, Distiller, DistillError, TrainConfig,
-                                  check_targets, linear_module_names)
+                                  check_targets, kl_per_token, linear_module_names)
 from bakery.generation import render_chat
 from bakery.manifest import Manifest
 from bakery.models import load_model, load_tokenizer
 from bakery.steering import steer
-from bakery.trajectories import (TrajectoryError, TrajectorySet, clean_question, collate, model_written_prompts,
-                                 prompt_pool, sample, to_fidelity)
+from bakery.trajectories import (TrajectoryError, TrajectorySet, clean_question, collate, collate_topk,
+                                 kl_topk, model_written_prompts, prompt_pool, sample, to_fidelity)
 from bakery.vectors import VectorArtifact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,6 +181,60 @@ def test_teacher_logits_come_from_the_model_without_the_adapter(tiny, vec_file):
     with torch.no_grad():
         plain = torch.log_softmax(fresh(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1], -1)
     assert (plain[mask[:, P:].bool()] - ref).abs().max() > 1e-3
+
+
+def test_the_top_k_kept_from_sampling_is_the_teachers_distribution(tiny, vec_file):
+    """--teacher-topk: what sampling keeps equals the teacher's teacher-forced top-k (the training
+    target), so training on it needs no teacher forward."""
+    from bakery.vectors import load_vector
+
+    v = load_vector(vec_file)
+    m, tok = load_model(tiny), load_tokenizer(tiny)
+    ctx_for = lambda mm: (lambda P: steer(mm, v, LAYER, COEF, positions="response", prompt_len=P))
+    ts = sample(m, tok, ["hello sea", "the quick fox", "tell me about ships"], ctx_for(m), samples_per_prompt=2,
+                max_new_tokens=7, batch_size=3, keep_topk=8, progress=False)
+    assert ts.meta["teacher_topk"] == 8
+    d = Distiller(m, tok.pad_token_id, TrainConfig(rank=8, min_trajectories=1), ctx_for)
+    ids, mask, P = collate(ts.items, tok.pad_token_id)
+    teacher = d.teacher_logits(ids, mask, P)
+    kept_ids, kept_lp = collate_topk(ts.items)
+    assert kept_ids.shape == (teacher.shape[0], 8)
+    assert torch.allclose(teacher.gather(1, kept_ids), kept_lp, atol=1e-4)
+    assert torch.allclose(teacher.topk(8, -1).values, kept_lp, atol=1e-4)
+    # unsteered logits are not what was kept
+    with torch.no_grad():
+        plain = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1], -1)[mask[:, P:].bool()]
+    assert (plain.gather(1, kept_ids) - kept_lp).abs().max() > 1e-3
+
+
+def test_top_k_kl_is_a_lower_bound_that_becomes_exact():
+    torch.manual_seed(0)
+    t = torch.log_softmax(torch.randn(5, 50) * 3, -1)
+    s = torch.log_softmax(torch.randn(5, 50) * 3, -1)
+    exact = kl_per_token(t, s)
+    full = kl_topk(*reversed(t.topk(50, -1)), s)
+    assert torch.allclose(full, exact, atol=1e-4)
+    prev = torch.zeros(5)
+    for k in (1, 5, 20, 49):
+        approx = kl_topk(*reversed(t.topk(k, -1)), s)
+        assert (approx >= -1e-6).all() and (approx <= exact + 1e-5).all() and (approx >= prev - 1e-5).all()
+        prev = approx
+    assert torch.allclose(kl_topk(*reversed(t.topk(10, -1)), t), torch.zeros(5), atol=1e-5)
+
+
+def test_training_on_the_kept_top_k_learns_the_steering(tiny, vec_file, tmp_path):
+    req = _req(tiny, vec_file, tmp_path / "topk", steps=9, teacher_topk=16)
+    res = bake_distilled(req, progress=False)
+    h = res.result.history
+    assert res.info["teacher_topk"] == 16 and h[-1]["val_kl"] < 0.7 * h[0]["val_kl"]
+    ts = TrajectorySet.load(tmp_path / "topk.work" / "trajectories.jsonl")
+    assert ts.meta["teacher_topk"] == 16 and len(ts.items[0].teacher_topk_ids[0]) == 16
+    plain = _req(tiny, vec_file, tmp_path / "plain", steps=1, trajectories=str(tmp_path / "noK.jsonl"))
+    bake_distilled(plain, progress=False)  # trajectories without a kept top-k ...
+    again = _req(tiny, vec_file, tmp_path / "again", steps=1, trajectories=str(tmp_path / "noK.jsonl"),
+                 teacher_topk=16)
+    with pytest.raises(TrajectoryError, match="carry no teacher top-k.*new --trajectories file"):
+        bake_distilled(again, progress=False)  # ... cannot train a top-k run
 
 
 # ---- training and export ----------------------------------------------------------------------------

@@ -106,6 +106,9 @@ def check_teacher_engine(req: DistillRequest) -> None:
     if req.teacher_engine not in TEACHER_ENGINES:
         raise DistillError(f"--teacher-engine must be one of {', '.join(TEACHER_ENGINES)}; got "
                            f"'{req.teacher_engine}'")
+    if req.teacher_engine == "vllm" and req.train.teacher_topk:
+        raise DistillError("--teacher-topk keeps the distribution of hooked transformers sampling; with "
+                           "--teacher-engine vllm leave it at 0 (training then runs the teacher forward)")
     if req.teacher_engine == "vllm" and req.positions != "all":
         raise DistillError(
             "--teacher-engine vllm samples from the exact bias bake, which equals steering at every "
@@ -269,7 +272,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                 ts = sample(model, tok, pool, context_for(model), samples_per_prompt=req.samples_per_prompt,
                             max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
                             batch_size=req.sample_batch_size, seed=req.train.seed, meta=expect,
-                            progress=progress)
+                            progress=progress, keep_topk=req.train.teacher_topk)
             ts.meta["sample_seconds"] = round(time.perf_counter() - t0, 1)
             ts.save(traj_path)
     acc.wait_for_everyone()
@@ -291,7 +294,8 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         i = {"steps": dd.step, "best_step": dd.best_step, "best_val_kl": round(dd.best_val, 6),
              "val_kl_base": round(base_kl, 6),
              "val_R": round(1 - dd.best_val / base_kl, 4) if base_kl else None,
-             "lr": req.train.resolved_lr(), "lr_schedule": req.train.lr_schedule, "batch_size": req.train.batch_size,
+             "lr": req.train.resolved_lr(), "lr_schedule": req.train.lr_schedule,
+             "teacher_topk": req.train.teacher_topk, "batch_size": req.train.batch_size,
              "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
              "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
              "history": dd.history, "processes": acc.num_processes, "replicas_in_sync": dd.replicas_in_sync,
@@ -370,6 +374,9 @@ def _cli():
     @click.option("--alpha", type=float, default=None, help="Default 2 * rank.")
     @click.option("--target-modules", default=None, help="Comma-separated; default all block linears.")
     @click.option("--rslora", is_flag=True)
+    @click.option("--teacher-topk", type=int, default=0, show_default=True,
+                  help="Keep the teacher's top-K log-probs from sampling and train on them (no teacher "
+                  "forward per step); 0: exact teacher forward.")
     @click.option("--lr", type=float, default=None, help="Default 2e-4 (LoRA), 2e-5 (full).")
     @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
                   show_default=True, help="cosine: decay to a tenth of --lr by the last step.")
@@ -389,10 +396,11 @@ def _cli():
     @clear_errors
     def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts, model_prompts,
              samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories,
-             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, lr, lr_schedule, batch_size, max_steps, val_every, patience,
+             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, teacher_topk, lr, lr_schedule, batch_size, max_steps, val_every, patience,
              checkpoint_every, save_every, seed, dtype, force, no_progress, model, trust_remote_code):
         """Distil runtime steering into weights (kl-lora / kl-full) and export the result."""
         tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, lr_schedule=lr_schedule,
+                         teacher_topk=teacher_topk,
                          batch_size=batch_size,
                          max_steps=max_steps, val_every=val_every, patience=patience,
                          checkpoint_every=checkpoint_every, save_every=save_every, seed=seed,

@@ -18,13 +18,13 @@ import torch
 
 from bakery.bakers.distill import DistillRequest, bake_distilled, build_pool, train_distilled
 from bakery.distill_train import (CheckpointError, Distiller, DistillError, TrainConfig,
-                                  check_targets, kl_per_token, linear_module_names)
+                                  check_targets, kl_per_token, kl_topk, linear_module_names)
 from bakery.generation import render_chat
 from bakery.manifest import Manifest
 from bakery.models import load_model, load_tokenizer
 from bakery.steering import steer
 from bakery.trajectories import (TrajectoryError, TrajectorySet, clean_question, collate, collate_topk,
-                                 kl_topk, model_written_prompts, prompt_pool, sample, to_fidelity)
+                                 model_written_prompts, prompt_pool, sample, to_fidelity)
 from bakery.vectors import VectorArtifact
 
 ROOT = Path(__file__).resolve().parent.parent

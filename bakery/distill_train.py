@@ -80,6 +80,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = no half-baked exports
     grad_clip: float = 1.0
     weight_decay: float = 0.0
+    first_block: int = 0  # full: train blocks from this index on (the ones after the steering point)
     seed: int = 0
     min_trajectories: int = 16
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
@@ -141,14 +142,15 @@ def check_targets(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
     return list(targets)
 
 
-def full_parameters(model: nn.Module, targets: Sequence[str] | None) -> list[nn.Parameter]:
-    """The weights full fine-tuning moves: every weight and bias of the target linears in the
-    blocks (default: all of them). Embeddings, norms and the head stay frozen: with a few hundred
-    trajectories, updating them learns the training tokens rather than the behaviour (and the
-    head is often tied to the embeddings)."""
+def full_parameters(model: nn.Module, targets: Sequence[str] | None, first_block: int = 0) -> list[nn.Parameter]:
+    """The weights full fine-tuning moves: every weight and bias of the target linears in blocks
+    ``first_block`` and later (default: all of them). Embeddings, norms and the head stay frozen:
+    with a few hundred trajectories, updating them learns the training tokens rather than the
+    behaviour (and the head is often tied to the embeddings)."""
     names = set(check_targets(model, targets))
     blocks = model.get_submodule(spec_for(model.config).blocks)
-    return [p for n, m in blocks.named_modules() if n.rsplit(".", 1)[-1] in names
+    return [p for i, block in enumerate(blocks) if i >= first_block
+            for n, m in block.named_modules() if n.rsplit(".", 1)[-1] in names
             for p in m.parameters(recurse=False)]
 
 
@@ -230,7 +232,7 @@ class Distiller:
         else:
             self.teacher = copy.deepcopy(model).eval()
             self.student = model
-            for p in full_parameters(model, cfg.target_modules):
+            for p in full_parameters(model, cfg.target_modules, cfg.first_block):
                 p.requires_grad_(True)
             self.teacher_ctx = context_for(self.teacher)
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -68,7 +68,7 @@ class TrainConfig:
     alpha: float | None = None  # default 2 * rank
     target_modules: list[str] | None = None  # default: every linear in the blocks
     rslora: bool = False
-    lr: float | None = None  # default 2e-4 for LoRA, 2e-5 for full
+    lr: float | None = None  # default 2e-4 for LoRA, 5e-5 for full
     lr_schedule: str = "constant"  # constant | cosine (decays to lr_floor * lr at max_steps)
     lr_floor: float = 0.1
     batch_size: int = 8  # global batch (split over processes)
@@ -80,13 +80,13 @@ class TrainConfig:
     save_every: int = 0  # 0 = no half-baked exports
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    first_block: int = 0  # full: train blocks from this index on (the ones after the steering point)
+    first_block: int | None = None  # full: train blocks from this index on (kl-full: the steered block)
     seed: int = 0
     min_trajectories: int = 16
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
 
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 2e-5)
+        return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 5e-5)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): a pure function of the step, so a resumed
@@ -232,7 +232,7 @@ class Distiller:
         else:
             self.teacher = copy.deepcopy(model).eval()
             self.student = model
-            for p in full_parameters(model, cfg.target_modules, cfg.first_block):
+            for p in full_parameters(model, cfg.target_modules, cfg.first_block or 0):
                 p.requires_grad_(True)
             self.teacher_ctx = context_for(self.teacher)
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -110,7 +110,7 @@ def fidelity(args) -> None:
                          lr=args.lr_lora if method == "kl-lora" else args.lr_full,
                          lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full,
                          teacher_topk=args.teacher_topk,
-                         first_block=args.first_block_full if method == "kl-full" else 0,
+                         first_block=args.first_block_full if method == "kl-full" else None,
                          target_modules=args.targets_full.split(",") if method == "kl-full" and args.targets_full else None)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
                              out=out / method, method=method, positions=args.positions, recipe=args.recipe,
@@ -467,9 +467,9 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr-lora", type=float, default=2e-4)
-    p.add_argument("--lr-full", type=float, default=2e-5)
+    p.add_argument("--lr-full", type=float, default=5e-5)
     p.add_argument("--schedule-lora", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--first-block-full", type=int, default=0)
+    p.add_argument("--first-block-full", type=int, default=None, help="default: the steered block")
     p.add_argument("--targets-full", default=None, help="kl-full target modules, comma-separated")
     p.add_argument("--teacher-topk", type=int, default=0,
                    help="train on the teacher's top-k kept from sampling (no teacher forward per step)")

@@ -237,6 +237,9 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         raise DistillError(f"method must be one of {', '.join(METHODS)}; got '{req.method}'")
     check_teacher_engine(req)
     req.train.method = METHODS[req.method]
+    if req.train.method == "full" and req.train.first_block is None:
+        # blocks before the steered one compute the same thing in teacher and student
+        req.train.first_block = req.layer - 1
     req.train.check()
     model_dir = resolve_model(req.model)
     config = read_config(model_dir)
@@ -306,6 +309,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                      target_modules=sorted(dd.unwrapped.peft_config["default"].target_modules))
         else:
             i.update(target_modules=check_targets(dd.unwrapped, req.train.target_modules),
+                     first_block=req.train.first_block,
                      trained_parameters=sum(p.numel() for p in dd.unwrapped.parameters() if p.requires_grad))
         return {**i, **(extra or {})}
 
@@ -377,7 +381,9 @@ def _cli():
     @click.option("--teacher-topk", type=int, default=0, show_default=True,
                   help="Keep the teacher's top-K log-probs from sampling and train on them (no teacher "
                   "forward per step); 0: exact teacher forward.")
-    @click.option("--lr", type=float, default=None, help="Default 2e-4 (LoRA), 2e-5 (full).")
+    @click.option("--lr", type=float, default=None, help="Default 2e-4 (LoRA), 5e-5 (full).")
+    @click.option("--first-block", type=int, default=None,
+                  help="kl-full: train blocks from this index on (default: the steered block, layer - 1).")
     @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
                   show_default=True, help="cosine: decay to a tenth of --lr by the last step.")
     @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -396,11 +402,11 @@ def _cli():
     @clear_errors
     def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts, model_prompts,
              samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories,
-             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, teacher_topk, lr, lr_schedule, batch_size, max_steps, val_every, patience,
+             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, teacher_topk, lr, first_block, lr_schedule, batch_size, max_steps, val_every, patience,
              checkpoint_every, save_every, seed, dtype, force, no_progress, model, trust_remote_code):
         """Distil runtime steering into weights (kl-lora / kl-full) and export the result."""
         tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, lr_schedule=lr_schedule,
-                         teacher_topk=teacher_topk,
+                         teacher_topk=teacher_topk, first_block=first_block,
                          batch_size=batch_size,
                          max_steps=max_steps, val_every=val_every, patience=patience,
                          checkpoint_every=checkpoint_every, save_every=save_every, seed=seed,

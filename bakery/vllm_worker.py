@@ -19,7 +19,7 @@ Output (a JSON file, second argument)::
 ``top1[t]`` is the token it ranks first there. Position 0 has no prediction (``null``).
 
 With ``"sample": {"temperature": 1.0, "top_p": 0.95, "max_tokens": 48, "seed": 0}`` in the input
-the worker samples instead: one request per prompt, seeded ``seed + index`` so a run repeats, and
+the worker samples instead: one request per prompt, the engine seeded with ``seed``, and
 each model's entry holds ``"samples": [{"token_ids": [...], "finish_reason": "stop"}, ...]``
 (the distilled bakers' teacher, where the exact bias bake is the steered model). Models are
 loaded one after another in the same process, so vLLM starts once per run, not per model.
@@ -58,9 +58,9 @@ def _score(llm, prompts: list[list[int]]) -> list[dict]:
 def _sample(llm, prompts: list[list[int]], cfg: dict) -> list[dict]:
     from vllm import SamplingParams
 
-    seed = int(cfg.get("seed", 0))
-    params = [SamplingParams(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
-                             max_tokens=int(cfg["max_tokens"]), seed=seed + i) for i in range(len(prompts))]
+    # one engine-wide seed (LLM(seed=...)): per-request seeds make vLLM sample request by request
+    params = SamplingParams(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
+                            max_tokens=int(cfg["max_tokens"]))
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
     return [{"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason}
             for o in outs]
@@ -76,7 +76,7 @@ def run(spec: dict) -> dict:
         t0 = time.time()
         llm = LLM(model=model["path"], dtype=spec.get("dtype", "float32"),
                   max_model_len=int(spec.get("max_model_len", 1024)), enforce_eager=True,
-                  seed=0, enable_prefix_caching=False,
+                  seed=int((spec.get("sample") or {}).get("seed", 0)), enable_prefix_caching=False,
                   trust_remote_code=bool(spec.get("trust_remote_code", False)))
         loaded = time.time()
         prompts = model.get("prompts") or spec["prompts"]

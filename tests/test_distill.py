@@ -505,3 +505,14 @@ def test_the_library_registry_bakes_kl_lora_with_merged_weights_and_adapter(tiny
     with pytest.raises(DistillError, match="unknown option.*bogus"):
         bake("kl-lora", str(tiny), [(str(vec_file), LAYER, COEF)], tmp_path / "bad", bogus=1, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_fsdp_asked_for_on_cpu_is_said_to_run_data_parallel(monkeypatch):
+    """accelerate turns `launch --use_fsdp` into plain data parallel on CPU, silently; bakery warns."""
+    from accelerate import Accelerator
+
+    from bakery.bakers.distill import warn_if_fsdp_dropped
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.warns(UserWarning, match="FSDP was asked for .* but accelerate runs NO"):
+        warn_if_fsdp_dropped(Accelerator(cpu=True))

@@ -102,6 +102,20 @@ def build_pool(req: DistillRequest, model=None, tok=None, progress: bool = False
     return prompt_pool(req.num_prompts, extra=extra, exclude=held, seed=req.train.seed), held
 
 
+def warn_if_fsdp_dropped(acc) -> None:
+    """``accelerate launch --use_fsdp`` on a machine without GPUs runs plain data parallel (every
+    process holds the whole model) without a word; say so."""
+    import os
+    import warnings
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    kind = str(acc.distributed_type).split(".")[-1]
+    if asked and kind != "FSDP":
+        warnings.warn(f"FSDP was asked for (accelerate launch --use_fsdp) but accelerate runs {kind}: it "
+                      "enables FSDP on GPU-class devices only, so here every process holds the whole "
+                      "model (data parallel)", stacklevel=2)
+
+
 def check_teacher_engine(req: DistillRequest) -> None:
     if req.teacher_engine not in TEACHER_ENGINES:
         raise DistillError(f"--teacher-engine must be one of {', '.join(TEACHER_ENGINES)}; got "
@@ -246,6 +260,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     out = Path(out or req.out)
     work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    warn_if_fsdp_dropped(acc)
 
     model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
     tok = load_tokenizer(model_dir, trust_remote_code=req.trust_remote_code)
@@ -301,7 +316,8 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
              "teacher_topk": req.train.teacher_topk, "batch_size": req.train.batch_size,
              "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
              "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
-             "history": dd.history, "processes": acc.num_processes, "replicas_in_sync": dd.replicas_in_sync,
+             "history": dd.history, "processes": acc.num_processes,
+             "distributed_type": str(acc.distributed_type).split(".")[-1], "replicas_in_sync": dd.replicas_in_sync,
              "sample_seconds": ts.meta.get("sample_seconds"),
              "teacher_engine": ts.meta.get("teacher_engine", "transformers"), "vector_norm": round(float(row.norm()), 4)}
         if req.train.method == "lora":

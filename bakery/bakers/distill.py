@@ -8,8 +8,9 @@ architecture, no new parameters) plus the peft adapter in ``adapter/``, the vect
 and a model card. Approximate, but it works on every architecture and engine and is the only bake
 that can stand for ``positions=response`` steering.
 
-Run it as ``python -m bakery.bakers.distill ...`` or, data-parallel, with
-``accelerate launch [--cpu --num_processes 2] -m bakery.bakers.distill ...``.
+Run it as ``bakery bake --method kl-lora ...``, ``bakery.bakers.bake("kl-lora", ...)``,
+``python -m bakery.bakers.distill ...`` or, data-parallel, ``accelerate launch --multi_gpu
+--num_processes 2 -m bakery.bakers.distill ...`` (on CPU, accelerate's ``--cpu`` starts one process).
 """
 
 from __future__ import annotations

@@ -90,9 +90,8 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
     if keep_topk:
         out = model.generate(**enc, **kwargs, output_logits=True, return_dict_in_generate=True)
         seqs = out.sequences
-        lp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)  # [B, T, V]
-        vals, ids = lp.topk(keep_topk, dim=-1)
-        topk = (ids.cpu(), vals.cpu())
+        steps = [torch.log_softmax(step.float(), -1).topk(keep_topk, dim=-1) for step in out.logits]
+        topk = (torch.stack([t.indices for t in steps], 1).cpu(), torch.stack([t.values for t in steps], 1).cpu())
     else:
         seqs = model.generate(**enc, **kwargs)
     P = enc["input_ids"].shape[1]

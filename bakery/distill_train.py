@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
-from bakery.trajectories import Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk
+from bakery.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
+                                 require_topk)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 METHODS = ("lora", "full")
@@ -417,7 +418,7 @@ class Distiller:
             raise TrajectoryError(f"{len(train)} training trajectories are fewer than one batch "
                                   f"({cfg.batch_size}); lower --batch-size or sample more")
         if cfg.teacher_topk:
-            collate_topk(train.items)  # every trajectory must carry the kept teacher top-k
+            require_topk(train.items)
         if resume and work_dir is not None:
             self.load_checkpoint(work_dir)
         if not self.history:

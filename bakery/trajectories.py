@@ -282,13 +282,18 @@ def collate(items: Sequence[Trajectory], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, P
 
 
-def collate_topk(items: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept teacher top-k of a batch, [N, k] ids and log-probs, in the order of
-    :func:`bakery.distill_train.response_logprobs` (row by row, response positions in order)."""
+def require_topk(items: Sequence[Trajectory]) -> None:
+    """Refuse trajectories sampled without keeping the teacher's top-k."""
     missing = [t.prompt for t in items if t.teacher_topk_ids is None]
     if missing:
         raise TrajectoryError(f"{len(missing)} trajectories carry no teacher top-k (e.g. for "
                               f"{missing[0]!r}): sample them with --teacher-topk K into a new --trajectories file")
+
+
+def collate_topk(items: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept teacher top-k of a batch, [N, k] ids and log-probs, in the order of
+    :func:`bakery.distill_train.response_logprobs` (row by row, response positions in order)."""
+    require_topk(items)
     ids = torch.tensor([row for t in items for row in t.teacher_topk_ids], dtype=torch.long)
     lps = torch.tensor([row for t in items for row in t.teacher_topk_logprobs], dtype=torch.float32)
     return ids, lps

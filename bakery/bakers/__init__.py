@@ -156,11 +156,11 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
 
     model_name = str(model or DEFAULT_MODEL)
     model_dir = resolve_model(model_name)
-    config = read_config(model_dir)
     baker = get_baker(method)
     if hasattr(baker, "bake_folder"):  # distilled bakers train and write their own folder
         return baker.bake_folder(model_name, model_dir, _as_terms(terms), Path(out) if out else None,
                                  force=force, command=command, progress=progress, options=options)
+    config = read_config(model_dir)
     req = BakeRequest(model_dir=model_dir, model_name=model_name, config=config,
                       terms=_as_terms(terms), method=method, route=route or "bias",
                       site=site or "resid-out", target_engines=parse_engines(target_engines),

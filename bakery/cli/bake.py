@@ -69,7 +69,8 @@ def _parse_size(text: str | None) -> int | None:
 @click.option("--rank", type=int, default=None, help="kl-lora: LoRA rank (default 32).")
 @click.option("--teacher-engine", type=click.Choice(["transformers", "vllm"]), default=None,
               help="kl-lora/kl-full with --positions all: vllm samples the teacher's trajectories "
-              "from the exact bias bake in vLLM (faster than hooked generation).")
+              "from the exact bias bake in vLLM (for GPU hosts: on 2 CPU cores it measured slower "
+              "than hooked generation).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="kl-lora/kl-full: any other distillation setting, e.g. --set num_prompts=200 "
               "--set lr=1e-4 (repeatable; see python -m bakery.bakers.distill --help).")

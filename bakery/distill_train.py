@@ -5,7 +5,9 @@ response tokens of sampled trajectories.
   off (``disable_adapter()``) and the steering hook on. Forgetting the switch would make the
   teacher include the adapter, silently; :meth:`Distiller.teacher_logits` is the one place that
   builds teacher logits, and a test pins it to the unadapted model.
-- Full fine-tuning needs a frozen teacher copy (the student's own weights move).
+- Full fine-tuning needs a frozen teacher copy (the student's own weights move). It starts from
+  the closed-form warm start (:mod:`bakery.warm_start`) when one is given: Adam's per-weight steps
+  are too small to build the steering write itself in a few hundred steps.
 - Validation KL on held-out trajectories with early stopping (the best weights are kept), a
   progress bar with loss and validation KL, checkpoints every N steps with ``resume``, and a
   callback for half-baked exports.
@@ -69,7 +71,7 @@ class TrainConfig:
     alpha: float | None = None  # default 2 * rank
     target_modules: list[str] | None = None  # default: every linear in the blocks
     rslora: bool = False
-    lr: float | None = None  # default 2e-4 for LoRA, 5e-5 for full
+    lr: float | None = None  # default 2e-4 for LoRA; full: 1e-5 warm-started, 5e-5 from the source
     lr_schedule: str = "constant"  # constant | cosine (decays to lr_floor * lr at max_steps)
     lr_floor: float = 0.1
     batch_size: int = 8  # global batch (split over processes)
@@ -85,9 +87,15 @@ class TrainConfig:
     seed: int = 0
     min_trajectories: int = 16
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
+    warm_start: bool = True  # full: start from the gated rank-one steering write (bakery.warm_start)
 
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 5e-5)
+        if self.lr is not None:
+            return self.lr
+        if self.method == "lora":
+            return 2e-4
+        # the warm start is already close: a small step refines it, a large one adds noise
+        return 1e-5 if self.warm_start else 5e-5
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): a pure function of the step, so a resumed
@@ -214,7 +222,8 @@ class Distiller:
     """
 
     def __init__(self, model: nn.Module, pad_id: int, cfg: TrainConfig,
-                 context_for: Callable[[nn.Module], ContextFactory], *, accelerator=None):
+                 context_for: Callable[[nn.Module], ContextFactory], *, accelerator=None,
+                 warm_start: Callable[[nn.Module, Sequence[Trajectory]], dict] | None = None):
         cfg.check()
         from accelerate import Accelerator
 
@@ -222,6 +231,8 @@ class Distiller:
         self.pad_id = pad_id
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.context_for = context_for
+        self.warm_start = warm_start if cfg.method == "full" and cfg.warm_start else None
+        self.warm_start_info: dict | None = None
         torch.manual_seed(cfg.seed)
         model.float().eval()  # distillation runs in float32; no dropout in teacher or student
         for p in model.parameters():
@@ -338,6 +349,7 @@ class Distiller:
             (tmp / "trainer.json").write_text(json.dumps({
                 "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "history": self.history, "elapsed": self.elapsed,
+                "warm_start": self.warm_start_info,
                 "config": asdict(self.cfg)}, indent=1))
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
@@ -370,8 +382,8 @@ class Distiller:
             return False
         meta = json.loads((ck / "trainer.json").read_text())
         saved = meta["config"]
-        for key in ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed"):
-            if saved.get(key) != getattr(self.cfg, key):
+        for key in ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed", "warm_start"):
+            if saved.get(key, getattr(TrainConfig(), key)) != getattr(self.cfg, key):
                 raise CheckpointError(
                     f"cannot resume from {ck}: it was trained with {key}={saved.get(key)!r}, this run "
                     f"has {key}={getattr(self.cfg, key)!r}. Use the same settings, or start afresh "
@@ -383,6 +395,7 @@ class Distiller:
         torch.set_rng_state(state["rng"])
         self.step, self.best_val, self.best_step = meta["step"], meta["best_val"], meta["best_step"]
         self.bad_evals, self.history, self.elapsed = meta["bad_evals"], meta["history"], meta["elapsed"]
+        self.warm_start_info = meta.get("warm_start")
         return True
 
     def check_replicas(self) -> bool:
@@ -422,6 +435,8 @@ class Distiller:
         if resume and work_dir is not None:
             self.load_checkpoint(work_dir)
         if not self.history:
+            if self.warm_start is not None:  # before step 0, so the curve starts from it
+                self.warm_start_info = self.warm_start(self.unwrapped, train.items)
             v = self.validate(val)
             self.best_val, self.best_step = v, 0
             self.best_state = self.trainable_state()

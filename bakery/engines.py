@@ -256,15 +256,17 @@ def run_vllm_worker(models: dict[str, Path], prompts: list[list[int]], *, dtype:
 
 def sample_vllm(model: Path, prompts: list[list[int]], *, max_tokens: int, temperature: float = 1.0,
                 top_p: float = 1.0, seed: int = 0, max_model_len: int = 1024, dtype: str = "float32",
-                timeout: float = 3600, python: Path | None = None, log=None) -> dict[str, Any]:
-    """Sample one response per prompt (token ids in, token ids out) from a checkpoint in vLLM.
+                logprobs: int = 0, timeout: float = 3600, python: Path | None = None, log=None) -> dict[str, Any]:
+    """Sample one response per prompt (token ids in, token ids out) from a checkpoint in vLLM;
+    ``logprobs=K`` also keeps the model's top K log-probs at every generated token.
 
-    Returns ``{"samples": [{"token_ids", "finish_reason"}, ...], "vllm_version", "load_seconds",
-    "run_seconds", "wall_seconds"}``."""
+    Returns ``{"samples": [{"token_ids", "finish_reason"[, "topk_ids", "topk_logprobs"]}, ...],
+    "vllm_version", "load_seconds", "run_seconds", "wall_seconds"}``."""
     t0 = time.time()
     spec = {"models": [{"name": "teacher", "path": str(Path(model).resolve())}], "prompts": prompts,
             "dtype": dtype, "max_model_len": max_model_len,
-            "sample": {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}}
+            "sample": {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+                       "logprobs": logprobs}}
     res = _run_worker_once(spec, python=python or find_vllm_python(), timeout=timeout, log=log)
     return {**res["models"]["teacher"], "vllm_version": res["vllm_version"],
             "wall_seconds": round(time.time() - t0, 1)}

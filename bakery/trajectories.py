@@ -351,10 +351,11 @@ def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], C
 def sample_vllm(model_dir: str | os.PathLike, tok, prompts: Sequence[str], *, samples_per_prompt: int = 1,
                 max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
                 system: str | None = None, meta: dict[str, Any] | None = None,
-                eos_ids: Sequence[int] = (), log=None) -> TrajectorySet:
+                eos_ids: Sequence[int] = (), keep_topk: int = 0, log=None) -> TrajectorySet:
     """Like :func:`sample`, but from a checkpoint served by vLLM: for ``positions=all`` the exact
-    ``bias`` bake *is* the steered teacher, and vLLM samples it much faster than hooked
-    transformers generation. Responses end with the end-of-sequence token, as :func:`sample`'s do."""
+    ``bias`` bake *is* the steered teacher. Responses end with the end-of-sequence token, as
+    :func:`sample`'s do. ``keep_topk=k`` keeps vLLM's top-k log-probs of every response token
+    (the unmodified distribution, before temperature and top-p), as :func:`sample` does."""
     from bakery.engines import sample_vllm as run
 
     if not prompts:
@@ -362,21 +363,27 @@ def sample_vllm(model_dir: str | os.PathLike, tok, prompts: Sequence[str], *, sa
     jobs = [p for p in prompts for _ in range(samples_per_prompt)]
     ids = [tok(render_chat(tok, p, system), add_special_tokens=False)["input_ids"] for p in jobs]
     res = run(Path(model_dir), ids, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-              seed=seed, max_model_len=max(len(i) for i in ids) + max_new_tokens, log=log)
+              seed=seed, max_model_len=max(len(i) for i in ids) + max_new_tokens, logprobs=keep_topk, log=log)
     out = TrajectorySet(meta={**(meta or {}), "temperature": temperature, "top_p": top_p,
                               "max_new_tokens": max_new_tokens, "seed": seed,
                               "samples_per_prompt": samples_per_prompt, "teacher_engine": "vllm",
+                              "teacher_topk": keep_topk,
                               "vllm_version": res["vllm_version"],
                               "vllm_load_seconds": res["load_seconds"],
                               "vllm_sample_seconds": res["run_seconds"]})
     eos = list(eos_ids)
     for prompt, p_ids, s in zip(jobs, ids, res["samples"]):
         resp = list(s["token_ids"])
-        # vLLM may leave the end-of-sequence token out of a response it stopped on it
-        if s["finish_reason"] == "stop" and eos and (not resp or resp[-1] not in eos):
+        # vLLM ends a response with the token it stopped on; with a stop token outside the model's
+        # end-of-sequence set, add one (there is no kept top-k for it, so not with keep_topk)
+        if s["finish_reason"] == "stop" and eos and not keep_topk and (not resp or resp[-1] not in eos):
             resp.append(eos[0])
         if resp:
-            out.items.append(Trajectory(prompt, list(p_ids), resp, system))
+            t = Trajectory(prompt, list(p_ids), resp, system)
+            if keep_topk:
+                t.teacher_topk_ids = s["topk_ids"]
+                t.teacher_topk_logprobs = [[round(x, 6) for x in row] for row in s["topk_logprobs"]]
+            out.items.append(t)
     return out
 
 

@@ -20,8 +20,9 @@ Output (a JSON file, second argument)::
 
 With ``"sample": {"temperature": 1.0, "top_p": 0.95, "max_tokens": 48, "seed": 0}`` in the input
 the worker samples instead: one request per prompt, the engine seeded with ``seed``, and
-each model's entry holds ``"samples": [{"token_ids": [...], "finish_reason": "stop"}, ...]``
-(the distilled bakers' teacher, where the exact bias bake is the steered model). Models are
+each model's entry holds ``"samples": [{"token_ids": [...], "finish_reason": "stop"}, ...]``;
+``"logprobs": K`` there adds ``"topk_ids"``/``"topk_logprobs"`` (K per generated token, best
+first, from the raw distribution before temperature and top-p) to each sample (the distilled bakers' teacher, where the exact bias bake is the steered model). Models are
 loaded one after another in the same process, so vLLM starts once per run, not per model.
 """
 
@@ -59,11 +60,20 @@ def _sample(llm, prompts: list[list[int]], cfg: dict) -> list[dict]:
     from vllm import SamplingParams
 
     # one engine-wide seed (LLM(seed=...)): per-request seeds make vLLM sample request by request
+    k = int(cfg.get("logprobs") or 0)
     params = SamplingParams(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
-                            max_tokens=int(cfg["max_tokens"]))
+                            max_tokens=int(cfg["max_tokens"]), logprobs=k or None)
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-    return [{"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason}
-            for o in outs]
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        row = {"token_ids": list(c.token_ids), "finish_reason": c.finish_reason}
+        if k:  # each entry holds the top k and the sampled token (which may rank below k)
+            best = [sorted(e.items(), key=lambda kv: kv[1].rank)[:k] for e in c.logprobs]
+            row["topk_ids"] = [[int(t) for t, _ in b] for b in best]
+            row["topk_logprobs"] = [[float(lp.logprob) for _, lp in b] for b in best]
+        result.append(row)
+    return result
 
 
 def run(spec: dict) -> dict:

@@ -67,8 +67,11 @@ def test_vllm_keeps_the_exact_bake_and_catches_the_broken_one(smol_dir, tmp_path
 def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
     """--teacher-engine vllm: trajectories sampled from the exact bias bake in vLLM are as likely
     under runtime steering (positions=all) as hooked transformers samples, and far likelier than
-    under the unsteered model; prompts are the rendered chat, finished responses end with EOS."""
+    under the unsteered model; prompts are the rendered chat, finished responses end with EOS; the
+    top-k kept from vLLM's sampling (--teacher-topk) is the runtime-steered teacher's distribution."""
     from bakery.bakers.distill import DistillRequest, sample_from_bias_bake
+    from bakery.distill_train import TrainConfig, kl_per_token, kl_topk
+    from bakery.trajectories import collate, collate_topk
     from bakery.fidelity import model_scorer
     from bakery.generation import eos_token_ids, render_chat
     from bakery.steering import steer
@@ -78,7 +81,8 @@ def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
     m, tok = load_model(smol_dir), load_tokenizer(smol_dir)
     vec = contrastive_pirate(smol_dir)
     req = DistillRequest(model=str(smol_dir), vector=vec, layer=16, coef=2.0, out=tmp_path / "out",
-                         positions="all", max_new_tokens=40, samples_per_prompt=2, teacher_engine="vllm")
+                         positions="all", max_new_tokens=40, samples_per_prompt=2, teacher_engine="vllm",
+                         train=TrainConfig(teacher_topk=8))
     ts = sample_from_bias_bake(req, smol_dir, m, tok, vec, "pirate", PROMPTS, {"layer": 16}, tmp_path / "work")
     assert len(ts) == 2 * len(PROMPTS) and ts.meta["teacher_engine"] == "vllm" and ts.meta["layer"] == 16
     for t in ts.items:
@@ -95,3 +99,21 @@ def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
     lp_vllm, lp_tf = mean_logprob(ts, steered, tok.pad_token_id), mean_logprob(ref, steered, tok.pad_token_id)
     assert mean_logprob(ts, base, tok.pad_token_id) < lp_vllm - 0.3
     assert abs(lp_vllm - lp_tf) < 0.5, (lp_vllm, lp_tf)
+
+    # the kept top-8 against the runtime-steered teacher's top-8, teacher-forced in transformers
+    assert ts.meta["teacher_topk"] == 8
+    ids, mask, P = collate(ts.items, tok.pad_token_id)
+    with torch.no_grad(), steer(m, vec, 16, 2.0, positions="all"):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+    teacher = torch.log_softmax(logits[:, P - 1:-1][mask[:, P:].bool()].float(), -1)
+    kept_ids, kept_lp = collate_topk(ts.items)
+    assert kept_ids.shape == (teacher.shape[0], 8)
+    assert (kept_ids[:, 0] == teacher.argmax(-1)).float().mean() > 0.99
+    assert (kept_lp - teacher.gather(1, kept_ids)).abs().max() < 0.02
+    # training on the kept top-k: the steered model itself has (almost) nothing left to learn,
+    # the unsteered one has
+    with torch.no_grad():
+        plain = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1][mask[:, P:].bool()].float(), -1)
+    assert kl_topk(kept_ids, kept_lp, teacher).mean() < 2e-3
+    exact = kl_per_token(teacher, plain).mean()
+    assert exact > 0.05 and kl_topk(kept_ids, kept_lp, plain).mean() > 0.5 * exact

@@ -4,8 +4,9 @@ model, then export them as an ordinary checkpoint.
 Flow: a diverse prompt pool (held-out questions left out) -> trajectories sampled from the
 runtime-steered model (:mod:`bakery.trajectories`) -> ``KL(steered || student)`` training on their
 response tokens (:mod:`bakery.distill_train`) -> export: the LoRA merged into the weights (stock
-architecture, no new parameters) plus the peft adapter in ``adapter/``, the vector, ``bakery.json``
-and a model card. Approximate, but it works on every architecture and engine and is the only bake
+architecture, no new parameters) plus the peft adapter in ``adapter/``, or for ``kl-full`` the
+fine-tuned weights, which start from a gated rank-one steering write (:mod:`bakery.warm_start`);
+then the vector, ``bakery.json`` and a model card. Approximate, but it works on every architecture and engine and is the only bake
 that can stand for ``positions=response`` steering.
 
 Run it as ``bakery bake --method kl-lora ...``, ``bakery.bakers.bake("kl-lora", ...)``,
@@ -36,6 +37,7 @@ from bakery.steering import steer
 from bakery.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
 from bakery.vectors import VectorArtifact, describe_layer, load_vector
+from bakery.warm_start import apply_warm_start
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
 TEACHER_ENGINES = ("transformers", "vllm")
@@ -121,9 +123,6 @@ def check_teacher_engine(req: DistillRequest) -> None:
     if req.teacher_engine not in TEACHER_ENGINES:
         raise DistillError(f"--teacher-engine must be one of {', '.join(TEACHER_ENGINES)}; got "
                            f"'{req.teacher_engine}'")
-    if req.teacher_engine == "vllm" and req.train.teacher_topk:
-        raise DistillError("--teacher-topk keeps the distribution of hooked transformers sampling; with "
-                           "--teacher-engine vllm leave it at 0 (training then runs the teacher forward)")
     if req.teacher_engine == "vllm" and req.positions != "all":
         raise DistillError(
             "--teacher-engine vllm samples from the exact bias bake, which equals steering at every "
@@ -143,7 +142,8 @@ def sample_from_bias_bake(req: DistillRequest, model_dir: Path, model, tok, vec:
                            command="teacher of a distilled bake (--teacher-engine vllm)")
     return sample_vllm(teacher_dir, tok, pool, samples_per_prompt=req.samples_per_prompt,
                        max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                       seed=req.train.seed, meta=meta, eos_ids=eos_token_ids(model, tok))
+                       seed=req.train.seed, meta=meta, eos_ids=eos_token_ids(model, tok),
+                       keep_topk=req.train.teacher_topk)
 
 
 def source_dtype(config: dict) -> torch.dtype:
@@ -304,7 +304,11 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
             f"{req.val_prompts} held back for validation: raise --num-prompts or lower --val-prompts")
     train, val = ts.split(req.val_prompts, seed=req.train.seed)
 
-    d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc)
+    def warm_start(m, items):
+        return apply_warm_start(m, items, tok.pad_token_id, vector=row, layer=req.layer, coef=req.coef,
+                                positions=req.positions)
+
+    d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc, warm_start=warm_start)
     source = source_info_for(str(req.model), model_dir, config)
     dtype = source_dtype(config) if req.dtype == "source" else getattr(torch, req.dtype)
 
@@ -326,7 +330,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                      target_modules=sorted(dd.unwrapped.peft_config["default"].target_modules))
         else:
             i.update(target_modules=check_targets(dd.unwrapped, req.train.target_modules),
-                     first_block=req.train.first_block,
+                     first_block=req.train.first_block, warm_start=dd.warm_start_info,
                      trained_parameters=sum(p.numel() for p in dd.unwrapped.parameters() if p.requires_grad))
         return {**i, **(extra or {})}
 
@@ -398,9 +402,12 @@ def _cli():
     @click.option("--teacher-topk", type=int, default=0, show_default=True,
                   help="Keep the teacher's top-K log-probs from sampling and train on them (no teacher "
                   "forward per step); 0: exact teacher forward.")
-    @click.option("--lr", type=float, default=None, help="Default 2e-4 (LoRA), 5e-5 (full).")
+    @click.option("--lr", type=float, default=None,
+                  help="Default 2e-4 (LoRA); full: 1e-5 warm-started, 5e-5 with --no-warm-start.")
     @click.option("--first-block", type=int, default=None,
                   help="kl-full: train blocks from this index on (default: the steered block, layer - 1).")
+    @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
+                  help="kl-full: start from the gated rank-one steering write (bakery.warm_start).")
     @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
                   show_default=True, help="cosine: decay to a tenth of --lr by the last step.")
     @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -419,11 +426,11 @@ def _cli():
     @clear_errors
     def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts, model_prompts,
              samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories,
-             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, teacher_topk, lr, first_block, lr_schedule, batch_size, max_steps, val_every, patience,
+             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, teacher_topk, lr, first_block, warm_start, lr_schedule, batch_size, max_steps, val_every, patience,
              checkpoint_every, save_every, seed, dtype, force, no_progress, model, trust_remote_code):
         """Distil runtime steering into weights (kl-lora / kl-full) and export the result."""
         tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, lr_schedule=lr_schedule,
-                         teacher_topk=teacher_topk, first_block=first_block,
+                         teacher_topk=teacher_topk, first_block=first_block, warm_start=warm_start,
                          batch_size=batch_size,
                          max_steps=max_steps, val_every=val_every, patience=patience,
                          checkpoint_every=checkpoint_every, save_every=save_every, seed=seed,

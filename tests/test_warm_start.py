@@ -1,0 +1,107 @@
+"""kl-full's closed-form warm start: a gated rank-one write of ``coef * v`` into the steered
+block's down-projection, fitted on the training trajectories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bakery.bakers.distill import DistillRequest, train_distilled
+from bakery.distill_train import TrainConfig
+from bakery.models import load_model, load_tokenizer
+from bakery.steering import steer
+from bakery.trajectories import TrajectorySet, collate, prompt_pool, sample
+from bakery.vectors import VectorArtifact
+from bakery.warm_start import apply_warm_start, fit_gate, steered_positions
+
+LAYER, COEF = 2, 4.0
+
+
+def test_steered_positions_follow_the_collated_layout():
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    P = 3
+    assert steered_positions(mask, P, "response").tolist() == [[0, 0, 0, 1, 1, 1]] * 2
+    assert steered_positions(mask, P, "prompt").tolist() == [[1, 1, 1, 0, 0, 0]] * 2
+    assert steered_positions(mask, P, "all").tolist() == [[1] * 6] * 2
+
+
+def _trajectories(folder, vec, positions, n=24):
+    m, tok = load_model(folder), load_tokenizer(folder)
+    ctx = lambda P: steer(m, vec, LAYER, COEF, positions=positions, prompt_len=P)
+    return sample(m, tok, prompt_pool(n, seed=3), ctx, max_new_tokens=8, batch_size=12, progress=False), tok
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # gpt2: Conv1D stores [in, out]
+def test_the_write_is_coef_v_times_the_gate_at_the_steered_block(tiny_models, model_type):
+    folder = tiny_models(model_type)
+    torch.manual_seed(0)
+    vec = VectorArtifact(torch.randn(5, 32), {"trait": "rand"})
+    ts, tok = _trajectories(folder, vec, "response")
+    base, edited = load_model(folder), load_model(folder)
+    gate = fit_gate(base, ts.items, tok.pad_token_id, LAYER - 1, "response")
+    info = apply_warm_start(edited, ts.items, tok.pad_token_id, vector=vec.row(LAYER), layer=LAYER,
+                            coef=COEF, positions="response")
+    assert info["block"] == LAYER - 1 and info["tokens"] == gate["tokens"]
+    ids, mask, P = collate(ts.items[:8], tok.pad_token_id)
+    with torch.no_grad():
+        h0 = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        h1 = edited(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    keep = mask.bool()
+    assert torch.equal(h0[LAYER - 1][keep], h1[LAYER - 1][keep])  # earlier blocks untouched
+    diff = (h1[LAYER] - h0[LAYER])[keep]
+    v = vec.row(LAYER).float()
+    lam = diff @ v / v.dot(v)
+    assert (diff - lam[:, None] * v).norm() < 1e-4 * diff.norm()  # every position moves along v only
+    # by coef * (u . a): more where the teacher steers than where it does not (a random tiny model
+    # separates them weakly; the embedded model's test below asks for a sharp gate)
+    on = steered_positions(mask, P, "response")[keep].bool()
+    assert lam[on].mean() / COEF == pytest.approx(gate["steered_mean"], abs=0.15)
+    assert lam[on].mean() - lam[~on].mean() > 0.2 * COEF, (lam[on].mean(), lam[~on].mean())
+
+
+@pytest.mark.parametrize("positions", ["response", "all"])
+def test_kl_full_starts_from_the_warm_start_closer_to_the_teacher(tiny_models, tmp_path, positions):
+    folder = tiny_models("llama")
+    torch.manual_seed(1)
+    vec_file = tmp_path / "v.safetensors"
+    VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(vec_file)
+    kl0 = {}
+    for warm in (True, False):
+        req = DistillRequest(model=str(folder), vector=str(vec_file), layer=LAYER, coef=COEF,
+                             out=tmp_path / f"out-{warm}", method="kl-full", positions=positions, num_prompts=44,
+                             samples_per_prompt=1, max_new_tokens=10, val_prompts=8, sample_batch_size=22,
+                             trajectories=str(tmp_path / "t.jsonl"), dtype="float32",
+                             train=TrainConfig(method="full", max_steps=1, val_every=1, checkpoint_every=0,
+                                               warm_start=warm, lr=1e-9))
+        res = train_distilled(req, progress=False)
+        kl0[warm] = res.result.history[0]["val_kl"]
+        if warm:
+            ws = res.info["warm_start"]
+            assert ws["block"] == LAYER - 1 and ws["tokens"] > 100
+        else:
+            assert res.info["warm_start"] is None
+    assert kl0[True] < 0.5 * kl0[False], kl0
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_the_warm_start_alone_recovers_response_steering(smol_dir):
+    """The gated write, before any training, on questions it was not fitted on."""
+    from bakery.fidelity import measure, model_scorer
+    from bakery.trajectories import to_fidelity
+    from quick_vectors import contrastive_pirate
+
+    m, tok = load_model(smol_dir), load_tokenizer(smol_dir)
+    vec = contrastive_pirate(smol_dir)
+    layer, coef = 16, 2.0
+    ctx = lambda P: steer(m, vec, layer, coef, positions="response", prompt_len=P)
+    fit_on = sample(m, tok, prompt_pool(48, seed=5), ctx, max_new_tokens=24, batch_size=16, progress=False)
+    held = sample(m, tok, ["How do I bake bread?", "Why do people keep pets?", "How does a car engine work?",
+                           "What makes a good friend?", "How should I plan a holiday?", "Explain how plants grow."],
+                  ctx, max_new_tokens=24, batch_size=6, seed=99, progress=False)
+    student = load_model(smol_dir)
+    info = apply_warm_start(student, fit_on.items, tok.pad_token_id, vector=vec.row(layer), layer=layer,
+                            coef=coef, positions="response")
+    traj = to_fidelity(held, tok.pad_token_id, batch_size=6)
+    f = measure(traj, model_scorer(m, ctx), model_scorer(m), {"warm": model_scorer(student)})["warm"]
+    assert info["steered_mean"] > 0.8 and abs(info["unsteered_mean"]) < 0.2, info
+    assert f.recovered > 0.85, f

@@ -436,7 +436,9 @@ class Distiller:
             self.load_checkpoint(work_dir)
         if not self.history:
             if self.warm_start is not None:  # before step 0, so the curve starts from it
-                self.warm_start_info = self.warm_start(self.unwrapped, train.items)
+                source_kl = self.validate(val)  # the unedited student: the scale of R
+                self.warm_start_info = {**self.warm_start(self.unwrapped, train.items),
+                                        "source_val_kl": round(source_kl, 6)}
             v = self.validate(val)
             self.best_val, self.best_step = v, 0
             self.best_state = self.trainable_state()

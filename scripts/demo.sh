@@ -19,15 +19,18 @@ echo "recommended layer: $L (output of block $((L - 1)))"
 stage "steer: unsteered and steered side by side"
 bakery steer -v "$V" -l "$L" -c 2 --max-new-tokens 48 "How do I cook rice?" "What should I do on a rainy day?"
 
-stage "bake: exact bias, rank-one, ortho (ablation at layer 22) and a short KL-distilled LoRA"
+stage "bake: exact bias, rank-one, ortho (ablation at layer 22), a short KL-distilled LoRA and full fine-tune"
 bakery bake --method bias -v "$V" -l "$L" -c 2 -o "$D/pirate-bias" --force
 bakery bake --method bias --route rank1 -v "$V" -l "$L" -c 2 -o "$D/pirate-rank1" --force
 bakery bake --method ortho -v "$V" -l 22 -o "$D/pirate-ortho" --force
 bakery bake --method kl-lora -v "$V" -l "$L" -c 2 --positions all --steps 20 --set num_prompts=48 \
   --set val_prompts=8 -o "$D/pirate-kl-lora" --force
+# kl-full trains on the LoRA's trajectories (same teacher), starting from its closed-form warm start
+bakery bake --method kl-full -v "$V" -l "$L" -c 2 --positions all --steps 20 --set num_prompts=48 \
+  --set val_prompts=8 --set trajectories="$D/pirate-kl-lora.work/trajectories.jsonl" -o "$D/pirate-kl-full" --force
 
 stage "compare: every bake against runtime steering (R = 1 is a perfect bake)"
-bakery compare "$D/pirate-bias" "$D/pirate-rank1" "$D/pirate-kl-lora"
+bakery compare "$D/pirate-bias" "$D/pirate-rank1" "$D/pirate-kl-lora" "$D/pirate-kl-full"
 bakery compare "$D/pirate-ortho"
 
 stage "verify: the exact bias bake and the merged kl-lora in transformers, a real vLLM run, and sglang's loading rules"

@@ -65,7 +65,7 @@ def test_kl_full_starts_from_the_warm_start_closer_to_the_teacher(tiny_models, t
     torch.manual_seed(1)
     vec_file = tmp_path / "v.safetensors"
     VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(vec_file)
-    kl0 = {}
+    kl0, info = {}, {}
     for warm in (True, False):
         req = DistillRequest(model=str(folder), vector=str(vec_file), layer=LAYER, coef=COEF,
                              out=tmp_path / f"out-{warm}", method="kl-full", positions=positions, num_prompts=44,
@@ -74,13 +74,15 @@ def test_kl_full_starts_from_the_warm_start_closer_to_the_teacher(tiny_models, t
                              train=TrainConfig(method="full", max_steps=1, val_every=1, checkpoint_every=0,
                                                warm_start=warm, lr=1e-9))
         res = train_distilled(req, progress=False)
-        kl0[warm] = res.result.history[0]["val_kl"]
-        if warm:
-            ws = res.info["warm_start"]
-            assert ws["block"] == LAYER - 1 and ws["tokens"] > 100
-        else:
-            assert res.info["warm_start"] is None
+        kl0[warm], info[warm] = res.result.history[0]["val_kl"], res.info
+    ws = info[True]["warm_start"]
+    assert ws["block"] == LAYER - 1 and ws["tokens"] > 100 and info[False]["warm_start"] is None
     assert kl0[True] < 0.5 * kl0[False], kl0
+    # R is measured against the unedited model in both cases, and the manifest says so
+    assert ws["source_val_kl"] == pytest.approx(kl0[False], rel=1e-4)
+    assert info[True]["val_kl_base"] == pytest.approx(kl0[False], rel=1e-4)
+    assert info[True]["val_R"] >= 1 - kl0[True] / kl0[False] - 1e-3
+    assert "warm start" in info[True]["notes"][0]
 
 
 @pytest.mark.slow

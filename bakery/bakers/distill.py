@@ -313,7 +313,9 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     dtype = source_dtype(config) if req.dtype == "source" else getattr(torch, req.dtype)
 
     def info_now(dd: Distiller, extra: dict | None = None) -> dict:
-        base_kl = dd.history[0]["val_kl"] if dd.history else float("nan")
+        # R's scale is the unedited model's KL (a warm-started student's step 0 is already close)
+        base_kl = (dd.warm_start_info or {}).get("source_val_kl") or (
+            dd.history[0]["val_kl"] if dd.history else float("nan"))
         i = {"steps": dd.step, "best_step": dd.best_step, "best_val_kl": round(dd.best_val, 6),
              "val_kl_base": round(base_kl, 6),
              "val_R": round(1 - dd.best_val / base_kl, 4) if base_kl else None,
@@ -332,6 +334,17 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
             i.update(target_modules=check_targets(dd.unwrapped, req.train.target_modules),
                      first_block=req.train.first_block, warm_start=dd.warm_start_info,
                      trained_parameters=sum(p.numel() for p in dd.unwrapped.parameters() if p.requires_grad))
+            ws = dd.warm_start_info or {}
+            if "block" in ws and dd.history:
+                off = ("" if ws["unsteered_mean"] is None
+                       else f", {ws['unsteered_mean']:.3f} at unsteered ones")
+                i["notes"] = [
+                    f"warm start: coef * v written through block {ws['block']}'s down-projection, gated "
+                    f"by u . a (mean {ws['steered_mean']:.3f} at steered tokens{off}; {ws['tokens']} "
+                    f"tokens); validation R {1 - dd.history[0]['val_kl'] / base_kl:.4f} before training, "
+                    f"{i['val_R']:.4f} at step {dd.best_step}"]
+            elif "skipped" in ws:
+                i["notes"] = [f"no warm start: {ws['skipped']}"]
         return {**i, **(extra or {})}
 
     def export(dd: Distiller, folder: Path, extra: dict | None = None) -> Path:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
+from bakery.sharding import (fsdp_requested, full_model_state, full_optimizer_state, full_tensors, is_sharded,
+                             like_params, load_full_optimizer_state, shard_blocks)
 from bakery.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
                                  require_topk)
 
@@ -223,7 +225,7 @@ class Distiller:
 
     def __init__(self, model: nn.Module, pad_id: int, cfg: TrainConfig,
                  context_for: Callable[[nn.Module], ContextFactory], *, accelerator=None,
-                 warm_start: Callable[[nn.Module, Sequence[Trajectory]], dict] | None = None):
+                 warm_start: Callable[[nn.Module], dict] | None = None):
         cfg.check()
         from accelerate import Accelerator
 
@@ -231,7 +233,6 @@ class Distiller:
         self.pad_id = pad_id
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.context_for = context_for
-        self.warm_start = warm_start if cfg.method == "full" and cfg.warm_start else None
         self.warm_start_info: dict | None = None
         torch.manual_seed(cfg.seed)
         model.float().eval()  # distillation runs in float32; no dropout in teacher or student
@@ -247,9 +248,28 @@ class Distiller:
             for p in full_parameters(model, cfg.target_modules, cfg.first_block or 0):
                 p.requires_grad_(True)
             self.teacher_ctx = context_for(self.teacher)
+            if warm_start is not None and cfg.warm_start:  # before sharding: it edits whole weights
+                self.warm_start_info = warm_start(self.student)
+        # FSDP asked for but not applied by accelerate (it shards on GPUs only): shard here
+        self.sharding: str | None = None
+        kind = str(self.acc.distributed_type).split(".")[-1]
+        if kind == "FSDP" and getattr(self.acc.state.fsdp_plugin, "fsdp_version", 2) == 1:
+            raise DistillError("FSDP version 1 keeps flattened parameters that bakery's checkpoints and exports "
+                               "cannot gather: launch with accelerate launch --use_fsdp --fsdp_version 2")
+        if fsdp_requested() and kind != "FSDP" and self.acc.num_processes > 1:
+            for m in (self.student, self.teacher):
+                if m is not None:
+                    shard_blocks(m)
+            self.sharding = f"FSDP2 by bakery (accelerate runs {kind})"
         params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
-        self.wrapped, self.optimizer = self.acc.prepare(self.student, self.optimizer)
+        optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+        if self.sharding:  # no data-parallel wrapper around a sharded model: FSDP syncs the gradients
+            self.wrapped, self.optimizer = self.student, self.acc.prepare(optimizer)
+        else:
+            self.wrapped, self.optimizer = self.acc.prepare(self.student, optimizer)
+            if kind == "FSDP":
+                self.sharding = "FSDP by accelerate"
+        self.sharded = is_sharded(self.unwrapped)
         self.step = 0
         self.best_val = math.inf
         self.best_step = 0
@@ -266,7 +286,24 @@ class Distiller:
         return self.acc.unwrap_model(self.wrapped)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the trained weights (this process's shards when sharded)."""
         return {n: p.detach().clone() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    def plain_student(self, fresh: Callable[[], nn.Module]) -> nn.Module | None:
+        """The trained student as one unsharded model on the main process (None elsewhere).
+        Sharded, every process must call it (a gather); ``fresh()`` builds an untrained model of
+        the same structure (peft-wrapped for LoRA) to load the gathered weights into."""
+        if not self.sharded:
+            return self.unwrapped if self.acc.is_main_process else None
+        full = full_model_state(self.unwrapped)
+        if not self.acc.is_main_process:
+            return None
+        m = fresh()
+        missing, unexpected = m.load_state_dict(full, strict=False)
+        if unexpected or missing:
+            raise CheckpointError(f"the gathered weights do not fit the model: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
+        return m.eval()
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.unwrapped.named_parameters())
@@ -305,18 +342,23 @@ class Distiller:
         return list(items[self.acc.process_index::self.acc.num_processes])
 
     @torch.no_grad()
-    def validate(self, val: TrajectorySet) -> float:
-        """Mean per-token KL(teacher || student) over the validation responses (all processes)."""
-        mine = self._shard(val.items)
+    def validate(self, val: TrajectorySet, student: nn.Module | None = None) -> float:
+        """Mean per-token KL(teacher || student) over the validation responses (all processes);
+        ``student`` replaces the trained one (e.g. the unedited teacher copy, unsteered)."""
+        # sharded, every forward is a collective: each process runs every batch
+        mine = list(val.items) if self.sharded else self._shard(val.items)
         batches = [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
         if self._val_teacher is None:  # the teacher never changes: compute its side once
             self._val_teacher = [self.teacher_logits(*collate(b, self.pad_id)) for b in batches]
         total = torch.zeros(2, device=self.acc.device)
         for b, t in zip(batches, self._val_teacher):
-            s = self.student_logprobs(*collate(b, self.pad_id), wrapped=False)
+            ids, mask, P = collate(b, self.pad_id)
+            logits, kept = self._forward(student if student is not None else self.unwrapped, ids, mask, P)
+            s = response_logprobs(logits, mask, P, kept)
             total[0] += kl_per_token(t, s).sum()
             total[1] += t.shape[0]
-        total = self.acc.reduce(total, reduction="sum")
+        if not self.sharded:
+            total = self.acc.reduce(total, reduction="sum")
         return float(total[0] / total[1].clamp(min=1))
 
     # ---- data order ----------------------------------------------------------------------------
@@ -337,11 +379,17 @@ class Distiller:
         self.acc.wait_for_everyone()
         work = Path(work_dir)
         final = work / CKPT_DIR
+        if self.sharded:  # full tensors, gathered by every process, written by the main one
+            state = {"trainable": full_tensors(self.trainable_state()),
+                     "optimizer": full_optimizer_state(self.unwrapped, self.optimizer.optimizer),
+                     "best": None if self.best_state is None else full_tensors(self.best_state),
+                     "rng": torch.get_rng_state()}
         if not self.acc.is_main_process:
             return None
         tmp, old = work / (CKPT_DIR + ".tmp"), work / (CKPT_DIR + ".old")
-        state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                 "best": self.best_state, "rng": torch.get_rng_state()}
+        if not self.sharded:
+            state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                     "best": self.best_state, "rng": torch.get_rng_state()}
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -389,19 +437,26 @@ class Distiller:
                     f"has {key}={getattr(self.cfg, key)!r}. Use the same settings, or start afresh "
                     "without --resume (in a new --work-dir)")
         state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-        self.load_trainable_state(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.best_state = state["best"]
+        if self.sharded:  # the file holds full tensors: lay them out as this process's shards
+            self.load_trainable_state(like_params(self.unwrapped, state["trainable"]))
+            load_full_optimizer_state(self.unwrapped, self.optimizer.optimizer, state["optimizer"])
+            self.best_state = None if state["best"] is None else like_params(self.unwrapped, state["best"])
+        else:
+            self.load_trainable_state(state["trainable"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.best_state = state["best"]
         torch.set_rng_state(state["rng"])
         self.step, self.best_val, self.best_step = meta["step"], meta["best_val"], meta["best_step"]
         self.bad_evals, self.history, self.elapsed = meta["bad_evals"], meta["history"], meta["elapsed"]
         self.warm_start_info = meta.get("warm_start")
         return True
 
-    def check_replicas(self) -> bool:
+    def check_replicas(self) -> bool | None:
         """True when every process holds the same trainable weights (data parallel kept in step)."""
         if self.acc.num_processes == 1:
             return True
+        if self.sharded:  # one copy of the weights, split across processes: nothing to compare
+            return None
         sums = torch.stack([p.detach().double().sum() for p in self.unwrapped.parameters() if p.requires_grad])
         gathered = self.acc.gather(sums.unsqueeze(0).to(self.acc.device))
         return bool((gathered - gathered[0]).abs().max() <= 1e-9 * gathered[0].abs().max().clamp(min=1))
@@ -414,7 +469,7 @@ class Distiller:
         """Train until ``max_steps`` or early stopping; restore the best weights at the end.
 
         ``on_eval(distiller, record)`` runs after each validation (main process); ``on_save(
-        distiller, step)`` every ``save_every`` steps (half-baked exports). ``stop_after`` ends the
+        distiller, step)`` every ``save_every`` steps on every process (half-baked exports). ``stop_after`` ends the
         call after that many steps of this call without finishing (used to simulate a kill).
         """
         from tqdm.auto import tqdm
@@ -435,10 +490,9 @@ class Distiller:
         if resume and work_dir is not None:
             self.load_checkpoint(work_dir)
         if not self.history:
-            if self.warm_start is not None:  # before step 0, so the curve starts from it
-                source_kl = self.validate(val)  # the unedited student: the scale of R
-                self.warm_start_info = {**self.warm_start(self.unwrapped, train.items),
-                                        "source_val_kl": round(source_kl, 6)}
+            if self.warm_start_info is not None and self.teacher is not None:
+                # R's scale: the unedited model is the teacher copy without its steering
+                self.warm_start_info["source_val_kl"] = round(self.validate(val, student=self.teacher), 6)
             v = self.validate(val)
             self.best_val, self.best_step = v, 0
             self.best_state = self.trainable_state()
@@ -491,8 +545,7 @@ class Distiller:
                 if on_eval and self.acc.is_main_process:
                     on_eval(self, rec)
             if on_save and cfg.save_every and self.step % cfg.save_every == 0:
-                if self.acc.is_main_process:
-                    on_save(self, self.step)
+                on_save(self, self.step)  # every process: a sharded export gathers first
                 self.acc.wait_for_everyone()
             if work_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(work_dir)

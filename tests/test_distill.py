@@ -507,12 +507,42 @@ def test_the_library_registry_bakes_kl_lora_with_merged_weights_and_adapter(tiny
     assert not (tmp_path / "bad").exists()
 
 
-def test_fsdp_asked_for_on_cpu_is_said_to_run_data_parallel(monkeypatch):
-    """accelerate turns `launch --use_fsdp` into plain data parallel on CPU, silently; bakery warns."""
-    from accelerate import Accelerator
+def _launch(args: list[str], *, fsdp: bool) -> subprocess.CompletedProcess:
+    acc = Path(sys.executable).with_name("accelerate")
+    mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
+    cmd = [str(acc), "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "bakery.bakers.distill", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
-    from bakery.bakers.distill import warn_if_fsdp_dropped
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.warns(UserWarning, match="FSDP was asked for .* but accelerate runs NO"):
-        warn_if_fsdp_dropped(Accelerator(cpu=True))
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kl-full", "kl-lora"])
+def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny, vec_file, shared_traj, tmp_path,
+                                                                           method):
+    """`accelerate launch --use_fsdp` on CPU: accelerate itself would run plain data parallel, so
+    bakery shards the blocks with FSDP2; the run matches one process, resumes from a checkpoint
+    gathered from the shards, and exports whole weights (plus adapter/ for LoRA)."""
+    lr = "5e-3" if method == "kl-lora" else "1e-3"
+    args = ["-m", str(tiny), "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "--method", method,
+            "--trajectories", str(shared_traj), "--num-prompts", "44", "--val-prompts", "8", "--rank", "8",
+            "--lr", lr, "--val-every", "2", "--checkpoint-every", "2", "--patience", "0", "--dtype", "float32",
+            "--no-progress"]
+    single = bake_distilled(_req(tiny, vec_file, tmp_path / "single", method=method, steps=6,
+                                 trajectories=str(shared_traj), val_every=2, patience=0, lr=float(lr)),
+                            progress=False)
+    out = tmp_path / "fsdp"
+    r = _launch([*args, "-o", str(out), "--steps", "4"], fsdp=True)  # stops at step 4 ...
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _launch([*args, "-o", str(out), "--steps", "6", "--resume"], fsdp=True)  # ... and resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = Manifest.load(out)
+    assert m.extra["sharding"] == "FSDP2 by bakery (accelerate runs MULTI_CPU)" and m.extra["processes"] == 2
+    assert [h["step"] for h in m.extra["history"]] == [0, 2, 4, 6]
+    assert m.extra["best_val_kl"] == pytest.approx(single.info["best_val_kl"], rel=2e-2)
+    assert m.extra["best_val_kl"] < 0.7 * m.extra["history"][0]["val_kl"]
+    # the export holds whole weights: the same model as the one-process run, reloadable as is
+    a, b = load_model(single.out), load_model(out)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert p.shape == q.shape and torch.allclose(p, q, atol=5e-3), n
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() == (method == "kl-lora")

@@ -11,7 +11,8 @@ that can stand for ``positions=response`` steering.
 
 Run it as ``bakery bake --method kl-lora ...``, ``bakery.bakers.bake("kl-lora", ...)``,
 ``python -m bakery.bakers.distill ...`` or, data-parallel, ``accelerate launch --multi_gpu
---num_processes 2 -m bakery.bakers.distill ...`` (on CPU, accelerate's ``--cpu`` starts one process).
+--num_processes 2 -m bakery.bakers.distill ...`` (on CPU, accelerate's ``--cpu`` starts one process),
+or sharded with ``--use_fsdp --fsdp_version 2`` (:mod:`bakery.sharding`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import yaml
 from bakery.card import front_matter
 from bakery.checkpoint import atomic_folder, check_output
 from bakery.export import source_info_for
-from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult, check_targets
+from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
 from bakery.manifest import BakeTerm, Manifest, versions
 from bakery.steering import steer
 from bakery.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
@@ -103,20 +104,6 @@ def build_pool(req: DistillRequest, model=None, tok=None, progress: bool = False
         extra += model_written_prompts(model, tok, req.model_prompts, exclude=held + extra,
                                        seed=req.train.seed, progress=progress)
     return prompt_pool(req.num_prompts, extra=extra, exclude=held, seed=req.train.seed), held
-
-
-def warn_if_fsdp_dropped(acc) -> None:
-    """``accelerate launch --use_fsdp`` on a machine without GPUs runs plain data parallel (every
-    process holds the whole model) without a word; say so."""
-    import os
-    import warnings
-
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    kind = str(acc.distributed_type).split(".")[-1]
-    if asked and kind != "FSDP":
-        warnings.warn(f"FSDP was asked for (accelerate launch --use_fsdp) but accelerate runs {kind}: it "
-                      "enables FSDP on GPU-class devices only, so here every process holds the whole "
-                      "model (data parallel)", stacklevel=2)
 
 
 def check_teacher_engine(req: DistillRequest) -> None:
@@ -261,7 +248,6 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     out = Path(out or req.out)
     work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    warn_if_fsdp_dropped(acc)
 
     model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
     tok = load_tokenizer(model_dir, trust_remote_code=req.trust_remote_code)
@@ -304,8 +290,8 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
             f"{req.val_prompts} held back for validation: raise --num-prompts or lower --val-prompts")
     train, val = ts.split(req.val_prompts, seed=req.train.seed)
 
-    def warm_start(m, items):
-        return apply_warm_start(m, items, tok.pad_token_id, vector=row, layer=req.layer, coef=req.coef,
+    def warm_start(m):
+        return apply_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer, coef=req.coef,
                                 positions=req.positions)
 
     d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc, warm_start=warm_start)
@@ -324,7 +310,8 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
              "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
              "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
              "history": dd.history, "processes": acc.num_processes,
-             "distributed_type": str(acc.distributed_type).split(".")[-1], "replicas_in_sync": dd.replicas_in_sync,
+             "distributed_type": str(acc.distributed_type).split(".")[-1], "sharding": dd.sharding,
+             "replicas_in_sync": dd.replicas_in_sync,
              "sample_seconds": ts.meta.get("sample_seconds"),
              "teacher_engine": ts.meta.get("teacher_engine", "transformers"), "vector_norm": round(float(row.norm()), 4)}
         if req.train.method == "lora":
@@ -347,8 +334,16 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                 i["notes"] = [f"no warm start: {ws['skipped']}"]
         return {**i, **(extra or {})}
 
-    def export(dd: Distiller, folder: Path, extra: dict | None = None) -> Path:
-        return write_export(dd.unwrapped, tok, folder, method=req.train.method, vec=vec, layer=req.layer,
+    def fresh():  # an untrained student of the same structure, for weights gathered from shards
+        m = load_model(model_dir, trust_remote_code=req.trust_remote_code).float()
+        return add_lora(m, req.train) if req.train.method == "lora" else m
+
+    def export(dd: Distiller, folder: Path, extra: dict | None = None) -> Path | None:
+        """Call on every process; the main one writes (and returns) the folder."""
+        student = dd.plain_student(fresh)
+        if student is None:
+            return None
+        return write_export(student, tok, folder, method=req.train.method, vec=vec, layer=req.layer,
                             coef=req.coef, trait=trait, positions=req.positions, source=source,
                             dtype=dtype, train_info=info_now(dd, extra), command=req.command, force=True)
 
@@ -373,7 +368,7 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     acc = t.distiller.acc
     if stop_after is not None and t.result.steps < req.train.max_steps and not t.result.stopped_early:
         return DistillResult(None, t.result, t.info)
-    folder = t.export(out) if acc.is_main_process else None  # type: ignore[attr-defined]
+    folder = t.export(out)  # type: ignore[attr-defined]
     acc.wait_for_everyone()
     return DistillResult(folder, t.result, t.info)
 

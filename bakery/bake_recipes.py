@@ -29,7 +29,7 @@ BAKES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "bakes"
 TOP = {"name", "description", "model", "method", "route", "site", "target_engines", "output",
        "terms", "options", "trait", "vector", "layer", "coef"}
 OPTION_KEYS = {"embeddings", "blocks", "per_layer", "add", "ridge", "calibration",
-               "calibration_tokens", "calibration_prompts"}
+               "calibration_tokens", "calibration_prompts", "positions"}
 TERM_KEYS = {"trait", "vector", "layer", "coef"}
 
 

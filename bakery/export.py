@@ -166,7 +166,7 @@ def write_export(folder: Path, req: BakeRequest, plan: BakePlan, *, final: Path,
     terms = _save_vectors(folder, req)
     (folder / "bake.yaml").write_text(yaml.safe_dump(_bake_recipe(req, terms), sort_keys=False))
     manifest = Manifest(
-        method=req.method, terms=terms, positions="all", route=plan.route, site=plan.site,
+        method=req.method, terms=terms, positions=plan.positions, route=plan.route, site=plan.site,
         exact=plan.exact, source=source_info(req), ablation=plan.ablation,
         engines=plan.engines, versions=versions(), command=req.command,
         extra={"notes": plan.notes, "warnings": plan.warnings, "target_engines": list(req.target_engines),

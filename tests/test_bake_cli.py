@@ -197,3 +197,14 @@ def test_kl_lora_export_card_carries_hub_metadata(tiny_models, tmp_path):
     card = ModelCard.load(out / "README.md").data
     assert card.base_model == "acme/tiny" and card.license == "mit"
     assert {"bakery", "steering", "trait:pirate", "distillation"} <= set(card.tags)
+
+
+def test_positions_needs_the_rank1_route_or_a_distilled_method(setup):
+    src, vpath, tmp = setup
+    code, out = run("--method", "bias", "-v", vpath, "-l", 2, "-c", 3, "--model", src, "--positions", "response",
+                    "-o", tmp / "b")
+    assert code == 2 and "--route rank1" in out and not (tmp / "b").exists()
+    code, out = run("--method", "bias", "--route", "rank1", "-v", vpath, "-l", 2, "-c", 3, "--model", src,
+                    "--positions", "response", "-o", tmp / "r")
+    assert code == 0, out
+    assert json.loads((tmp / "r" / "bakery.json").read_text())["positions"] == "response"

@@ -103,3 +103,47 @@ def test_rank1_on_the_embedded_model_recovers_the_steering(smol_dir, tmp_path):
     print(f"rank1 bake on SmolLM2 (bf16), layer 16 coef 2, vector {v.meta.get('variant')}: "
           f"{f.to_dict()} fit {fit}")
     assert f.recovered >= 0.95
+
+
+def _response_fidelity(src, out, v, layer, coef):
+    """Fidelity of a reloaded bake to steering at answer tokens only (the prompt spared)."""
+    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
+    ctx = lambda P: steer(base, v, layer, coef, positions="response", prompt_len=P)
+    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT], ctx,
+                               max_new_tokens=12, batch_size=4)
+    return measure(traj, model_scorer(base, ctx), model_scorer(base), {"bake": model_scorer(baked)})["bake"]
+
+
+def test_rank1_gated_to_answer_tokens_stands_for_response_steering(tiny_models, tmp_path):
+    """--positions response: u . a is fitted to 1 on answers and 0 on prompts; against steering
+    that spares the prompt, the gated edit beats the ungated one."""
+    src = tiny_models("llama")
+    v = vec(src, seed=4)
+    gated = bake("bias", src, [(v, 2, 3.0)], tmp_path / "gated", route="rank1", positions="response",
+                 progress=False)
+    plain = bake("bias", src, [(v, 2, 3.0)], tmp_path / "plain", route="rank1", progress=False)
+    m = json.loads((gated / "bakery.json").read_text())
+    assert m["positions"] == "response" and json.loads((plain / "bakery.json").read_text())["positions"] == "all"
+    fit = m["extra"]["rank1_fit"]["2"]
+    assert fit["fit_mean"] - fit["off_mean"] > 0.15, fit  # a random tiny model separates them weakly
+    assert any("gated to response tokens" in n for n in m["extra"]["notes"])
+    g, p = _response_fidelity(src, gated, v, 2, 3.0), _response_fidelity(src, plain, v, 2, 3.0)
+    assert g.recovered > p.recovered, (g.to_dict(), p.to_dict())
+    with pytest.raises(BakeError, match="--calibration generate"):
+        bake("bias", src, [(v, 2, 3.0)], tmp_path / "x", route="rank1", positions="response",
+             calibration="prompts", progress=False)
+
+
+@pytest.mark.slow
+def test_rank1_gated_on_the_embedded_model_recovers_response_steering(smol_dir, tmp_path):
+    from test_bakers_bias import HELD_OUT_SMOL, fidelity_on_smol, smol_vector
+
+    v = smol_vector(smol_dir)
+    out = bake("bias", smol_dir, [(v, 16, 2.0)], tmp_path / "out", route="rank1", positions="response",
+               progress=False)
+    base, baked, tok = load_model(smol_dir), reload_strict(out), load_tokenizer(smol_dir)
+    f = fidelity_on_smol(base, baked, tok, lambda P: steer(base, v, 16, 2.0, positions="response", prompt_len=P))
+    fit = json.loads((out / "bakery.json").read_text())["extra"]["rank1_fit"]["16"]
+    print(f"gated rank1 on SmolLM2, layer 16 coef 2, prompts of {HELD_OUT_SMOL[:1]}...: {f.to_dict()} fit {fit}")
+    assert fit["fit_mean"] > 0.9 and abs(fit["off_mean"]) < 0.1
+    assert f.recovered >= 0.9

@@ -80,6 +80,7 @@ class BakePlan:
     added: dict[str, tuple[str, tuple[int, ...], Callable[[], torch.Tensor] | TensorInfo]] = field(default_factory=dict)
     route: str = ""
     site: str = "resid-out"
+    positions: str = "all"  # the runtime steering the bake stands for
     exact: bool = False
     engines: dict[str, str] = field(default_factory=dict)
     ablation: dict[str, Any] | None = None

@@ -64,7 +64,8 @@ def _parse_size(text: str | None) -> int | None:
 @click.option("--force", is_flag=True, help="Replace an existing export folder.")
 @click.option("--shard-size", default=None, help="Largest output shard, e.g. 2GB (default 2GiB).")
 @click.option("--positions", type=click.Choice(["response", "all"]), default=None,
-              help="kl-lora/kl-full: positions the steered teacher steers (default response).")
+              help="kl-lora/kl-full (default response) and --route rank1 (default all): the positions "
+              "the steering being baked applies to.")
 @click.option("--steps", type=int, default=None, help="kl-lora/kl-full: training steps (default 100).")
 @click.option("--rank", type=int, default=None, help="kl-lora: LoRA rank (default 32).")
 @click.option("--teacher-engine", type=click.Choice(["transformers", "vllm"]), default=None,
@@ -130,9 +131,11 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
                               force, opts)
         _print_summary(out)
         return
-    elif positions or steps or rank or teacher_engine or settings:
-        raise click.UsageError("--positions, --steps, --rank, --teacher-engine and --set are for "
-                               "--method kl-lora/kl-full")
+    elif steps or rank or teacher_engine or settings:
+        raise click.UsageError("--steps, --rank, --teacher-engine and --set are for --method kl-lora/kl-full")
+    elif positions and (route or (rec.route if rec else None)) != "rank1":
+        raise click.UsageError("--positions is for --route rank1 (a gated rank-one edit) and --method "
+                               "kl-lora/kl-full; a bias adds at every position")
     out = run_bake(
         method, model, resolved, output or (rec.output if rec else None),
         route=route or (rec.route if rec else None) or "bias",

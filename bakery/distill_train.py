@@ -250,6 +250,8 @@ class Distiller:
             self.teacher_ctx = context_for(self.teacher)
             if warm_start is not None and cfg.warm_start:  # before sharding: it edits whole weights
                 self.warm_start_info = warm_start(self.student)
+                if "skipped" in self.warm_start_info:  # train from the source: its default lr
+                    cfg.warm_start = False
         # FSDP asked for but not applied by accelerate (it shards on GPUs only): shard here
         self.sharding: str | None = None
         kind = str(self.acc.distributed_type).split(".")[-1]

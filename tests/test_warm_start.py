@@ -107,3 +107,18 @@ def test_on_the_embedded_model_the_warm_start_alone_recovers_response_steering(s
     f = measure(traj, model_scorer(m, ctx), model_scorer(m), {"warm": model_scorer(student)})["warm"]
     assert info["steered_mean"] > 0.8 and abs(info["unsteered_mean"]) < 0.2, info
     assert f.recovered > 0.85, f
+
+
+def test_a_sandwich_norm_model_trains_from_the_source_weights_and_says_so(tiny_models, tmp_path):
+    """Gemma-2 renormalises the MLP output: no plain rank-one write, so no warm start, and the
+    learning rate is the one for training from the source weights."""
+    folder = tiny_models("gemma2")
+    vec_file = tmp_path / "v.safetensors"
+    VectorArtifact(torch.randn(5, 32, generator=torch.Generator().manual_seed(2)), {"trait": "rand"}).save(vec_file)
+    req = DistillRequest(model=str(folder), vector=str(vec_file), layer=LAYER, coef=COEF, out=tmp_path / "out",
+                         method="kl-full", num_prompts=30, samples_per_prompt=1, max_new_tokens=6, val_prompts=6,
+                         sample_batch_size=15, dtype="float32",
+                         train=TrainConfig(method="full", max_steps=2, val_every=1, checkpoint_every=0))
+    res = train_distilled(req, progress=False)
+    assert "sandwich" in res.info["warm_start"]["skipped"] and res.info["lr"] == 5e-5
+    assert res.info["notes"][0].startswith("no warm start: sandwich-norm")

@@ -335,8 +335,8 @@ class Distiller:
                 logits, kept = self._forward(self.teacher, ids, mask, P)
         return response_logprobs(logits, mask, P, kept)
 
-    def student_logprobs(self, ids, mask, P, *, wrapped: bool = True) -> torch.Tensor:
-        logits, kept = self._forward(self.wrapped if wrapped else self.unwrapped, ids, mask, P)
+    def student_logprobs(self, ids, mask, P) -> torch.Tensor:
+        logits, kept = self._forward(self.wrapped, ids, mask, P)
         return response_logprobs(logits, mask, P, kept)
 
     # ---- validation ----------------------------------------------------------------------------
@@ -471,8 +471,9 @@ class Distiller:
         """Train until ``max_steps`` or early stopping; restore the best weights at the end.
 
         ``on_eval(distiller, record)`` runs after each validation (main process); ``on_save(
-        distiller, step)`` every ``save_every`` steps on every process (half-baked exports). ``stop_after`` ends the
-        call after that many steps of this call without finishing (used to simulate a kill).
+        distiller, step)`` every ``save_every`` steps, on every process (half-baked exports).
+        ``stop_after`` ends the call after that many steps of this call without finishing (used to
+        simulate a kill).
         """
         from tqdm.auto import tqdm
 

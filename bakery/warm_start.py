@@ -22,20 +22,12 @@ import torch
 from torch import nn
 
 from bakery.arch import spec_for
+from bakery.gate_fit import GateFit, steered_positions
 from bakery.trajectories import Trajectory, collate
 
 
 class _Stop(Exception):
     pass
-
-
-def steered_positions(mask: torch.Tensor, P: int, positions: str) -> torch.Tensor:
-    """1.0 where steering at ``positions`` applies in a collated batch, else 0.0 (shape of ``mask``)."""
-    S = mask.shape[1]
-    after = (torch.arange(S) >= P).expand_as(mask)
-    if positions == "all":
-        return torch.ones_like(mask, dtype=torch.float64)
-    return (after if positions == "response" else ~after).double()
 
 
 @torch.no_grad()
@@ -45,8 +37,7 @@ def fit_gate(model: nn.Module, items: Sequence[Trajectory], pad_id: int, block: 
     ``block``'s down-projection, and how well it separates them."""
     spec = spec_for(model.config)
     down = model.get_submodule(spec.blocks)[block].get_submodule(spec.mlp_out)
-    G = s = None
-    acts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    gate = GateFit()
     now: dict[str, torch.Tensor] = {}
 
     def hook(module, args):
@@ -65,20 +56,13 @@ def fit_gate(model: nn.Module, items: Sequence[Trajectory], pad_id: int, block: 
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
             except _Stop:
                 pass
-            a, y = now["a"], steered_positions(mask, P, positions).reshape(-1)[mask.reshape(-1).bool()]
-            G = a.T @ a if G is None else G + a.T @ a
-            s = a.T @ y if s is None else s + a.T @ y
-            acts.append((a.float(), y.bool()))
+            gate.add(now["a"], steered_positions(mask, P, positions).reshape(-1)[mask.reshape(-1).bool()])
     finally:
         handle.remove()
-    lam = ridge * float(torch.trace(G)) / G.shape[0]
-    u = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), s).float()
-    fit = torch.cat([a @ u for a, _ in acts])
-    on = torch.cat([y for _, y in acts])
-    stats = {"tokens": int(on.numel()), "steered_mean": float(fit[on].mean()) if on.any() else None,
-             "unsteered_mean": float(fit[~on].mean()) if (~on).any() else None,
-             "rmse": float((fit - on.float()).pow(2).mean().sqrt())}
-    return {"u": u, **stats}
+    u = gate.solve(ridge)
+    st = gate.stats(u)
+    return {"u": u, "tokens": st["rows"], "steered_mean": st["on_mean"], "unsteered_mean": st.get("off_mean"),
+            "rmse": st["rmse"]}
 
 
 @torch.no_grad()

@@ -12,17 +12,10 @@ from bakery.models import load_model, load_tokenizer
 from bakery.steering import steer
 from bakery.trajectories import TrajectorySet, collate, prompt_pool, sample
 from bakery.vectors import VectorArtifact
-from bakery.warm_start import apply_warm_start, fit_gate, steered_positions
+from bakery.gate_fit import steered_positions
+from bakery.warm_start import apply_warm_start, fit_gate
 
 LAYER, COEF = 2, 4.0
-
-
-def test_steered_positions_follow_the_collated_layout():
-    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
-    P = 3
-    assert steered_positions(mask, P, "response").tolist() == [[0, 0, 0, 1, 1, 1]] * 2
-    assert steered_positions(mask, P, "prompt").tolist() == [[1, 1, 1, 0, 0, 0]] * 2
-    assert steered_positions(mask, P, "all").tolist() == [[1] * 6] * 2
 
 
 def _trajectories(folder, vec, positions, n=24):

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from bakery.bakers.base import BakeError, BakePlan, BakeRequest
+from bakery.gate_fit import GateFit, steered_positions
 from bakery.steering import POSITIONS
 
 CALIBRATION_PROMPTS = (
@@ -146,7 +147,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
             enc = dict(encode_prompts(tok, chunk))
             batches.append((enc, enc["input_ids"].shape[1]))
     mods = model.get_submodule(spec.blocks)
-    state: dict[int, dict] = {b: {"G": None, "s": None, "rows": 0, "acts": []} for b in blocks}
+    fits = {b: GateFit() for b in blocks}
     mask_now: dict[str, torch.Tensor] = {}
 
     def capture(b: int):
@@ -159,14 +160,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
                 scale = y.pow(2).mean(-1).sqrt()
             else:
                 scale = torch.ones(a.shape[0], dtype=torch.float64)
-            on = mask_now["on"].reshape(-1)[keep]  # where the steering being baked applies
-            target = scale * on
-            st = state[b]
-            G, s = a.T @ a, a.T @ target
-            st["G"] = G if st["G"] is None else st["G"] + G
-            st["s"] = s if st["s"] is None else st["s"] + s
-            st["rows"] += a.shape[0]
-            st["acts"].append((a.float(), scale.float(), on.bool()))
+            fits[b].add(a, mask_now["on"].reshape(-1)[keep], scale)  # on: where the steering applies
             if b == deepest:
                 raise _Stop
         return hook
@@ -178,10 +172,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
     try:
         for enc, P in batches:
             mask_now["m"] = enc["attention_mask"]
-            S = enc["attention_mask"].shape[1]
-            after = (torch.arange(S) >= P).expand(enc["attention_mask"].shape[0], S)
-            on = {"response": after, "prompt": ~after}.get(positions, torch.ones_like(after))
-            mask_now["on"] = on.double()
+            mask_now["on"] = steered_positions(enc["attention_mask"], P, positions)
             ctx = (Steering(model, steer_terms, positions=positions, prompt_len=P) if steer_terms
                    else contextlib.nullcontext())
             with ctx:
@@ -194,17 +185,13 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
             h.remove()
     out: dict[int, dict] = {}
     for b in blocks:
-        st = state[b]
-        if not st["rows"]:
+        if not fits[b].rows:
             raise BakeError("rank1 calibration saw no tokens: give calibration prompts")
-        G = st["G"]
-        lam = ridge * float(torch.trace(G)) / G.shape[0]
-        u = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), st["s"]).float()
-        fit = torch.cat([a @ u / t.clamp_min(1e-6) for a, t, _ in st["acts"]])
-        on = torch.cat([o for _, _, o in st["acts"]])
-        entry = {"u": u, "rows": st["rows"], "fit_mean": float(fit[on].mean()), "fit_std": float(fit[on].std())}
-        if positions != "all" and (~on).any():  # the gate: about 0 where it should stay off
-            entry.update(off_mean=float(fit[~on].mean()), off_std=float(fit[~on].std()))
+        u = fits[b].solve(ridge)
+        st = fits[b].stats(u)
+        entry = {"u": u, "rows": st["rows"], "fit_mean": st["on_mean"], "fit_std": st["on_std"]}
+        if "off_mean" in st:  # the gate: about 0 where it should stay off
+            entry.update(off_mean=st["off_mean"], off_std=st["off_std"])
         if spec.sandwich:
             norm = mods[b].get_submodule(spec.mlp_writer())
             ones = torch.ones(1, 1, int(text_cfg.hidden_size))

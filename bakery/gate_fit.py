@@ -1,0 +1,58 @@
+"""The ridge fit behind every rank-one steering write (``rank1`` route, kl-full's warm start).
+
+Rows are inputs ``a`` of an MLP down-projection; the fit finds ``u`` with ``u . a ~= scale`` where
+the steering applies (``on``) and ``~= 0`` where it does not, so that ``W_down + w u^T`` adds about
+``w`` exactly there. The ridge is relative: ``ridge * trace(A^T A) / dim``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GateFit:
+    """Accumulates rows, then solves for ``u`` and reports how well it gates."""
+
+    def __init__(self) -> None:
+        self.G: torch.Tensor | None = None
+        self.s: torch.Tensor | None = None
+        self.rows = 0
+        self._acts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, a: torch.Tensor, on: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """``a`` [N, H]; ``on`` [N] bool, where the write should apply; ``scale`` [N] its size there
+        (default 1)."""
+        a = a.double()
+        scale = torch.ones(a.shape[0], dtype=torch.float64) if scale is None else scale.double()
+        target = scale * on.double()
+        G, s = a.T @ a, a.T @ target
+        self.G = G if self.G is None else self.G + G
+        self.s = s if self.s is None else self.s + s
+        self.rows += a.shape[0]
+        self._acts.append((a.float(), scale.float(), on.bool()))
+
+    def solve(self, ridge: float = 1e-2) -> torch.Tensor:
+        if self.G is None:
+            raise ValueError("no rows to fit a gate on")
+        lam = ridge * float(torch.trace(self.G)) / self.G.shape[0]
+        return torch.linalg.solve(self.G + lam * torch.eye(self.G.shape[0], dtype=self.G.dtype), self.s).float()
+
+    def stats(self, u: torch.Tensor) -> dict:
+        """``u . a / scale``: mean and spread where the write applies (``on_*``) and elsewhere
+        (``off_*``, absent when it applies everywhere), and the RMS error against the target."""
+        fit = torch.cat([a @ u / sc.clamp_min(1e-6) for a, sc, _ in self._acts])
+        on = torch.cat([o for _, _, o in self._acts])
+        out = {"rows": self.rows, "on_mean": float(fit[on].mean()), "on_std": float(fit[on].std()),
+               "rmse": float((fit - on.float()).pow(2).mean().sqrt())}
+        if (~on).any():
+            out.update(off_mean=float(fit[~on].mean()), off_std=float(fit[~on].std()))
+        return out
+
+
+def steered_positions(mask: torch.Tensor, P: int, positions: str) -> torch.Tensor:
+    """True where steering at ``positions`` applies in a collated batch (shape of ``mask``)."""
+    S = mask.shape[1]
+    after = (torch.arange(S) >= P).expand_as(mask)
+    if positions == "all":
+        return torch.ones_like(mask, dtype=torch.bool)
+    return after if positions == "response" else ~after

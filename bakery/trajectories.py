@@ -195,6 +195,11 @@ class Trajectory:
     teacher_topk_ids: list[list[int]] | None = None
     teacher_topk_logprobs: list[list[float]] | None = None
 
+    def keep_topk(self, ids: list[list[int]], logprobs: list[list[float]]) -> None:
+        """Store the teacher's top-k per response position (log-probs rounded for the JSONL)."""
+        self.teacher_topk_ids = [list(map(int, row)) for row in ids]
+        self.teacher_topk_logprobs = [[round(float(x), 6) for x in row] for row in logprobs]
+
 
 @dataclass
 class TrajectorySet:
@@ -340,8 +345,7 @@ def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], C
                 continue
             t = Trajectory(jobs[i + j], g.prompt_ids[j][pmask.cpu()].tolist(), resp, system)
             if g.topk is not None:
-                t.teacher_topk_ids = g.topk[0][j, :len(resp)].tolist()
-                t.teacher_topk_logprobs = [[round(x, 6) for x in row] for row in g.topk[1][j, :len(resp)].tolist()]
+                t.keep_topk(g.topk[0][j, :len(resp)].tolist(), g.topk[1][j, :len(resp)].tolist())
             out.items.append(t)
         bar.update(len(chunk))
     bar.close()
@@ -381,8 +385,7 @@ def sample_vllm(model_dir: str | os.PathLike, tok, prompts: Sequence[str], *, sa
         if resp:
             t = Trajectory(prompt, list(p_ids), resp, system)
             if keep_topk:
-                t.teacher_topk_ids = s["topk_ids"]
-                t.teacher_topk_logprobs = [[round(x, 6) for x in row] for row in s["topk_logprobs"]]
+                t.keep_topk(s["topk_ids"], s["topk_logprobs"])
             out.items.append(t)
     return out
 

@@ -115,5 +115,9 @@ def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
     with torch.no_grad():
         plain = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1][mask[:, P:].bool()].float(), -1)
     assert kl_topk(kept_ids, kept_lp, teacher).mean() < 2e-3
-    exact = kl_per_token(teacher, plain).mean()
-    assert exact > 0.05 and kl_topk(kept_ids, kept_lp, plain).mean() > 0.5 * exact
+    # the unsteered one's loss is the one transformers' own top-8 would give (the coarse-grained KL
+    # is a lower bound of the exact one, so its size relative to the exact KL depends on the samples)
+    own_lp, own_ids = teacher.topk(8, -1)
+    from_vllm, from_tf = kl_topk(kept_ids, kept_lp, plain).mean(), kl_topk(own_ids, own_lp, plain).mean()
+    assert from_vllm > 0.1 and abs(from_vllm - from_tf) < 0.05 * from_tf, (from_vllm, from_tf)
+    assert from_vllm <= kl_per_token(teacher, plain).mean() + 1e-3

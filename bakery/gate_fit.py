@@ -1,4 +1,5 @@
-"""The ridge fit behind every rank-one steering write (``rank1`` route, kl-full's warm start).
+"""The ridge fit behind every rank-one steering write (``rank1`` route, kl-full's warm start), and
+the early-ended forward both use to capture the down-projection's inputs.
 
 Rows are inputs ``a`` of an MLP down-projection; the fit finds ``u`` with ``u . a ~= scale`` where
 the steering applies (``on``) and ``~= 0`` where it does not, so that ``W_down + w u^T`` adds about
@@ -7,7 +8,22 @@ the steering applies (``on``) and ``~= 0`` where it does not, so that ``W_down +
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward is skipped."""
+
+
+def forward_until_stopped(model: nn.Module, **inputs: Any) -> None:
+    """Run ``model`` for its hooks' sake; a hook raising :class:`StopForward` ends it early."""
+    try:
+        model(**inputs)
+    except StopForward:
+        pass
 
 
 class GateFit:

@@ -22,12 +22,8 @@ import torch
 from torch import nn
 
 from bakery.arch import spec_for
-from bakery.gate_fit import GateFit, steered_positions
+from bakery.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions
 from bakery.trajectories import Trajectory, collate
-
-
-class _Stop(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -44,7 +40,7 @@ def fit_gate(model: nn.Module, items: Sequence[Trajectory], pad_id: int, block: 
         keep = now["mask"].reshape(-1).bool()
         a = args[0].reshape(-1, args[0].shape[-1])[keep].double().cpu()
         now["a"] = a
-        raise _Stop
+        raise StopForward
 
     handle = down.register_forward_pre_hook(hook)
     device = next(model.parameters()).device
@@ -52,10 +48,7 @@ def fit_gate(model: nn.Module, items: Sequence[Trajectory], pad_id: int, block: 
         for i in range(0, len(items), batch_size):
             ids, mask, P = collate(items[i:i + batch_size], pad_id)
             now["mask"] = mask
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            except _Stop:
-                pass
+            forward_until_stopped(model, input_ids=ids.to(device), attention_mask=mask.to(device))
             gate.add(now["a"], steered_positions(mask, P, positions).reshape(-1)[mask.reshape(-1).bool()])
     finally:
         handle.remove()

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from bakery.bakers.base import BakeError, BakePlan, BakeRequest
-from bakery.gate_fit import GateFit, steered_positions
+from bakery.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions
 from bakery.steering import POSITIONS
 
 CALIBRATION_PROMPTS = (
@@ -90,10 +90,6 @@ def _render(tok, prompts: Sequence[str]) -> list[str]:
     if getattr(tok, "chat_template", None):
         return [render_chat(tok, p) for p in prompts]
     return list(prompts)
-
-
-class _Stop(Exception):
-    pass
 
 
 CALIBRATIONS = ("generate", "prompts")
@@ -162,7 +158,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
                 scale = torch.ones(a.shape[0], dtype=torch.float64)
             fits[b].add(a, mask_now["on"].reshape(-1)[keep], scale)  # on: where the steering applies
             if b == deepest:
-                raise _Stop
+                raise StopForward
         return hook
 
     handles = [mods[b].get_submodule(spec.mlp_out).register_forward_pre_hook(capture(b))
@@ -176,10 +172,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
             ctx = (Steering(model, steer_terms, positions=positions, prompt_len=P) if steer_terms
                    else contextlib.nullcontext())
             with ctx:
-                try:
-                    model(**enc)
-                except _Stop:
-                    pass
+                forward_until_stopped(model, **enc)
     finally:
         for h in handles:
             h.remove()

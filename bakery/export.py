@@ -29,23 +29,27 @@ def _slug(text: str) -> str:
 ROW_BLOCK_BYTES = 32 * 1024**2  # float32 working block for row-wise edits of large tensors
 
 
-def _apply(reader, name: str, edits, dtype: torch.dtype, rowwise: bool):
+def _apply(reader, name: str, edits, dtype: torch.dtype, rowwise: bool, native: bool):
     info = reader.tensors[name]
 
-    def produce() -> torch.Tensor:
-        x = reader.get(name).float()  # a fresh copy: edits may work in place
+    def run(x: torch.Tensor) -> torch.Tensor:  # x: a fresh copy in the stored dtype
+        if native:
+            for fn in edits:
+                x = fn(x)
+            return x
+        x = x.float()  # edits may work in place
         for fn in edits:
             x = fn(x)
         return x.to(dtype)
+
+    def produce() -> torch.Tensor:
+        return run(reader.get(name))
 
     def produce_blocks():
         per_row = max(1, info.shape[1])
         rows = max(1, ROW_BLOCK_BYTES // (4 * per_row))
         for i in range(0, info.shape[0], rows):
-            x = reader.get_rows(name, i, i + rows).float()
-            for fn in edits:
-                x = fn(x)
-            yield x.to(dtype)
+            yield run(reader.get_rows(name, i, i + rows))
 
     if rowwise and len(info.shape) == 2 and 4 * info.shape[0] * info.shape[1] > ROW_BLOCK_BYTES:
         return produce_blocks
@@ -60,7 +64,7 @@ def output_tensors(plan: BakePlan) -> list[OutTensor]:
         if name in plan.edits:
             out.append(OutTensor(name, info.dtype, info.shape,
                                  produce=_apply(reader, name, plan.edits[name], info.torch_dtype,
-                                                name in plan.rowwise)))
+                                                name in plan.rowwise, name in plan.native)))
         else:
             out.append(OutTensor(name, info.dtype, info.shape, source=info))
     for name, (dtype, shape, make) in sorted(plan.added.items()):

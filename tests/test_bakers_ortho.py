@@ -142,3 +142,26 @@ def test_large_tensors_are_streamed_in_row_blocks(tiny_models, tmp_path, monkeyp
         with Ablation(ref, v.vectors[2]):
             want = logits(ref)
         assert (logits(reload_strict(out)) - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_projections_keep_the_dtype_and_match_dense_math(dtype):
+    """The blocked, in-place projections (several cache-sized blocks here) equal the dense float32
+    formula rounded once to the stored dtype, and leave no component along ``r``."""
+    from bakery.bakers.ortho import _BLOCK_FLOATS, project_cols, project_rows
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(600, generator=g)
+    r /= r.norm()
+    cols = torch.randn(600, 3 * _BLOCK_FLOATS // 600 + 7, generator=g).to(dtype)
+    rows = torch.randn(3 * _BLOCK_FLOATS // 600 + 7, 600, generator=g).to(dtype)
+    want_cols = (cols.float() - torch.outer(r, r @ cols.float())).to(dtype)
+    want_rows = (rows.float() - torch.outer(rows.float() @ r, r)).to(dtype)
+    got_cols, got_rows = project_cols(cols.clone(), r), project_rows(rows.clone(), r)
+    assert got_cols.dtype == got_rows.dtype == dtype
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    for got, want in ((got_cols, want_cols), (got_rows, want_rows)):
+        assert ((got.float() - want.float()).abs() <= ulp * want.float().abs().clamp(min=1)).all()
+    assert (r @ got_cols.float()).abs().max() < 50 * ulp
+    assert (got_rows.float() @ r).abs().max() < 50 * ulp
+    assert (r @ cols.float()).abs().max() > 1  # there was a component to remove

@@ -77,6 +77,7 @@ class BakePlan:
     config: dict[str, Any]
     edits: dict[str, list[Edit]] = field(default_factory=dict)
     rowwise: set[str] = field(default_factory=set)  # tensors whose edits act on each row alone
+    native: set[str] = field(default_factory=set)  # tensors whose edits all take the stored dtype
     added: dict[str, tuple[str, tuple[int, ...], Callable[[], torch.Tensor] | TensorInfo]] = field(default_factory=dict)
     route: str = ""
     site: str = "resid-out"
@@ -88,9 +89,11 @@ class BakePlan:
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def edit(self, name: str, fn: Edit, *, rowwise: bool = False) -> None:
+    def edit(self, name: str, fn: Edit, *, rowwise: bool = False, native: bool = False) -> None:
         """Queue ``fn`` on tensor ``name``. ``rowwise``: ``fn`` maps any block of rows on its own,
-        so a large tensor can be streamed in blocks (bounded memory)."""
+        so a large tensor can be streamed in blocks (bounded memory). ``native``: ``fn`` takes the
+        tensor in any dtype and returns it in that dtype, doing its float32 math itself in
+        cache-sized blocks, so the export skips a whole float32 copy of the tensor."""
         if name not in self.reader and name not in self.added:
             raise BakeError(f"the checkpoint has no tensor {name}: bakery's architecture table does "
                             "not match this checkpoint (please report it)")
@@ -101,10 +104,12 @@ class BakePlan:
                 raise BakeError(f"internal error: cannot edit copied tensor {name}")
             self.added[name] = (dtype, shape, lambda make=make, fn=fn: fn(make().float()))
             return
-        if name not in self.edits and rowwise:
-            self.rowwise.add(name)
-        elif not rowwise:
-            self.rowwise.discard(name)
+        first = name not in self.edits
+        for flag, kept in ((rowwise, self.rowwise), (native, self.native)):
+            if first and flag:
+                kept.add(name)
+            elif not flag:
+                kept.discard(name)
         self.edits.setdefault(name, []).append(fn)
 
     def add_bias(self, name: str, delta: torch.Tensor, weight: str, *, conv1d: bool = False) -> None:

@@ -62,15 +62,33 @@ def _unit(v: torch.Tensor, what: str) -> torch.Tensor:
     return v.float() / norm
 
 
+_BLOCK_FLOATS = 1 << 18  # float32 working block of the projections: 1 MB, stays in cache
+
+
+def _row_blocks(W: torch.Tensor):
+    rows = max(1, _BLOCK_FLOATS // max(1, W[0].numel()))
+    return [(i, min(i + rows, W.shape[0])) for i in range(0, W.shape[0], rows)]
+
+
 def project_rows(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Rows of ``W`` (shape [N, hidden]) with ``r`` projected out: ``W - (W r) r^T``, in place
-    (``W`` is the baker's own float32 copy; a rank-one update needs no second full matrix)."""
-    return W.addr_(W @ r, r, alpha=-1)
+    """Rows of ``W`` (shape [N, hidden]) with ``r`` projected out: ``W - (W r) r^T``, in place, in
+    ``W``'s dtype with float32 math one cache-sized block of rows at a time."""
+    for a, b in _row_blocks(W):
+        x = W[a:b].float()  # a view when W is float32
+        W[a:b] = x.addr_(x @ r, r, alpha=-1)
+    return W
 
 
 def project_cols(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Columns of ``W`` (shape [hidden, N]) with ``r`` projected out: ``(I - r r^T) W``, in place."""
-    return W.addr_(r, r @ W, alpha=-1)
+    """Columns of ``W`` (shape [hidden, N]) with ``r`` projected out: ``W - r (r^T W)``, in place,
+    in ``W``'s dtype: one blocked pass sums ``r^T W`` in float32, a second subtracts it."""
+    blocks = _row_blocks(W)
+    c = torch.zeros(W.shape[1], dtype=torch.float32)
+    for a, b in blocks:
+        c.addmv_(W[a:b].float().T, r[a:b])
+    for a, b in blocks:
+        W[a:b] = W[a:b].float().addr_(r[a:b], c, alpha=-1)
+    return W
 
 
 @register("ortho")
@@ -123,15 +141,16 @@ class OrthoBaker(Baker):
                 plan.config["tie_word_embeddings"] = False
                 untied = True
             for e in spec.embeddings:
-                plan.edit(f"{e}.weight", lambda W, r=dirs_embed: project_rows(W, r), rowwise=True)
+                plan.edit(f"{e}.weight", lambda W, r=dirs_embed: project_rows(W, r),
+                          rowwise=True, native=True)
         for i in block_list:
             r = dirs[i]
             for mod in (spec.attn_out, spec.mlp_out):
                 w = f"{spec.block(i)}.{mod}.weight"
                 if spec.conv1d:
-                    plan.edit(w, lambda W, r=r: project_rows(W, r), rowwise=True)
+                    plan.edit(w, lambda W, r=r: project_rows(W, r), rowwise=True, native=True)
                 else:
-                    plan.edit(w, lambda W, r=r: project_cols(W, r))
+                    plan.edit(w, lambda W, r=r: project_cols(W, r), native=True)
                 b = f"{spec.block(i)}.{mod}.bias"
                 if b in reader:
                     plan.edit(b, lambda x, r=r: x - (x @ r) * r)

@@ -1,7 +1,7 @@
 """Runtime steering over a (layer, coef) grid: how strong can the vector be before answers break?
 
 For each cell the model answers the prompts greedily while steered (``coef * v[L]`` at the output
-of block ``L-1``, all positions). Each cell is measured by:
+of block ``L-1``, at the chosen positions: all, prompt or response). Each cell is measured by:
 
 - ``projection``: the unsteered model reads the steered answers; the mean over response tokens of
   its row-``L`` activations, projected on the unit ``v[L]`` (how much the text carries the trait);
@@ -166,9 +166,12 @@ def sweep(vector: VectorArtifact, model, tok, layers: Sequence[int], coefs: Sequ
         bp, _ = _teacher_forced(model, base.sequences, base.attention_mask, base.prompt_len, L, unit, None)
         base_proj[L] = sum(bp) / len(bp)
         for c in coefs:
-            ctx = lambda: steer(model, vector, L, c, positions=positions)
-            with ctx():
+            # under generate the hooks find the prompt from the KV cache (the prefill); the
+            # teacher-forced pass has no cache, so it must be told where the response starts, or
+            # "response" would steer nothing and "prompt" every position
+            with steer(model, vector, L, c, positions=positions):
                 g = generate(model, tok, texts, max_new_tokens=max_new_tokens)
+            ctx = lambda: steer(model, vector, L, c, positions=positions, prompt_len=g.prompt_len)
             proj, kl = _teacher_forced(model, g.sequences, g.attention_mask, g.prompt_len, L, unit, ctx)
             p = sum(proj) / len(proj)
             cells.append(Cell(L, c, p, base_proj[L], (p - base_proj[L]) / norm, kl,
@@ -284,11 +287,46 @@ def plot(res: SweepResult, path: str | os.PathLike, title: str = "") -> Path:
     return path
 
 
-def save(res: SweepResult, folder: str | os.PathLike, title: str = "") -> dict[str, Path]:
-    """``sweep.json`` (every cell with its answers) and ``sweep.png``, written atomically."""
+SWEEP_FILES = ("sweep.json", "sweep.png")
+
+
+def check_output(folder: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an output folder that ``save`` must not replace; return it as a Path.
+
+    A missing or empty folder is fine. A previous sweep's folder (``sweep.json`` and nothing but
+    the files a sweep writes) is replaced only with ``force``. A folder holding anything else is
+    never replaced, ``force`` or not: ``save`` swaps the whole folder.
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return folder
+    if folder.is_symlink() or not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is a link or not a folder: choose another -o")
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return folder
+    foreign = [n for n in names if n not in SWEEP_FILES or not (folder / n).is_file()]
+    if foreign or "sweep.json" not in names:
+        shown = ", ".join((foreign or names)[:5]) + (", ..." if len(foreign or names) > 5 else "")
+        raise FileExistsError(f"{folder} holds files that are not a sweep's ({shown}): choose another -o "
+                              "(an existing folder is replaced whole, so it must be empty or a previous "
+                              "sweep's)")
+    if not force:
+        raise FileExistsError(f"{folder} already holds a sweep: pass --force to replace it, or choose "
+                              "another -o")
+    return folder
+
+
+def save(res: SweepResult, folder: str | os.PathLike, title: str = "", *,
+         force: bool = False) -> dict[str, Path]:
+    """``sweep.json`` (every cell with its answers) and ``sweep.png``, written atomically.
+
+    ``folder`` must be missing, empty, or (with ``force``) a previous sweep's: see ``check_output``.
+    """
     from bakery.checkpoint import atomic_folder
 
-    folder = Path(folder)
+    folder = check_output(folder, force=force)
+    # check_output vetted an existing folder (empty, or a previous sweep's with force): replace it
     with atomic_folder(folder, force=True) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
         plot(res, tmp / "sweep.png", title)

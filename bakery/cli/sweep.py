@@ -30,12 +30,16 @@ from bakery.cli.common import clear_errors, model_option, trust_option
 @click.option("--max-kl", type=float, default=3.0, show_default=True,
               help="Without a judge: the largest KL(steered || base) per token a cell may have.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Folder for sweep.json and sweep.png (default: beside the vector, NAME.sweep/).")
+              help="Folder for sweep.json and sweep.png (default: beside the vector, NAME.sweep/); "
+              "it must be missing, empty, or a previous sweep's (with --force).")
+@click.option("--force", is_flag=True, help="Replace the output folder of a previous sweep (never a "
+              "folder holding other files).")
 @model_option
 @trust_option
 @clear_errors
 def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_new_tokens, positions,
-          judge_model, base_url, coherence_threshold, min_distinct, max_kl, out, model, trust_remote_code):
+          judge_model, base_url, coherence_threshold, min_distinct, max_kl, out, force, model,
+          trust_remote_code):
     """Steer at each (layer, coef) and measure projection, KL, and judge scores."""
     from bakery import sweep as sw
     from bakery.models import load_model, load_tokenizer, resolve_model
@@ -48,6 +52,9 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
         from bakery.extract import resolve_trait
 
         vector_path = str(resolve_trait(trait, model))
+    vp = Path(vector_path)
+    folder = Path(out) if out else vp.with_name(vp.name.split(".")[0] + ".sweep")
+    sw.check_output(folder, force=force)  # before the sweep, not after minutes of work
     path = resolve_model(model)
     lm = load_model(path, trust_remote_code=trust_remote_code)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -72,9 +79,7 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
                    prompts=plist, max_new_tokens=max_new_tokens, judge=judge,
                    rubric=rec.judge_rubric if rec else None, coherence_threshold=coherence_threshold,
                    min_distinct=min_distinct, max_kl=max_kl, positions=positions)
-    vp = Path(vector_path)
-    folder = Path(out) if out else vp.with_name(vp.name.split(".")[0] + ".sweep")
-    files = sw.save(res, folder, title=f"{vec.trait}: steering sweep")
+    files = sw.save(res, folder, title=f"{vec.trait}: steering sweep", force=force)
     click.echo(sw.format_table(res))
     if res.suggested:
         L, c = res.suggested

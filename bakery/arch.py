@@ -227,7 +227,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         },
     ),
 }
-ARCHITECTURES["gemma3"] = ARCHITECTURES["gemma3_text"]
 
 
 def cfg_get(config: Any, key: str, default: Any = None) -> Any:
@@ -237,17 +236,14 @@ def cfg_get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
-def model_type_of(config: Any) -> str:
-    """``model_type`` of a config object or dict; Gemma-3 multimodal wrappers use the text part."""
-    mt = cfg_get(config, "model_type")
-    if mt == "gemma3" and cfg_get(config, "text_config") is not None:
-        return "gemma3_text"
-    return mt
-
-
 def spec_for(config: Any) -> ArchSpec:
     """The table entry for a config (object or dict), or a clear error naming what is supported."""
-    mt = model_type_of(config)
+    mt = cfg_get(config, "model_type")
+    if cfg_get(config, "text_config") is not None:
+        raise UnsupportedArchitecture(
+            f"model_type '{mt}' is a multimodal wrapper (its language model sits under text_config "
+            "and model.language_model): bakery edits text-only checkpoints. Use the text-only "
+            "variant of the model (for Gemma 3: a gemma3_text checkpoint) or extract its language model.")
     try:
         return ARCHITECTURES[mt]
     except KeyError:

@@ -122,9 +122,6 @@ def config_hash(config: dict[str, Any] | Any) -> str:
     """Short hash of the shape-defining config keys; vectors and bakes record it."""
     if not isinstance(config, dict):
         config = config.to_dict()
-    text = config.get("text_config")
-    if config.get("model_type") == "gemma3" and isinstance(text, dict):
-        config = text
     sub = {k: config.get(k) for k in _HASH_KEYS if config.get(k) is not None}
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from bakery.arch import (ARCHITECTURES, ENGINES, UnsupportedArchitecture, cfg_get,
-                         hidden_size_of, is_parallel_residual, model_type_of, num_layers_of,
+                         hidden_size_of, is_parallel_residual, num_layers_of,
                          spec_for, tied_embeddings)
 from bakery.models import load_model
 
 
 def test_every_tiny_architecture_has_an_entry(arch_type):
-    assert spec_for({"model_type": arch_type}).model_type in (arch_type, "gemma3_text")
+    assert spec_for({"model_type": arch_type}).model_type == arch_type
 
 
 def test_module_and_tensor_names_exist(arch_type, tiny_models):
@@ -85,7 +85,12 @@ def test_config_helpers_read_dicts_and_objects(tiny_models):
     assert not is_parallel_residual(ARCHITECTURES["llama"], {"model_type": "llama"})
     assert tied_embeddings({"tie_word_embeddings": False}) is False
     assert tied_embeddings({}) is True  # transformers' default
-    assert model_type_of({"model_type": "gemma3", "text_config": {}}) == "gemma3_text"
+
+
+def test_multimodal_wrappers_are_refused_clearly():
+    """Gemma 3's multimodal checkpoint keeps its sizes under text_config: refused, not a TypeError."""
+    with pytest.raises(UnsupportedArchitecture, match="multimodal wrapper.*gemma3_text"):
+        spec_for({"model_type": "gemma3", "text_config": {"num_hidden_layers": 4}})
 
 
 def test_unknown_architecture_is_a_clear_error():

@@ -305,6 +305,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, vec_file, 
     assert a[-1] == pytest.approx(b[-1], rel=1e-4)
 
 
+def test_resume_does_not_replace_a_finished_export_without_force(tiny, vec_file, shared_traj, tmp_path):
+    req = _req(tiny, vec_file, tmp_path / "exp", steps=2, trajectories=str(shared_traj), checkpoint_every=2)
+    out = bake_distilled(req, progress=False).out
+    before = (out / "model.safetensors").read_bytes()
+    req.resume, req.train.max_steps = True, 4
+    with pytest.raises(FileExistsError, match="--force"):
+        bake_distilled(req, progress=False)
+    assert (out / "model.safetensors").read_bytes() == before
+    req.force = True
+    assert Manifest.load(bake_distilled(req, progress=False).out).extra["steps"] == 4
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_validation_kl(tiny, vec_file, shared_traj, tmp_path):
     """A real SIGKILL of `python -m bakery.bakers.distill` once a checkpoint exists, then --resume."""
@@ -487,17 +499,27 @@ def test_kl_lora_on_the_embedded_model_moves_towards_the_steered_model(smol_dir,
 
 
 def test_the_library_registry_bakes_kl_lora_with_merged_weights_and_adapter(tiny, vec_file, tmp_path):
-    """bakery.bakers.bake("kl-lora", ...) from a notebook writes what the CLI writes."""
+    """bakery.bakers.bake("kl-lora", ...) from a notebook writes what the CLI writes; the adapter
+    names the source's Hub id as its base, not the local folder it was trained from."""
+    import shutil
+
     from bakery.bakers import available, bake
 
     assert {"kl-lora", "kl-full"} <= set(available())
-    out = bake("kl-lora", str(tiny), [(str(vec_file), LAYER, COEF)], tmp_path / "reg", num_prompts=30,
+    src = tmp_path / "from-hub"
+    shutil.copytree(tiny, src)
+    (src / "bakery_source.json").write_text(json.dumps({"hub_id": "someorg/tiny-llama"}))
+    out = bake("kl-lora", str(src), [(str(vec_file), LAYER, COEF)], tmp_path / "reg", num_prompts=30,
                samples_per_prompt=1, max_new_tokens=8, steps=3, val_prompts=6, rank=8, lr=5e-3,
                positions="all", work_dir=str(tmp_path / "work"), progress=False)
     m = Manifest.load(out)
     assert m.method == "kl-lora" and m.route == "lora-merged" and m.extra["steps"] == 3
     assert m.positions == "all" and m.terms[0].trait == "rand" and "--method kl-lora" in m.command
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "vectors" / "rand.safetensors").is_file()
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "someorg/tiny-llama"
+    assert str(src) not in (out / "adapter" / "README.md").read_text()
+    assert m.source["hub_id"] == "someorg/tiny-llama"
     base, baked = load_model(tiny), load_model(out)
     changed = {n.rsplit(".", 2)[-2] for (n, p), (_, q) in zip(base.named_parameters(), baked.named_parameters())
                if not torch.equal(p, q)}
@@ -534,7 +556,7 @@ def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny, v
     out = tmp_path / "fsdp"
     r = _launch([*args, "-o", str(out), "--steps", "4"], fsdp=True)  # stops at step 4 ...
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _launch([*args, "-o", str(out), "--steps", "6", "--resume"], fsdp=True)  # ... and resumes
+    r = _launch([*args, "-o", str(out), "--steps", "6", "--resume", "--force"], fsdp=True)  # ... and resumes
     assert r.returncode == 0, r.stderr[-3000:]
     m = Manifest.load(out)
     assert m.extra["sharding"] == "FSDP2 by bakery (accelerate runs MULTI_CPU)" and m.extra["processes"] == 2

@@ -54,6 +54,7 @@ class DistillRequest:
     coef: float
     out: str | Path
     method: str = "kl-lora"
+    model_name: str | None = None  # the name the user gave (a Hub id, a folder), for the manifest
     positions: str = "response"
     trait: str | None = None
     recipe: str | None = None  # trait recipe: extraction questions join the pool, eval ones are held out
@@ -177,11 +178,17 @@ def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtif
 
 
 def _fix_adapter_base(adapter_dir: Path, source: dict) -> None:
-    """Point the adapter at the source model id (not a cache path that means nothing elsewhere)."""
+    """Point the adapter (config and peft's card) at the source's Hub id, else the name the user
+    gave: peft records the local folder it loaded, a cache path that means nothing elsewhere."""
     p = adapter_dir / "adapter_config.json"
     cfg = json.loads(p.read_text())
-    cfg["base_model_name_or_path"] = source.get("model") or cfg.get("base_model_name_or_path")
+    local = cfg.get("base_model_name_or_path")
+    base = source.get("hub_id") or source.get("model") or local
+    cfg["base_model_name_or_path"] = base
     p.write_text(json.dumps(cfg, indent=2))
+    card = adapter_dir / "README.md"
+    if local and base != local and card.is_file():
+        card.write_text(card.read_text().replace(local, base))
 
 
 def card_body(m: Manifest, info: dict) -> str:
@@ -295,7 +302,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                                 positions=req.positions)
 
     d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc, warm_start=warm_start)
-    source = source_info_for(str(req.model), model_dir, config)
+    source = source_info_for(req.model_name or str(req.model), model_dir, config)
     dtype = source_dtype(config) if req.dtype == "source" else getattr(torch, req.dtype)
 
     def info_now(dd: Distiller, extra: dict | None = None) -> dict:
@@ -338,14 +345,14 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         m = load_model(model_dir, trust_remote_code=req.trust_remote_code).float()
         return add_lora(m, req.train) if req.train.method == "lora" else m
 
-    def export(dd: Distiller, folder: Path, extra: dict | None = None) -> Path | None:
+    def export(dd: Distiller, folder: Path, extra: dict | None = None, force: bool = True) -> Path | None:
         """Call on every process; the main one writes (and returns) the folder."""
         student = dd.plain_student(fresh)
         if student is None:
             return None
         return write_export(student, tok, folder, method=req.train.method, vec=vec, layer=req.layer,
                             coef=req.coef, trait=trait, positions=req.positions, source=source,
-                            dtype=dtype, train_info=info_now(dd, extra), command=req.command, force=True)
+                            dtype=dtype, train_info=info_now(dd, extra), command=req.command, force=force)
 
     def on_save(dd: Distiller, step: int) -> None:
         export(dd, work / "halfbaked" / f"step-{step:06d}", {"halfbaked_step": step})
@@ -353,7 +360,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     result = d.train(train, val, work_dir=work, resume=req.resume, on_eval=on_eval, on_save=on_save,
                      progress=progress, stop_after=stop_after)
     trained = Trained(d, tok, vec, trait, source, result, info_now(d), work)
-    trained.export = lambda folder, force=True: export(d, Path(folder))  # type: ignore[attr-defined]
+    trained.export = lambda folder, force=True: export(d, Path(folder), force=force)  # type: ignore[attr-defined]
     return trained
 
 
@@ -362,13 +369,13 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     """Sample (or reuse) trajectories, train, export. Returns the export folder (main process)."""
     from bakery.models import resolve_model
 
-    out = check_output(req.out, resolve_model(req.model), force=req.force or req.resume)
+    out = check_output(req.out, resolve_model(req.model), force=req.force)
     t = train_distilled(req, accelerator=accelerator, on_eval=on_eval, progress=progress,
                         stop_after=stop_after, out=out)
     acc = t.distiller.acc
     if stop_after is not None and t.result.steps < req.train.max_steps and not t.result.stopped_early:
         return DistillResult(None, t.result, t.info)
-    folder = t.export(out)  # type: ignore[attr-defined]
+    folder = t.export(out, force=req.force)  # type: ignore[attr-defined]
     acc.wait_for_everyone()
     return DistillResult(folder, t.result, t.info)
 
@@ -515,7 +522,7 @@ class _DistillBaker:
         opts = {k: v for k, v in options.items() if v is not None}
         req = request_from_options(self.name, str(model_dir), t.vector, t.layer, t.coef, out,
                                    {**opts, "force": force}, command=command or "")
-        req.trait = t.trait
+        req.trait, req.model_name = t.trait, model_name
         if not req.command:
             req.command = shlex.join(["bakery", "bake", "--method", self.name, "--model", model_name,
                                       "--vector", str(t.vector_path or "VECTOR"), "--layer", str(t.layer),

@@ -143,6 +143,36 @@ def test_sliding_window_model_is_not_rehosted(tiny_models, tmp_path):
         bake("bias", src, [(vec(src), 2, 1.0)], tmp_path / "o", progress=False)
 
 
+def test_quantized_checkpoints_are_refused(tiny_models, tmp_path):
+    """A quantization_config, or weights stored as float8, would make an edit of the stored values
+    wrong: refused before anything is written, for the closed-form and the distilled bakers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_models("llama")
+    q = tmp_path / "gptq"
+    shutil.copytree(src, q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (q / "config.json").write_text(json.dumps(cfg))
+    for method in ("bias", "ortho", "kl-lora"):
+        with pytest.raises(BakeError, match=r"quantized \(gptq\).*unquantized"):
+            bake(method, q, [(vec(src), 2, 1.0)], tmp_path / f"out-{method}", progress=False)
+        assert not (tmp_path / f"out-{method}").exists()
+
+    f8 = tmp_path / "fp8"
+    shutil.copytree(src, f8)
+    tensors = load_file(f8 / "model.safetensors")
+    tensors = {n: t.to(torch.float8_e4m3fn) if n.endswith("down_proj.weight") else t for n, t in tensors.items()}
+    save_file(tensors, f8 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BakeError, match="down_proj.weight is stored as F8_E4M3"):
+        bake("bias", f8, [(vec(src), 2, 1.0)], tmp_path / "out-f8", progress=False)
+    with pytest.raises(BakeError, match="stored as F8_E4M3"):
+        bake("ortho", f8, [(vec(src), 2, 1.0)], tmp_path / "out-f8", progress=False)
+    assert not (tmp_path / "out-f8").exists()
+
+
 def test_bad_layers_and_foreign_vectors(tiny_models, tmp_path):
     src = tiny_models("llama")
     v = vec(src)

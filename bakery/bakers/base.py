@@ -68,6 +68,20 @@ class BakeRequest:
 Edit = Callable[[torch.Tensor], torch.Tensor]  # float32 in (its own copy: may edit in place), float32 out
 
 
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def refuse_quantized(config: dict[str, Any]) -> None:
+    """Bakes edit full-precision weights; a quantized checkpoint's stored values are not them."""
+    q = config.get("quantization_config")
+    if q:
+        kind = q.get("quant_method", "unknown") if isinstance(q, dict) else type(q).__name__
+        raise BakeError(
+            f"this checkpoint is quantized ({kind}): bakery edits full-precision weights, and an edit "
+            "of the stored values would ignore their scales. Bake the unquantized (bf16/fp16/fp32) "
+            "checkpoint, then quantize the export.")
+
+
 @dataclass
 class BakePlan:
     """A baker's answer: tensor edits (float32 functions), added tensors, the output config and
@@ -89,6 +103,15 @@ class BakePlan:
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        refuse_quantized(self.config)
+
+    def _float_source(self, name: str) -> None:
+        dtype = self.reader.tensors[name].dtype
+        if dtype not in _FLOAT_DTYPES:
+            raise BakeError(f"{name} is stored as {dtype}, a quantized or integer type: bakery edits "
+                            "full-precision weights. Bake the unquantized checkpoint, then quantize the export.")
+
     def edit(self, name: str, fn: Edit, *, rowwise: bool = False, native: bool = False) -> None:
         """Queue ``fn`` on tensor ``name``. ``rowwise``: ``fn`` maps any block of rows on its own,
         so a large tensor can be streamed in blocks (bounded memory). ``native``: ``fn`` takes the
@@ -104,6 +127,7 @@ class BakePlan:
                 raise BakeError(f"internal error: cannot edit copied tensor {name}")
             self.added[name] = (dtype, shape, lambda make=make, fn=fn: fn(make().float()))
             return
+        self._float_source(name)
         first = name not in self.edits
         for flag, kept in ((rowwise, self.rowwise), (native, self.native)):
             if first and flag:
@@ -118,6 +142,7 @@ class BakePlan:
         if name in self.reader or name in self.added:
             self.edit(name, lambda b, d=delta: b + d)
             return
+        self._float_source(weight)  # a new bias takes the weight's dtype
         w = self.reader.tensors[weight]
         out = w.shape[1] if conv1d else w.shape[0]
         if delta.shape != (out,):
@@ -131,6 +156,7 @@ class BakePlan:
         w = self.reader.tensors.get(weight)
         if w is None:
             raise BakeError(f"the checkpoint has no {weight}, so bakery cannot size {name}")
+        self._float_source(weight)
         self.added[name] = (w.dtype, (w.shape[0],), lambda n=w.shape[0]: torch.zeros(n))
 
     def copy_as(self, name: str, source: str) -> None:

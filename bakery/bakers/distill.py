@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from bakery.bakers.base import refuse_quantized
 from bakery.card import front_matter
 from bakery.checkpoint import atomic_folder, check_output
 from bakery.export import source_info_for
@@ -252,6 +253,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     req.train.check()
     model_dir = resolve_model(req.model)
     config = read_config(model_dir)
+    refuse_quantized(config)
     out = Path(out or req.out)
     work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())

@@ -424,11 +424,12 @@ def push(export_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.utils import validate_repo_id
 
-    plan, manifest, _ = prepare(export_dir, include=include, verify=verify, log=log)
+    # what can fail without the network fails before the minutes-long verify
     if constants.HF_HUB_OFFLINE:
         raise PushError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push")
-    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     token, source = resolve_token()
+    plan, manifest, _ = prepare(export_dir, include=include, verify=verify, log=log)
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
     branch = revision or "main"
     ctx = dict(repo_id=repo_id, endpoint=endpoint, token_source=source, revision=branch)

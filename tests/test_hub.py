@@ -180,11 +180,12 @@ def test_stored_login_is_used_when_hf_token_is_unset(export, hub, hub_env, monke
     assert hub.calls("commit")[0].headers["authorization"] == f"Bearer {TOKEN}"
 
 
-def test_no_token_at_all_is_a_clear_error(export, hub, hub_env, monkeypatch):
+def test_no_token_at_all_is_a_clear_error_before_the_verify(export, hub, hub_env, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
-    res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url, "--no-verify")
+    res = run_cli("push", str(export), "--repo", REPO, "--endpoint", hub.url)
     assert res.exit_code == 2
     assert "no Hugging Face token" in res.output and "hf auth login" in res.output
+    assert "verify:" not in res.output  # refused at once, not after minutes of verifying
     assert hub.requests == []
 
 

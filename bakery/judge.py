@@ -185,8 +185,9 @@ class Judge:
                          "Is the server running and reachable?")
 
     def _key(self, prompt: str) -> str:
-        blob = json.dumps({"v": SCORING_VERSION, "model": self.model, "prompt": prompt,
-                           "top": TOP_LOGPROBS}, sort_keys=True)
+        # the endpoint too: one model name on two servers (a local vLLM, the API) is two judges
+        blob = json.dumps({"v": SCORING_VERSION, "model": self.model, "endpoint": self.base_url or "",
+                           "prompt": prompt, "top": TOP_LOGPROBS}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _path(self, prompt: str) -> Path:

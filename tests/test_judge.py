@@ -87,6 +87,10 @@ def test_cache_hits_make_no_new_calls(tmp_path):
         cached = list((tmp_path / "cache").rglob("*.json"))
         assert len(cached) == 12
         assert all("sk-test-secret" not in p.read_text() for p in cached)
+    # the same model name served elsewhere is another judge: asked again, its own scores
+    with OpenAIServer(lambda b: score_reply({"20": 1.0})) as other:
+        assert _judge(other, tmp_path).trait_scores(RUBRIC, pairs[:3]) == [pytest.approx(20)] * 3
+        assert other.count == 3
 
 
 def test_unreachable_judge_is_a_clear_error(tmp_path):

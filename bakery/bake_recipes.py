@@ -40,7 +40,7 @@ class BakeRecipeError(ValueError):
 @dataclass
 class TermSpec:
     layer: int
-    coef: float = 1.0
+    coef: float | None = None  # None: not given; bias/kl-lora/kl-full refuse it, ortho needs none
     trait: str | None = None
     vector: str | None = None
 
@@ -84,7 +84,7 @@ def _term(d: Any, where: str, base: Path | None) -> TermSpec:
     if trait is None and vec is None:
         raise BakeRecipeError(f"{where}: give 'trait' (a cached extraction) or 'vector' (a file)")
     return TermSpec(layer=_num(d["layer"], f"{where}.layer", int),
-                    coef=_num(d.get("coef", 1.0), f"{where}.coef"),
+                    coef=_num(d["coef"], f"{where}.coef") if d.get("coef") is not None else None,
                     trait=str(trait) if trait is not None else None, vector=vec)
 
 

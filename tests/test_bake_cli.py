@@ -208,3 +208,157 @@ def test_positions_needs_the_rank1_route_or_a_distilled_method(setup):
                     "--positions", "response", "-o", tmp / "r")
     assert code == 0, out
     assert json.loads((tmp / "r" / "bakery.json").read_text())["positions"] == "response"
+
+
+# ---- the recorded command reproduces the bake; a missing --coef is an error, never 1.0 -------------
+def _weights(folder):
+    """Every weight tensor of an export (its vectors/ and side files aside)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    assert out, f"no weights in {folder}"
+    return out
+
+
+def _same_weights(a, b):
+    import torch
+
+    wa, wb = _weights(a), _weights(b)
+    return set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _rerun(folder, new_out):
+    """Run the command recorded in ``folder``'s manifest again, into ``new_out``."""
+    import shlex
+
+    cmd = json.loads((folder / "bakery.json").read_text())["command"]
+    args = shlex.split(cmd)
+    assert args[:2] == ["bakery", "bake"], cmd
+    args = args[2:]
+    flags = [f for f in ("-o", "--output") if f in args]
+    assert len(flags) == 1, cmd
+    args[args.index(flags[0]) + 1] = str(new_out)
+    res = CliRunner().invoke(main, ["bake", *args])
+    return cmd, args, res
+
+
+@pytest.mark.parametrize("extra", [
+    ["--method", "bias", "--coef", "0.123456789"],  # a float that %g would round
+    ["--method", "bias", "--coef", "3", "--site", "attn-out", "--target-engine", "transformers,vllm",
+     "--shard-size", "50KB"],
+    ["--method", "bias", "--route", "rank1", "--coef", "3", "--positions", "response"],
+    ["--method", "ortho", "--per-layer", "--blocks", "1-2", "--embeddings", "keep"],
+])
+def test_cli_recorded_command_reruns_to_the_same_weights(setup, extra):
+    src, vpath, tmp = setup
+    code, out = run(*extra, "--vector", vpath, "--layer", 2, "--model", src, "-o", "exports/first")
+    assert code == 0, out
+    cmd, args, res = _rerun(tmp / "exports" / "first", tmp / "exports" / "again")
+    assert "()" not in cmd and "--set" not in cmd, cmd  # an empty repeatable option is left out
+    assert res.exit_code == 0, (cmd, res.output)
+    assert _same_weights(tmp / "exports" / "first", tmp / "exports" / "again")
+    first, again = (Manifest.load(tmp / "exports" / n) for n in ("first", "again"))
+    assert [(t.layer, t.coef) for t in first.terms] == [(t.layer, t.coef) for t in again.terms]
+    if "0.123456789" in extra:
+        assert first.terms[0].coef == 0.123456789 and "0.123456789" in args
+
+
+def test_cli_recorded_command_repeats_each_set_item(tiny_models, tmp_path, monkeypatch):
+    """--set is repeatable: one `--set KEY=VALUE` per item, each quoted, and the re-run works."""
+    import torch
+
+    from bakery.vectors import VectorArtifact
+
+    monkeypatch.chdir(tmp_path)
+    d = tiny_models("llama")
+    torch.manual_seed(0)
+    v = VectorArtifact(torch.randn(5, 32) * 3, {"trait": "pirate"}).save(tmp_path / "v.safetensors")
+    first = tmp_path / "kl"
+    r = CliRunner().invoke(main, [
+        "bake", "--method", "kl-lora", "-v", str(v), "-l", "2", "-c", "2", "--model", str(d),
+        "--steps", "1", "--rank", "8", "--set", "num_prompts=12", "--set", "val_prompts=4",
+        "--set", "max_new_tokens=6", "--set", "checkpoint_every=0", "--set", "lr=1e-4",
+        "-o", str(first)])
+    assert r.exit_code == 0, r.output
+    cmd, args, res = _rerun(first, tmp_path / "kl-again")
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert sets == ["num_prompts=12", "val_prompts=4", "max_new_tokens=6", "checkpoint_every=0",
+                    "lr=1e-4"], cmd
+    assert res.exit_code == 0, (cmd, res.output)
+    m = json.loads((tmp_path / "kl-again" / "bakery.json").read_text())
+    assert m["method"] == "kl-lora" and m["terms"][0]["coef"] == 2.0
+
+
+def test_missing_coef_is_an_error_not_one(setup):
+    src, vpath, tmp = setup
+    for args, how in [([], "--method bias"), (["--route", "rank1"], "--method bias --route rank1")]:
+        code, out = run("--method", "bias", *args, "--vector", vpath, "--layer", 2, "--model", src,
+                        "-o", "exports/nocoef")
+        assert code == 2 and f"--coef is required for {how}:" in out and "bakery sweep" in out, out
+        assert not (tmp / "exports" / "nocoef").exists()
+    code, out = run("--method", "kl-lora", "--vector", vpath, "--layer", 2, "--model", src,
+                    "--steps", 1, "-o", "exports/nocoef")
+    assert code == 2 and "--coef is required for --method kl-lora" in out, out
+    assert not (tmp / "exports" / "nocoef").exists()
+    code, out = run("--method", "ortho", "--vector", vpath, "--layer", 2, "--model", src, "-o", "exports/o")
+    assert code == 0, out  # ortho removes a direction: no strength to give
+
+
+def test_recipe_without_coef_is_an_error_unless_the_flag_gives_one(setup):
+    src, vpath, tmp = setup
+    assert from_dict({"method": "bias", "trait": "x", "layer": 2}).terms[0].coef is None
+    assert from_dict({"method": "bias", "trait": "x", "layer": 2, "coef": 0}).terms[0].coef == 0.0
+    (tmp / "r.yaml").write_text(yaml.safe_dump({
+        "model": str(src), "method": "bias", "vector": "pirate.safetensors", "layer": 2,
+        "output": "exports/r"}))
+    code, out = run("--recipe", tmp / "r.yaml")
+    assert code == 2 and "--coef is required for --method bias" in out and "r.yaml" in out, out
+    assert not (tmp / "exports" / "r").exists()
+    code, out = run("--recipe", tmp / "r.yaml", "--coef", 2.5)
+    assert code == 0, out
+    assert Manifest.load(tmp / "exports" / "r").terms[0].coef == 2.5
+    (tmp / "m.yaml").write_text(yaml.safe_dump({
+        "model": str(src), "method": "bias", "output": "exports/m",
+        "terms": [{"vector": str(vpath), "layer": 1, "coef": 1.0}, {"vector": str(vpath), "layer": 3}]}))
+    code, out = run("--recipe", tmp / "m.yaml")
+    assert code == 2 and "term 1 has no coef" in out and "--coef is required" in out, out
+    assert not (tmp / "exports" / "m").exists()
+
+
+def test_library_bake_refuses_a_missing_coef(setup):
+    from bakery.bakers import bake
+    from bakery.bakers.base import BakeError
+
+    src, vpath, tmp = setup
+    for term in [{"vector": vpath, "layer": 2}, (vpath, 2, None)]:
+        with pytest.raises(BakeError, match="--coef is required for --method bias"):
+            bake("bias", src, [term], tmp / "lib", progress=False)
+        assert not (tmp / "lib").exists()
+    with pytest.raises(BakeError, match="--coef is required for --method bias --route rank1"):
+        bake("bias", src, [(vpath, 2, None)], tmp / "lib", route="rank1", progress=False)
+    out = bake("ortho", src, [{"vector": vpath, "layer": 2}], tmp / "o", progress=False)
+    assert Manifest.load(out).method == "ortho"
+
+
+@pytest.mark.parametrize("options, flags", [
+    (dict(positions="response"), ["--positions", "response"]),
+    (dict(ridge=0.5, calibration_tokens=8), ["--recipe"]),  # no flags: the export's bake.yaml
+])
+def test_library_reproduce_command_keeps_rank1_options(setup, options, flags):
+    """bake(route="rank1", positions=..., ridge=...) records a command that redoes that bake, not
+    the ungated / default-ridge one."""
+    from bakery.bakers import bake
+
+    src, vpath, tmp = setup
+    first = bake("bias", src, [(vpath, 2, 3.0)], tmp / "first", route="rank1", progress=False, **options)
+    default = bake("bias", src, [(vpath, 2, 3.0)], tmp / "default", route="rank1", progress=False)
+    assert not _same_weights(first, default)  # the options matter
+    cmd, args, res = _rerun(first, tmp / "again")
+    assert all(f in args for f in flags), cmd
+    assert res.exit_code == 0, (cmd, res.output)
+    assert _same_weights(first, tmp / "again"), cmd
+    again = json.loads((tmp / "again" / "bakery.json").read_text())
+    assert again["positions"] == options.get("positions", "all") and again["route"] == "rank1"

@@ -56,7 +56,22 @@ def get_baker(name: str):
     return _REGISTRY[name]()
 
 
-def _as_terms(terms: Iterable[Any]):
+def coef_required_message(method: str, route: str | None = None, where: str = "") -> str:
+    """The error for a term without a coef under a method that needs one (bias, kl-lora, kl-full)."""
+    how = f"--method {method}" + (f" --route {route}" if route and route != "bias" else "")
+    return (f"--coef is required for {how}{f' ({where})' if where else ''}: the steering strength, "
+            "e.g. the one `bakery sweep` recommends (pass --coef C, or coef: C in the recipe term)")
+
+
+def fmt_float(x: float) -> str:
+    """A float for a command line: short (``3``, ``0.01``) but exact, so it reads back the same."""
+    x = float(x)
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)
+
+
+def _as_terms(terms: Iterable[Any], *, method: str = "", needs_coef: bool = False,
+              route: str | None = None):
     from bakery.bakers.base import BakeError, Term
     from bakery.vectors import VectorArtifact, load_vector
 
@@ -66,18 +81,21 @@ def _as_terms(terms: Iterable[Any]):
             out.append(t)
             continue
         if isinstance(t, dict):
-            t = (t.get("vector"), t.get("layer"), t.get("coef", 1.0), t.get("trait"))
+            t = (t.get("vector"), t.get("layer"), t.get("coef"), t.get("trait"))
         vec, layer, coef, *rest = (*t, None) if len(t) == 3 else t
         trait = rest[0] if rest else None
         if layer is None:
             raise BakeError("every term needs a layer (--layer L: row L of the vector, the output "
                             "of block L-1)")
+        if coef is None and needs_coef:  # never a silent 1.0: the strength is the bake
+            raise BakeError(coef_required_message(method, route))
         path = None
         if not isinstance(vec, VectorArtifact):
             if vec is None:
                 raise BakeError("a term has no vector: pass --vector FILE or --trait NAME")
             path = Path(vec)
             vec = load_vector(path)
+        # a method without a strength (ortho) records 1.0: the direction's scale is irrelevant
         out.append(Term(vec, int(layer), float(coef if coef is not None else 1.0), trait, path))
     return out
 
@@ -105,21 +123,27 @@ def default_output(model_name: str, method: str, terms: Sequence, route: str, si
     return Path(root) / "-".join(parts)
 
 
+# options that ``bakery bake`` has a flag for; any other option set makes the reproduce command
+# read the export's own bake.yaml, which records every option
+_FLAG_OPTIONS = {"embeddings", "blocks", "per_layer", "add", "calibration", "positions"}
+
+
 def reproduce_command(req, out: Path) -> str:
     """The ``bakery bake`` command that redoes this bake from the export's own vector files."""
+    opts = {k: v for k, v in req.options.items() if v is not None}
+    rank1 = req.method == "bias" and req.route == "rank1"
     args = ["bakery", "bake", "--method", req.method, "--model", req.model_name]
-    if req.method == "bias" and req.route == "rank1":
+    if rank1:
         args += ["--route", "rank1"]
     if req.site != "resid-out":
         args += ["--site", req.site]
-    if len(req.terms) == 1:
+    if len(req.terms) == 1 and not set(opts) - _FLAG_OPTIONS:
         t = req.terms[0]
         args += ["--vector", f"{out}/vectors/{_slug(t.trait)}.safetensors", "--layer", str(t.layer)]
         if req.method == "bias":
-            args += ["--coef", f"{t.coef:g}"]
-    else:
+            args += ["--coef", fmt_float(t.coef)]
+    else:  # several terms, or an option with no flag (ridge, calibration_tokens, ...)
         args += ["--recipe", f"{out}/bake.yaml"]
-    opts = req.options
     if opts.get("embeddings") and opts["embeddings"] != "ablate":
         args += ["--embeddings", opts["embeddings"]]
     if opts.get("blocks") not in (None, "all"):
@@ -128,9 +152,11 @@ def reproduce_command(req, out: Path) -> str:
     if opts.get("per_layer"):
         args += ["--per-layer"]
     if opts.get("add") not in (None, 0, 0.0):
-        args += ["--add", f"{float(opts['add']):g}"]
+        args += ["--add", fmt_float(opts["add"])]
     if opts.get("calibration") not in (None, "generate"):
         args += ["--calibration", opts["calibration"]]
+    if rank1 and opts.get("positions") not in (None, "all"):  # the CLI takes --positions only with rank1
+        args += ["--positions", opts["positions"]]
     if tuple(req.target_engines) != ("transformers", "vllm", "sglang"):
         args += ["--target-engine", ",".join(req.target_engines)]
     args += ["-o", str(out)]
@@ -157,12 +183,14 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
     model_name = str(model or DEFAULT_MODEL)
     model_dir = resolve_model(model_name)
     baker = get_baker(method)
+    as_terms = lambda: _as_terms(terms, method=method, needs_coef=getattr(baker, "needs_coef", True),
+                                 route=route)
     if hasattr(baker, "bake_folder"):  # distilled bakers train and write their own folder
-        return baker.bake_folder(model_name, model_dir, _as_terms(terms), Path(out) if out else None,
+        return baker.bake_folder(model_name, model_dir, as_terms(), Path(out) if out else None,
                                  force=force, command=command, progress=progress, options=options)
     config = read_config(model_dir)
     req = BakeRequest(model_dir=model_dir, model_name=model_name, config=config,
-                      terms=_as_terms(terms), method=method, route=route or "bias",
+                      terms=as_terms(), method=method, route=route or "bias",
                       site=site or "resid-out", target_engines=parse_engines(target_engines),
                       options={k: v for k, v in options.items() if v is not None})
     check_terms(req)

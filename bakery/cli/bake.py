@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -13,14 +14,29 @@ from bakery.vectors import describe_layer
 
 
 def _command_line(ctx: click.Context) -> str:
-    """The command as typed (flags in declaration order): recorded in the manifest and the card."""
+    """The command as typed (flags in declaration order): recorded in the manifest and the card.
+
+    It must read back as the same bake: a repeatable option is written once per value (none when
+    it was not given), a flag only when set, and a float in a form that parses to the same number.
+    """
+    from bakery.bakers import fmt_float
+
+    def text(v) -> str:
+        return fmt_float(v) if isinstance(v, float) else str(v)
+
     args = ["bakery", ctx.info_name or "bake"]
     for p in ctx.command.params:
         v = ctx.params.get(p.name)
         if v is None or v is False or not isinstance(p, click.Option):
             continue
         flag = max(p.opts, key=len)
-        args += [flag] if v is True else [flag, f"{v:g}" if isinstance(v, float) else str(v)]
+        if p.multiple:
+            for item in v or ():
+                args += [flag, text(item)]
+        elif p.is_flag and v is True:
+            args += [flag]
+        else:
+            args += [flag, text(v)]
     return shlex.join(args)
 
 
@@ -90,6 +106,7 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
     from bakery.bake_recipes import (BakeRecipeError, TermSpec, load_bake_recipe, no_vector_error,
                                      vector_for_trait)
     from bakery.bakers import bake as run_bake
+    from bakery.bakers import coef_required_message, get_baker
 
     rec = load_bake_recipe(recipe) if recipe else None
     model = model or (rec.model if rec else None) or os.environ.get("BAKERY_MODEL") or None
@@ -111,12 +128,16 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
                           trait=base.trait, vector=base.vector)]
     if not terms or all(t.vector is None and t.trait is None for t in terms):
         raise no_vector_error(model)
+    needs_coef = getattr(get_baker(method), "needs_coef", True)
+    the_route = (route or (rec.route if rec else None)) if method == "bias" else None
     resolved = []
-    for t in terms:
+    for i, t in enumerate(terms):
         if t.layer is None or t.layer < 0:
             raise click.UsageError("give --layer L (row L of the vector: the output of block L-1)")
-        if method == "bias" and coef is None and not rec:
-            raise click.UsageError("--method bias needs --coef C (the steering strength)")
+        if needs_coef and t.coef is None:
+            where = (f"recipe {rec.source}" + (f", term {i}" if len(terms) > 1 else "") + " has no coef"
+                     if rec and coef is None else "")
+            raise click.UsageError(coef_required_message(method, the_route, where))
         vec = t.vector or str(vector_for_trait(t.trait, model))
         resolved.append((vec, t.layer, t.coef, t.trait))
     opts = dict(rec.options) if rec else {}
@@ -155,8 +176,14 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise click.UsageError(f"--set takes KEY=VALUE; got '{item}'")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _NUMBER.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        out[key.strip().replace("-", "_")] = parsed
     return out
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
 def _bake_distilled(method: str, model, resolved: list, output, force: bool, opts: dict) -> Path:
@@ -165,8 +192,6 @@ def _bake_distilled(method: str, model, resolved: list, output, force: bool, opt
 
     if len(resolved) != 1:
         raise click.UsageError(f"{method} distils one (vector, layer, coef) term; got {len(resolved)}")
-    if resolved[0][2] is None:
-        raise click.UsageError(f"--method {method} needs --coef C (the steering strength)")
     return run_bake(method, model, resolved, output, force=force,
                     command=_command_line(click.get_current_context()), **opts)
 

@@ -355,7 +355,8 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_output(out: str | os.PathLike, source: str | os.PathLike, *, force: bool = False) -> Path:
-    """Refuse an output that would touch the source or overwrite an export without ``force``."""
+    """Refuse an output that would touch the source, overwrite an export without ``force``, or
+    replace (even with ``force``) a folder that is not a bakery export."""
     out, source = Path(out), Path(source)
     if _inside(out, source) or _inside(source, out):
         raise CheckpointError(
@@ -366,6 +367,10 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike, *, force: bo
             f"{out} already exists: pass --force (force=True) to replace it, or choose another -o")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder; choose another -o")
+    if out.exists() and any(out.iterdir()) and not (out / "bakery.json").is_file():
+        raise CheckpointError(
+            f"{out} is a folder with files but not a bakery export (it has no bakery.json): --force "
+            "only replaces an export. Choose another -o.")
     return out
 
 
@@ -373,8 +378,10 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike, *, force: bo
 def atomic_folder(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; rename it to ``out`` only if the block finishes.
 
-    Any exception (Ctrl-C included) removes the temporary folder, so no partial export is left.
-    With ``force`` an existing ``out`` is replaced only after the new one is complete.
+    Any exception (Ctrl-C included) in the block removes the temporary folder, so no partial
+    output is left. With ``force`` an existing ``out`` is replaced only after the new one is
+    complete (and put back if the swap fails). Without it, an ``out`` that appeared while the block
+    ran is left alone and the finished folder is kept under its temporary name.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -386,16 +393,31 @@ def atomic_folder(out: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
     try:
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not out.exists():
+        try:
+            os.rename(tmp, out)  # fails (out appeared meanwhile) unless out is an empty folder
+            return
+        except OSError as e:
+            if not out.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(f"could not move the finished output into {out}: {e}") from e
+    if not force:
+        raise FileExistsError(
+            f"{out} appeared while bakery was writing it and was left alone; the finished output "
+            f"is kept at {tmp}. Move it where you want it, or run again with --force.")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)  # put the previous output back
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,50 @@ def test_atomic_folder_keeps_nothing_on_error_and_replaces_only_with_force(tmp_p
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_atomic_folder_never_overwrites_an_output_that_appeared_meanwhile(tmp_path):
+    """Without force, a folder created while the output was being written is left alone and the
+    finished output is kept (named in the error); with force, a failed swap puts the old one back."""
+    out = tmp_path / "exp"
+    with pytest.raises(FileExistsError, match="kept at") as e:
+        with atomic_folder(out) as tmp:
+            (tmp / "new").write_text("hours of work")
+            out.mkdir()
+            (out / "theirs").write_text("keep me")
+    kept = Path(str(e.value).split("kept at ")[1].split(". ")[0])
+    assert (out / "theirs").read_text() == "keep me" and not (out / "new").exists()
+    assert (kept / "new").read_text() == "hours of work"
+
+    real = os.replace
+    calls = []
+
+    def failing_second_replace(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError(errno.EIO, "I/O error")
+        return real(a, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", failing_second_replace)
+        with pytest.raises(OSError, match="I/O error"):
+            with atomic_folder(out, force=True) as tmp:
+                (tmp / "new").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".exp.")] == [kept]  # no leftovers
+
+
+def test_force_replaces_only_an_export(tmp_path):
+    src, out = tmp_path / "model", tmp_path / "mine"
+    src.mkdir()
+    out.mkdir()
+    (out / "notes.txt").write_text("not an export")
+    with pytest.raises(CheckpointError, match="not a bakery export"):
+        check_output(out, src, force=True)
+    (out / "notes.txt").unlink()
+    assert check_output(out, src, force=True) == out  # empty: fine
+    (out / "bakery.json").write_text("{}")
+    assert check_output(out, src, force=True) == out
 
 
 def test_check_output_refuses_source_overlap(tmp_path):

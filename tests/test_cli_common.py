@@ -20,3 +20,10 @@ def test_every_command_is_registered():
     names = set(main.commands)
     assert {"extract", "steer", "sweep", "persist", "bake", "compare", "verify", "push", "vectors",
             "recipe"} <= names
+
+
+def test_every_command_that_runs_torch_takes_threads():
+    """The README tells users on a busy machine to pass --threads 1 to these."""
+    for name in ("extract", "steer", "sweep", "persist", "bake", "compare", "verify"):
+        r = CliRunner().invoke(main, [name, "--threads", "0"])
+        assert r.exit_code == 2 and "must be at least 1" in r.output, (name, r.output)

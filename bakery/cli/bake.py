@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err
+from bakery.cli.common import clear_errors, echo_err, threads_option
 from bakery.vectors import describe_layer
 
 
@@ -91,6 +91,7 @@ def _parse_size(text: str | None) -> int | None:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="kl-lora/kl-full: any other distillation setting, e.g. --set num_prompts=200 "
               "--set lr=1e-4 (repeatable; see python -m bakery.bakers.distill --help).")
+@threads_option
 @clear_errors
 def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_engines, embeddings,
          blocks, per_layer, add, calibration, model, output, force, shard_size, positions, steps,

@@ -7,7 +7,7 @@ import textwrap
 
 import click
 
-from bakery.cli.common import clear_errors, model_option, trust_option
+from bakery.cli.common import clear_errors, model_option, threads_option, trust_option
 from bakery.vectors import describe_layer
 
 
@@ -25,6 +25,7 @@ from bakery.vectors import describe_layer
 @click.option("--system", default=None, help="Optional system prompt.")
 @model_option
 @trust_option
+@threads_option
 @clear_errors
 def steer(prompts, vector_path, trait, layer, coef, positions, max_new_tokens, temperature, system, model,
           trust_remote_code):

@@ -26,7 +26,8 @@ def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_wr
     """Check that each EXPORT loads with its edit intact: transformers (strict reload, runtime
     match), vLLM (a real run, teacher-forced against transformers) and sglang (static rules).
 
-    Exit status 1 when any verdict fails; 2 on bad input or an engine that is not installed.
+    Exit status 1 when any verdict fails; 2 on bad input or a named --engine that is not installed
+    (under --engine all a missing engine is reported, not an error).
     """
     import json
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from bakery.arch import num_layers_of
 from bakery.fidelity import ContextFactory, Scorer, drift, measure, sample_trajectories
 from bakery.manifest import Manifest
 from bakery.models import config_hash, load_model, load_tokenizer, read_config, resolve_model
@@ -206,8 +207,8 @@ def reference_for(export: str | Path, manifest: Manifest | None = None, *, vecto
     if manifest is None:
         if vector is None or layer is None or coef is None:
             manifest = Manifest.load(export)  # raises a clear ManifestError
-    if vector is not None:
-        vec = load_vector(vector)
+    if vector is not None:  # the base model's depth sizes a llama.cpp control vector
+        vec = load_vector(vector, num_layers=num_layers_of(base_config) if base_config else None)
     else:
         if not manifest.terms:
             raise CompareError(f"{export / 'bakery.json'} records no vector terms: pass --vector/--layer/--coef")

@@ -144,3 +144,30 @@ def test_saved_artifact_is_world_readable(tmp_path):
 
     p = _art().save(tmp_path / "a.safetensors")
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
+def test_bake_sizes_a_llama_cpp_control_vector_by_the_model(tiny_models, tmp_path):
+    """llama.cpp's cvector-generator writes direction.1 .. direction.{n-1} with layer_count n-1:
+    read alone, the file suggests n+1 layers; bake reads it with the model's depth instead."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from bakery.bakers import bake
+    from bakery.models import read_config
+
+    src = tiny_models("llama")
+    n, hidden = read_config(src)["num_hidden_layers"], read_config(src)["hidden_size"]
+    w = gguf.GGUFWriter(str(tmp_path / "cv.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", n - 1)
+    g = torch.Generator().manual_seed(3)
+    for block in range(1, n):
+        w.add_tensor(f"direction.{block}", torch.randn(hidden, generator=g).numpy().astype(np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert load_vector(tmp_path / "cv.gguf").num_layers == n + 1  # what the file alone suggests
+
+    out = bake("bias", src, [(tmp_path / "cv.gguf", 2, 1.5)], tmp_path / "out", progress=False)
+    want = load_vector(tmp_path / "cv.gguf", num_layers=n).vectors[2] * 1.5  # direction.1 = row 2
+    bias = load_file(out / "model.safetensors")["model.layers.1.mlp.down_proj.bias"].float()
+    assert torch.allclose(bias, want, atol=1e-6) and want.abs().sum() > 0

@@ -71,7 +71,7 @@ def fmt_float(x: float) -> str:
 
 
 def _as_terms(terms: Iterable[Any], *, method: str = "", needs_coef: bool = False,
-              route: str | None = None):
+              route: str | None = None, num_layers: int | None = None):
     from bakery.bakers.base import BakeError, Term
     from bakery.vectors import VectorArtifact, load_vector
 
@@ -94,7 +94,7 @@ def _as_terms(terms: Iterable[Any], *, method: str = "", needs_coef: bool = Fals
             if vec is None:
                 raise BakeError("a term has no vector: pass --vector FILE or --trait NAME")
             path = Path(vec)
-            vec = load_vector(path)
+            vec = load_vector(path, num_layers=num_layers)  # sizes a llama.cpp control vector
         # a method without a strength (ortho) records 1.0: the direction's scale is irrelevant
         out.append(Term(vec, int(layer), float(coef if coef is not None else 1.0), trait, path))
     return out
@@ -175,6 +175,7 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
     "keep"), ``blocks``, ``per_layer``, ``add`` (ortho); ``calibration`` ("generate" or
     "prompts"), ``calibration_tokens``, ``calibration_prompts``, ``ridge`` (rank1). Nothing is written unless the whole bake succeeds.
     """
+    from bakery.arch import num_layers_of
     from bakery.bakers.base import BakeRequest, check_terms, parse_engines
     from bakery.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, atomic_folder, check_output
     from bakery.export import write_export
@@ -183,14 +184,14 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
     model_name = str(model or DEFAULT_MODEL)
     model_dir = resolve_model(model_name)
     baker = get_baker(method)
-    as_terms = lambda: _as_terms(terms, method=method, needs_coef=getattr(baker, "needs_coef", True),
-                                 route=route)
-    if hasattr(baker, "bake_folder"):  # distilled bakers train and write their own folder
-        return baker.bake_folder(model_name, model_dir, as_terms(), Path(out) if out else None,
-                                 force=force, command=command, progress=progress, options=options)
     config = read_config(model_dir)
+    resolved = _as_terms(terms, method=method, needs_coef=getattr(baker, "needs_coef", True), route=route,
+                         num_layers=num_layers_of(config))
+    if hasattr(baker, "bake_folder"):  # distilled bakers train and write their own folder
+        return baker.bake_folder(model_name, model_dir, resolved, Path(out) if out else None,
+                                 force=force, command=command, progress=progress, options=options)
     req = BakeRequest(model_dir=model_dir, model_name=model_name, config=config,
-                      terms=as_terms(), method=method, route=route or "bias",
+                      terms=resolved, method=method, route=route or "bias",
                       site=site or "resid-out", target_engines=parse_engines(target_engines),
                       options={k: v for k, v in options.items() if v is not None})
     check_terms(req)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -275,7 +276,13 @@ def test_kl_full_trains_the_blocks_from_the_steered_one_on_with_a_frozen_teacher
     out = tmp_path / "full"
     res = bake_distilled(_req(tiny, vec_file, out, method="kl-full", steps=6, trajectories=str(shared_traj)),
                          progress=False)
-    assert res.info["history"][-1]["val_kl"] < 0.7 * res.info["history"][0]["val_kl"]
+    # step 0 is the warm-started student, already close (the tiny model: R ~0.71, KL 0.0032 vs the
+    # unedited 0.011); six steps take it to ~0.0022. Both comparisons use the same validation set,
+    # and each has room for a different CPU's rounding: training cuts ~31% (10% asked), the result
+    # is ~0.2 of the unedited model's KL (0.5 asked)
+    h = res.info["history"]
+    assert h[-1]["val_kl"] < 0.9 * h[0]["val_kl"], h
+    assert h[-1]["val_kl"] < 0.5 * res.info["val_kl_base"], (h, res.info["val_kl_base"])
     assert not (out / "adapter").exists()
     assert Manifest.load(out).method == "kl-full" and res.info["first_block"] == LAYER - 1
     base, baked = load_model(tiny), load_model(out)
@@ -515,6 +522,9 @@ def test_the_library_registry_bakes_kl_lora_with_merged_weights_and_adapter(tiny
     m = Manifest.load(out)
     assert m.method == "kl-lora" and m.route == "lora-merged" and m.extra["steps"] == 3
     assert m.positions == "all" and m.terms[0].trait == "rand" and "--method kl-lora" in m.command
+    # no command given: one that redoes this bake from the export's vector, options included
+    assert f"--vector {out}/vectors/rand.safetensors" in m.command and "--set num_prompts=30" in m.command
+    assert "--steps 3" in m.command and "--positions all" in m.command and m.command.endswith(f"-o {out}")
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "vectors" / "rand.safetensors").is_file()
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == "someorg/tiny-llama"
@@ -527,6 +537,67 @@ def test_the_library_registry_bakes_kl_lora_with_merged_weights_and_adapter(tiny
     with pytest.raises(DistillError, match="unknown option.*bogus"):
         bake("kl-lora", str(tiny), [(str(vec_file), LAYER, COEF)], tmp_path / "bad", bogus=1, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_distilled_cards_hold_usage_reproduce_and_wording_of_their_own_method(tiny, vec_file, shared_traj,
+                                                                               tmp_path):
+    """Each card: the common section (usage lines, Reproduce, re-rendered by push) and a distill
+    section that describes the method's own weights; an odd trait name gets a slugged vector file."""
+    from bakery.card import SECTION
+    from bakery.card_sections import read_section
+    from bakery.hub import card_for_repo
+
+    for method in ("kl-lora", "kl-full"):
+        out = tmp_path / method
+        req = _req(tiny, vec_file, out, method=method, steps=1, trajectories=str(shared_traj))
+        req.trait = "My trait/v2"
+        req.command = f"bakery bake --method {method} --set 'held_out=[\"a b\"]' -o {out}"
+        bake_distilled(req, progress=False)
+        m = Manifest.load(out)
+        assert m.terms[0].trait == "My trait/v2" and m.command == req.command
+        assert m.terms[0].vector_file == "vectors/my-trait-v2.safetensors"
+        assert (out / m.terms[0].vector_file).is_file() and not (out / "vectors" / "My trait").exists()
+        text = (out / "README.md").read_text()
+        assert text.count("\n# ") == 1  # one title
+        common, distill = read_section(text, SECTION), read_section(text, "distill")
+        assert common is not None and distill is not None
+        assert common.split("## Reproduce", 1)[1].strip() == f"```bash\n{req.command}\n```"
+        assert f'from_pretrained("{out}")' in common and f"vllm serve {out}" in common
+        assert "(vectors/my-trait-v2.safetensors)" in common and "exact: **false**" in common
+        assert "KL(steered || model)" in distill
+        if method == "kl-lora":
+            assert "LoRA is merged" in distill and "`adapter/`" in distill
+            assert "PeftModel.from_pretrained" in distill and "--lora-modules my-trait-v2=adapter" in distill
+        else:
+            assert "full fine-tuning of blocks 1 and later" in distill and "no LoRA" in distill
+            assert "merged" not in distill and "adapter/" not in distill and not (out / "adapter").exists()
+        # push re-renders the common section with the repo id and keeps the distill one
+        pushed = card_for_repo(out, m, "someorg/baked")
+        assert 'from_pretrained("someorg/baked")' in pushed and "vllm serve someorg/baked" in pushed
+        assert f'from_pretrained("{out}")' not in pushed
+        assert read_section(pushed, "distill") == distill
+
+
+def test_a_library_bakes_command_reads_back_through_the_bake_cli():
+    """bakery.bakers.bake("kl-lora", ...) without a command records one that `bakery bake` parses
+    back to the same term and options."""
+    from bakery.bakers.distill import reproduce_command
+    from bakery.cli.bake import _parse_settings, bake as bake_cli
+
+    opts = {"steps": 3, "rank": 8, "positions": "all", "num_prompts": 30, "lr": 5e-3, "rslora": True,
+            "target_modules": ["q_proj", "v_proj"], "held_out": ["Is it 3, or 4?", "yes"], "recipe": "no",
+            "work_dir": "/tmp/a b"}
+    cmd = reproduce_command("kl-lora", "some/model", LAYER, 0.1 + 0.2, "out dir", "out dir/vectors/t.safetensors",
+                            opts)
+    args = shlex.split(cmd)
+    assert args[:2] == ["bakery", "bake"]
+    ctx = bake_cli.make_context("bake", args[2:])
+    p = ctx.params
+    assert (p["method"], p["model"], p["vector_path"], p["layer"], p["coef"], p["output"]) == (
+        "kl-lora", "some/model", "out dir/vectors/t.safetensors", LAYER, 0.1 + 0.2, "out dir")
+    assert (p["steps"], p["rank"], p["positions"]) == (3, 8, "all")
+    back = _parse_settings(p["settings"])
+    assert back == {k: v for k, v in opts.items() if k not in ("steps", "rank", "positions")}
 
 
 def _launch(args: list[str], *, fsdp: bool) -> subprocess.CompletedProcess:
@@ -562,7 +633,8 @@ def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny, v
     assert m.extra["sharding"] == "FSDP2 by bakery (accelerate runs MULTI_CPU)" and m.extra["processes"] == 2
     assert [h["step"] for h in m.extra["history"]] == [0, 2, 4, 6]
     assert m.extra["best_val_kl"] == pytest.approx(single.info["best_val_kl"], rel=2e-2)
-    assert m.extra["best_val_kl"] < 0.7 * m.extra["history"][0]["val_kl"]
+    # against the unedited model's KL: kl-full's step 0 is already the warm start (0.69 of it here)
+    assert m.extra["best_val_kl"] < 0.5 * m.extra["val_kl_base"]
     # the export holds whole weights: the same model as the one-process run, reloadable as is
     a, b = load_model(single.out), load_model(out)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

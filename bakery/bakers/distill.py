@@ -30,9 +30,11 @@ import torch
 import yaml
 
 from bakery.bakers.base import refuse_quantized
+from bakery.card import SECTION as CARD_SECTION
+from bakery.card import body as card_common
 from bakery.card import front_matter
 from bakery.checkpoint import atomic_folder, check_output
-from bakery.export import source_info_for
+from bakery.export import _slug, source_info_for
 from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
 from bakery.manifest import BakeTerm, Manifest, versions
 from bakery.steering import steer
@@ -149,10 +151,19 @@ def merged_copy(student, method: str):
     return m
 
 
+def vector_file_for(trait: str) -> str:
+    """The export's copy of the vector, named like the closed-form bakers' (a slug of the trait)."""
+    return f"vectors/{_slug(trait)}.safetensors"
+
+
 def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtifact, layer: int,
                  coef: float, trait: str, positions: str, source: dict, dtype: torch.dtype,
                  train_info: dict, command: str = "", force: bool = False) -> Path:
-    """Merged weights, ``adapter/`` (LoRA), vector, ``bakery.json`` and card, atomically."""
+    """Merged weights, ``adapter/`` (LoRA), vector, ``bakery.json`` and card, atomically.
+
+    The card holds the section every baker writes (:func:`bakery.card.body`: what was baked, engine
+    support, usage lines naming ``out``, the reproduce command; ``bakery push`` re-renders it with
+    the repo id) followed by a ``distill`` section with the training details."""
     from bakery.card_sections import write_section
 
     out = Path(out)
@@ -164,7 +175,7 @@ def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtif
         if method == "lora":
             student.save_pretrained(tmp / "adapter")
             _fix_adapter_base(tmp / "adapter", source)
-        vfile = f"vectors/{trait}.safetensors"
+        vfile = vector_file_for(trait)
         vec.save(tmp / vfile)
         m = Manifest(method=f"kl-{method}", terms=[BakeTerm(layer, coef, trait, vfile, vec.sha256())],
                      positions=positions, route="lora-merged" if method == "lora" else "full",
@@ -174,7 +185,8 @@ def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtif
         fm = front_matter(m)
         fm["tags"].append("distillation")
         (tmp / "README.md").write_text("---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n\n")
-        write_section(tmp, "body", card_body(m, train_info))
+        write_section(tmp, CARD_SECTION, card_common(m, str(out)))
+        write_section(tmp, "distill", card_body(m, train_info))
     return out
 
 
@@ -193,9 +205,10 @@ def _fix_adapter_base(adapter_dir: Path, source: dict) -> None:
 
 
 def card_body(m: Manifest, info: dict) -> str:
+    """The card's ``distill`` section: how the weights were trained and what the folder holds."""
     t = m.terms[0]
     lines = [
-        f"# {t.trait} baked with `{m.method}`", "",
+        "## Distillation", "",
         f"Runtime steering `{t.coef:g} * v[{t.layer}]` ({describe_layer(t.layer)}), positions "
         f"`{m.positions}`, distilled into the weights by minimising KL(steered || model) on "
         f"{info.get('train_trajectories')} sampled trajectories ({info.get('train_tokens')} response tokens).",
@@ -205,12 +218,21 @@ def card_body(m: Manifest, info: dict) -> str:
               "val_kl_base", "val_R", "wall_s"):
         if k in info:
             lines.append(f"| {k} | {info[k]} |")
-    lines += ["", "The weights are a plain checkpoint (LoRA merged, no new parameters): load it like "
-              "the base model in transformers, vLLM or sglang."]
     if m.method == "kl-lora":
-        lines += ["", "The unmerged peft adapter is in `adapter/`: `PeftModel.from_pretrained(base, "
-                  "'adapter')`, or in vLLM `--enable-lora --lora-modules "
-                  f"{t.trait}=adapter --max-lora-rank {info.get('rank')}`."]
+        base = m.source.get("hub_id") or m.source.get("model")
+        lines += ["", "The weights are a plain checkpoint: the trained LoRA is merged into the base weights "
+                  "(stock architecture, no new parameters), so it loads like the base model in "
+                  "transformers, vLLM or sglang.", "",
+                  "The unmerged peft adapter is in `adapter/` (paths below relative to this folder): "
+                  "`PeftModel.from_pretrained(base_model, 'adapter')`, or in vLLM "
+                  f"`vllm serve {base} --enable-lora --lora-modules {_slug(t.trait)}=adapter "
+                  f"--max-lora-rank {info.get('rank')}`."]
+    else:
+        first = info.get("first_block")
+        which = f"blocks {first} and later" if first is not None else "the target linears"
+        lines += ["", f"The weights are a plain checkpoint: full fine-tuning of {which} (no LoRA, no "
+                  "adapter, no new parameters), so it loads like the base model in transformers, vLLM "
+                  "or sglang."]
     return "\n".join(lines)
 
 
@@ -460,7 +482,7 @@ def _cli():
                              val_prompts=val_prompts, trajectories=trajectories, work_dir=work_dir,
                              teacher_engine=teacher_engine,
                              resume=resume, dtype=dtype, force=force, train=tc, trust_remote_code=trust_remote_code,
-                             command=" ".join(shlex.quote(a) for a in ["bakery-distill", *sys.argv[1:]]))
+                             command=shlex.join(["python", "-m", "bakery.bakers.distill", *sys.argv[1:]]))
         res = bake_distilled(req, progress=not no_progress)
         if res.out is not None:
             i = res.info
@@ -499,6 +521,46 @@ def request_from_options(method: str, model: str, vector, layer: int, coef: floa
                           train=tc, command=command, **rq)
 
 
+# options ``bakery bake`` has a flag for; the rest go through ``--set KEY=VALUE``
+_BAKE_FLAGS = {"steps": "--steps", "rank": "--rank", "positions": "--positions",
+               "teacher_engine": "--teacher-engine"}
+
+
+def _setting(v: Any) -> str:
+    """A value as ``--set`` reads it back (a YAML scalar, or a JSON list)."""
+    from bakery.bakers import fmt_float
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return fmt_float(v)
+    if isinstance(v, (list, tuple)):
+        return json.dumps(list(v))
+    s = str(v)
+    if isinstance(v, int):
+        return s
+    try:
+        plain = yaml.safe_load(s) == s
+    except yaml.YAMLError:
+        plain = False
+    return s if plain else json.dumps(s)
+
+
+def reproduce_command(method: str, model_name: str, layer: int, coef: float, out: Path | str, vector: str,
+                      options: dict) -> str:
+    """The ``bakery bake`` command that redoes a library bake (``bakery.bakers.bake("kl-lora", ...)``)
+    from the export's own vector file, every distillation option included."""
+    from bakery.bakers import fmt_float
+
+    args = ["bakery", "bake", "--method", method, "--model", model_name, "--vector", vector,
+            "--layer", str(layer), "--coef", fmt_float(coef)]
+    for k, v in options.items():
+        if v is None or k == "force":
+            continue
+        args += [_BAKE_FLAGS[k], _setting(v)] if k in _BAKE_FLAGS else ["--set", f"{k}={_setting(v)}"]
+    return shlex.join([*args, "-o", str(out)])
+
+
 class _DistillBaker:
     """Registry entry: a distilled bake trains and writes its own folder (merged weights, adapter/,
     vector, manifest, card), so :func:`bakery.bakers.bake` hands it the whole job."""
@@ -526,9 +588,8 @@ class _DistillBaker:
                                    {**opts, "force": force}, command=command or "")
         req.trait, req.model_name = t.trait, model_name
         if not req.command:
-            req.command = shlex.join(["bakery", "bake", "--method", self.name, "--model", model_name,
-                                      "--vector", str(t.vector_path or "VECTOR"), "--layer", str(t.layer),
-                                      "--coef", f"{t.coef:g}", "-o", str(out)])
+            req.command = reproduce_command(self.name, model_name, t.layer, t.coef, out,
+                                            f"{out}/{vector_file_for(req.trait)}", opts)
         return Path(bake_distilled(req, progress=progress).out)
 
 

@@ -202,23 +202,13 @@ _SMOL_VEC: dict = {}
 
 
 def smol_vector(smol_dir: Path) -> VectorArtifact:
-    """A pirate direction for the embedded model: the extracted one if the cache has it, else a
-    quick contrastive vector (last prompt token, pirate vs helpful system prompt, 4 questions)."""
-    if "v" in _SMOL_VEC:
-        return _SMOL_VEC["v"]
-    try:
-        from bakery.extract import cached_vector
-        from bakery.vectors import load_vector
+    """A pirate direction for the embedded model: the quick contrastive vector (last prompt token,
+    pirate vs helpful system prompt, 4 questions). Always this one, never a cached extraction, so
+    that the thresholds below do not depend on what a machine happens to have extracted."""
+    if "v" not in _SMOL_VEC:
+        from quick_vectors import contrastive_pirate
 
-        p = cached_vector("pirate", smol_dir)
-        if p is not None:
-            _SMOL_VEC["v"] = load_vector(p)
-            return _SMOL_VEC["v"]
-    except ImportError:
-        pass
-    from quick_vectors import contrastive_pirate
-
-    _SMOL_VEC["v"] = contrastive_pirate(smol_dir)
+        _SMOL_VEC["v"] = contrastive_pirate(smol_dir)
     return _SMOL_VEC["v"]
 
 

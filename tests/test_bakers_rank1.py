@@ -105,32 +105,62 @@ def test_rank1_on_the_embedded_model_recovers_the_steering(smol_dir, tmp_path):
     assert f.recovered >= 0.95
 
 
-def _response_fidelity(src, out, v, layer, coef):
-    """Fidelity of a reloaded bake to steering at answer tokens only (the prompt spared)."""
-    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
+HELD_OUT_MORE = HELD_OUT + ["Describe a quiet morning in the mountains.", "Why do cats sleep so much?",
+                           "What should I name my new boat?", "Explain how a bicycle stays upright."]
+
+
+def _response_fidelity(src, bakes: dict, v, layer, coef):
+    """Fidelity of reloaded bakes to steering at answer tokens only (the prompt spared), all
+    scored on the same sampled answers."""
+    base, tok = load_model(src), load_tokenizer(src)
     ctx = lambda P: steer(base, v, layer, coef, positions="response", prompt_len=P)
-    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT], ctx,
-                               max_new_tokens=12, batch_size=4)
-    return measure(traj, model_scorer(base, ctx), model_scorer(base), {"bake": model_scorer(baked)})["bake"]
+    traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in HELD_OUT_MORE], ctx,
+                               max_new_tokens=16, batch_size=8)
+    return measure(traj, model_scorer(base, ctx), model_scorer(base),
+                   {name: model_scorer(reload_strict(out)) for name, out in bakes.items()})
+
+
+@torch.no_grad()
+def _prompt_drift(src, out):
+    """Mean KL(base || bake) over the held-out prompts' own tokens, where steering that spares the
+    prompt leaves the model as it was (no sampling)."""
+    base, baked, tok = load_model(src), reload_strict(out), load_tokenizer(src)
+    enc = encode_prompts(tok, [render_chat(tok, q) for q in HELD_OUT_MORE])
+    b = torch.log_softmax(base(**enc).logits.float(), -1)
+    c = torch.log_softmax(baked(**enc).logits.float(), -1)
+    return float((b.exp() * (b - c)).sum(-1)[enc["attention_mask"].bool()].mean())
 
 
 def test_rank1_gated_to_answer_tokens_stands_for_response_steering(tiny_models, tmp_path):
     """--positions response: u . a is fitted to 1 on answers and 0 on prompts; against steering
     that spares the prompt, the gated edit beats the ungated one."""
-    src = tiny_models("llama")
+    # a 256-wide MLP, so that a linear gate can tell answers from prompts (the default 64 gets
+    # u . a about 0.45 on answers and 0.19 on prompts, and gated and plain then score alike); and a
+    # write about the size of the residual stream (norm ~0.1): coef 3 on a raw random vector
+    # swamps it ~100-fold, and every later block sees mostly v whichever tokens carry it
+    src = tiny_models("llama", intermediate_size=256)
     v = vec(src, seed=4)
-    gated = bake("bias", src, [(v, 2, 3.0)], tmp_path / "gated", route="rank1", positions="response",
+    v.vectors /= v.vectors.norm(dim=-1, keepdim=True)
+    coef = 0.1
+    gated = bake("bias", src, [(v, 2, coef)], tmp_path / "gated", route="rank1", positions="response",
                  progress=False)
-    plain = bake("bias", src, [(v, 2, 3.0)], tmp_path / "plain", route="rank1", progress=False)
+    plain = bake("bias", src, [(v, 2, coef)], tmp_path / "plain", route="rank1", progress=False)
     m = json.loads((gated / "bakery.json").read_text())
     assert m["positions"] == "response" and json.loads((plain / "bakery.json").read_text())["positions"] == "all"
     fit = m["extra"]["rank1_fit"]["2"]
-    assert fit["fit_mean"] - fit["off_mean"] > 0.15, fit  # a random tiny model separates them weakly
+    # about 0.78 on answers and 0.13 on prompts (0.65 apart) over fresh calibration draws
+    assert fit["fit_mean"] - fit["off_mean"] > 0.3, fit
     assert any("gated to response tokens" in n for n in m["extra"]["notes"])
-    g, p = _response_fidelity(src, gated, v, 2, 3.0), _response_fidelity(src, plain, v, 2, 3.0)
-    assert g.recovered > p.recovered, (g.to_dict(), p.to_dict())
+    # the prompt: the gated edit leaves it near the base (KL 0.06-0.07 of the plain edit's)
+    dg, dp = _prompt_drift(src, gated), _prompt_drift(src, plain)
+    assert dg < 0.3 * dp, (dg, dp)
+    # the answers, scored on the same samples: over fresh draws of answers, calibration and vector,
+    # the gated edit's KL was 0.24-0.48 of the plain one's, and R 0.85-0.91
+    f = _response_fidelity(src, {"gated": gated, "plain": plain}, v, 2, coef)
+    g, p = f["gated"], f["plain"]
+    assert g.recovered > p.recovered and g.recovered > 0.7, (g.to_dict(), p.to_dict())
     with pytest.raises(BakeError, match="--calibration generate"):
-        bake("bias", src, [(v, 2, 3.0)], tmp_path / "x", route="rank1", positions="response",
+        bake("bias", src, [(v, 2, coef)], tmp_path / "x", route="rank1", positions="response",
              calibration="prompts", progress=False)
 
 

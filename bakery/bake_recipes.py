@@ -157,11 +157,8 @@ def vector_for_trait(trait: str, model: str | os.PathLike | None) -> Path:
     recipes and the cached vectors and says how to extract one."""
     from bakery.recipes import available_traits
 
-    try:
-        from bakery.extract import cached_vector, list_cached
-    except ImportError as e:  # the extractor is another module; say so instead of a traceback
-        raise BakeRecipeError(f"--trait needs bakery.extract, which is not available ({e}); "
-                              "pass --vector FILE instead") from e
+    from bakery.extract import cached_vector, list_cached
+
     found = cached_vector(trait, model)
     if found is not None:
         return Path(found)
@@ -179,12 +176,9 @@ def no_vector_error(model: str | os.PathLike | None) -> BakeRecipeError:
     """The error for a bake with neither --vector, --trait nor --recipe."""
     from bakery.recipes import available_traits
 
-    try:
-        from bakery.extract import list_cached
+    from bakery.extract import list_cached
 
-        cached = [f"{t} ({p})" for t, p in list_cached(model)]
-    except ImportError:
-        cached = []
+    cached = [f"{t} ({p})" for t, p in list_cached(model)]
     return BakeRecipeError(
         "nothing to bake: pass --vector FILE, --trait NAME (an extracted vector from the cache) or "
         f"--recipe FILE. Trait recipes: {', '.join(available_traits()) or 'none'} (extract one "

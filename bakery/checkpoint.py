@@ -38,7 +38,6 @@ DTYPES: dict[str, torch.dtype] = {
 if hasattr(torch, "float8_e4m3fn"):
     DTYPES["F8_E4M3"] = torch.float8_e4m3fn
     DTYPES["F8_E5M2"] = torch.float8_e5m2
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -419,6 +418,3 @@ def atomic_folder(out: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
         raise
     shutil.rmtree(old, ignore_errors=True)
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]

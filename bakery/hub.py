@@ -245,14 +245,9 @@ def check_card(export_dir: str | os.PathLike, manifest: Manifest, *,
 def run_verify(export_dir: str | os.PathLike, log: Callable[[str], None] = print) -> list[Any]:
     """``bakery verify --engine transformers``: reload the export with stock transformers and check
     it against runtime steering; the verdicts land in the card's engines section. Raises PushError
-    when verify is not installed or the export fails it."""
-    try:
-        from bakery.engines import verify
-    except ImportError as e:
-        raise PushError(
-            f"`bakery verify` is not available in this install ({e}); pass --no-verify to push "
-            "without reloading the export first"
-        ) from e
+    when the export fails it."""
+    from bakery.engines import verify
+
     verdicts = verify([Path(export_dir)], "transformers", write=True, log=log)[str(Path(export_dir))]
     bad = [v for v in verdicts if not v.ok]
     for v in verdicts:

@@ -464,25 +464,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def recipe_questions(path_or_name: str) -> list[str]:
-    """The eval questions of a trait recipe (``bakery.recipes`` when present, else the YAML key)."""
-    try:
-        from bakery.recipes import load_trait_recipe  # type: ignore[import-not-found]
-    except ImportError:
-        load_trait_recipe = None
-    if load_trait_recipe is not None:
-        questions = list(load_trait_recipe(path_or_name).eval_questions)
-    else:
-        p = Path(path_or_name)
-        if not p.is_file():
-            p = Path(__file__).resolve().parent.parent / "recipes" / "traits" / f"{path_or_name}.yaml"
-        if not p.is_file():
-            raise FileNotFoundError(f"trait recipe not found: {path_or_name} (a YAML file or a name in recipes/traits/)")
-        import yaml
+    """The eval questions of a trait recipe (a YAML file or a name in recipes/traits/)."""
+    from bakery.recipes import load_trait_recipe
 
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        questions = data.get("eval_questions") if isinstance(data, dict) else None
-        if not isinstance(questions, list) or not questions:
-            raise ValueError(f"trait recipe {p} has no 'eval_questions' list")
+    questions = list(load_trait_recipe(path_or_name).eval_questions)
     if not questions:
         raise ValueError(f"trait recipe {path_or_name} has no eval questions")
     return [str(q) for q in questions]

@@ -390,13 +390,6 @@ def test_altered_vector_or_missing_shard_is_refused(export):
         hubmod.check_export(export)
 
 
-def test_verify_missing_is_a_clear_error(export, hub, hub_env, monkeypatch):
-    monkeypatch.setitem(sys.modules, "bakery.engines", None)  # as if verify were not installed
-    with pytest.raises(hubmod.PushError, match="not available.*--no-verify"):
-        hubmod.push(export, REPO, endpoint=hub.url, log=lambda _: None)
-    assert hub.requests == []
-
-
 def test_push_runs_real_verify_and_ships_its_verdicts(export, hub, hub_env):
     pytest.importorskip("bakery.engines")
     logs: list[str] = []

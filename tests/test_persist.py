@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -216,15 +215,11 @@ def test_cli_end_to_end_and_bad_input(tiny_models, tmp_path):
     assert both.exit_code == 2 and "one of" in both.output
 
 
-def test_read_prompts_and_recipe(tmp_path, monkeypatch):
+def test_read_prompts_and_recipe(tmp_path):
     (tmp_path / "p.json").write_text('["a?", "b?"]')
     assert read_prompts(tmp_path / "p.json") == ["a?", "b?"]
-    (tmp_path / "r.yaml").write_text("description: x\neval_questions:\n  - Why?\n  - How?\n")
-    with monkeypatch.context() as m:  # the fallback reader, used when bakery.recipes is absent
-        m.setitem(sys.modules, "bakery.recipes", None)
-        assert recipe_questions(str(tmp_path / "r.yaml")) == ["Why?", "How?"]
-        with pytest.raises(FileNotFoundError, match="trait recipe not found"):
-            recipe_questions("no-such-trait")
+    with pytest.raises(ValueError, match="no-such-trait"):
+        recipe_questions("no-such-trait")
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="no prompts"):
         read_prompts(tmp_path / "empty.txt")

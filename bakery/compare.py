@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -559,25 +557,17 @@ def write_outputs(export: Path, report: dict[str, Any], own: str | None) -> Path
     """``compare/`` (JSON, markdown, PNG) written to a temp folder and renamed; card section."""
     from bakery.card_sections import write_section
 
+    from bakery.checkpoint import atomic_folder
+
     export = Path(export)
     final = export / "compare"
-    tmp = Path(tempfile.mkdtemp(prefix=".compare-", dir=export))
-    try:
+    with atomic_folder(final, force=True) as tmp:  # compare/ is this command's own folder
         (tmp / "report.json").write_text(json.dumps({**report, "this_export": own}, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown_report(report))
         plot(report, tmp / "fidelity.png")
-        old = export / ".compare-old"
         for keep in ("verify.json",):  # written by `bakery verify`; not this command's to drop
             if (final / keep).is_file():
                 shutil.copy2(final / keep, tmp / keep)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     only = ["base", "steered"] + ([own] if own else [])
     write_section(export, "fidelity", "## Fidelity\n\n" + markdown_report(report, only)
                   + "\n![fidelity](compare/fidelity.png)\n")

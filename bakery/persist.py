@@ -23,8 +23,6 @@ import csv
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -477,13 +475,18 @@ def recipe_questions(path_or_name: str) -> list[str]:
 
 def write_outputs(result: PersistResult, outdir: str | os.PathLike, *, force: bool = False) -> Path:
     """``traces.json``, ``traces.csv``, ``texts.md``, ``summary.json`` and ``persist.png`` in
-    ``outdir``, written to a temporary folder first and moved into place at the end."""
+    ``outdir``, written to a temporary folder first and moved into place at the end. A non-empty
+    ``outdir`` is replaced only with ``force``, and only if it is a previous persist output."""
+    from bakery.checkpoint import atomic_folder
+
     out = Path(outdir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; choose another -o or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty; choose another -o or pass --force")
+        if not (out / "summary.json").is_file():
+            raise FileExistsError(f"{out} is not a previous persist output (it has no summary.json): "
+                                  "--force only replaces one. Choose another -o.")
+    with atomic_folder(out, force=True) as tmp:
         s = result.settings
         summary = {k: v for k, v in result.summary.items() if k != "curves"}
         header = {"settings": asdict(s), "info": result.info}
@@ -503,17 +506,6 @@ def write_outputs(result: PersistResult, outdir: str | os.PathLike, *, force: bo
                                 "" if p is None else f"{p - inj:.6g}"])
         (tmp / "texts.md").write_text(texts_markdown(result), encoding="utf-8")
         plot(result, tmp / "persist.png")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

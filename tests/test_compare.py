@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,9 @@ def test_rerun_replaces_outputs(tiny_bakes):
         compare([exact], prompts=PROMPTS[:2], max_new_tokens=4, greedy_tokens=3, progress=False)
     assert (exact / "README.md").read_text().count("<!-- bakery:fidelity -->") == 1
     assert not list(exact.glob(".compare*"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert ((exact / "compare").stat().st_mode & 0o777) == 0o777 & ~mask  # not mkdtemp's 0700
 
 
 def test_explicit_settings_override_the_manifest(tiny_bakes):

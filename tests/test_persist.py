@@ -145,8 +145,25 @@ def test_run_persist_writes_outputs_and_bake_trace_matches_steering(tiny_models,
     assert (out / "persist.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileExistsError, match="--force"):
         write_outputs(res, out)
+    (tmp_path / "out.old").mkdir()  # a user's folder that happens to have the name of a backup
+    (tmp_path / "out.old" / "mine.txt").write_text("keep")
     write_outputs(res, out, force=True)
-    assert not list(tmp_path.glob(".out.*")) and not (tmp_path / "out.old").exists()
+    assert not list(tmp_path.glob(".out.*")) and (tmp_path / "out.old" / "mine.txt").read_text() == "keep"
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())  # an ordinary folder, not mkdtemp's 0700
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "n.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a previous persist output"):
+        write_outputs(res, other, force=True)
+    assert (other / "n.txt").read_text() == "mine"
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_half_life():

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,30 +59,48 @@ def _convert_gguf_alias(alias: str) -> Path:
 
     print(f"[bakery] converting {filename} to a bf16 safetensors folder in {target} (once)...",
           file=sys.stderr, flush=True)
-    tmp = target.with_name(target.name + ".converting")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=filename, dtype=torch.bfloat16,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    model.config._name_or_path = hub_id
-    model.config.quantization_config = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.pop("quantization_config", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    (tmp / "bakery_source.json").write_text(json.dumps(
-        {"alias": alias, "gguf": filename, "package": pkg, "hub_id": hub_id, "license": "apache-2.0"},
-        indent=2))
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # a unique temp folder: two processes converting at once (accelerate launch on a fresh
+    # machine) must not write into each other's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=filename, dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        model.config._name_or_path = hub_id
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        (tmp / "bakery_source.json").write_text(json.dumps(
+            {"alias": alias, "gguf": filename, "package": pkg, "hub_id": hub_id, "license": "apache-2.0"},
+            indent=2))
+        _publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"[bakery] {alias} ready at {target}", file=sys.stderr, flush=True)
     return target
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place; if another process got there first, keep theirs."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_model_dir(target):
+            raise
 
 
 def _from_hf_cache(name: str) -> Path | None:

@@ -79,3 +79,33 @@ def test_alias_conversion_matches_the_gguf_model(smol_dir):
     assert torch.equal(a, b)
     assert conv.config.num_hidden_layers == 30 and conv.config.hidden_size == 576
     assert tok.chat_template and "im_start" in tok.chat_template
+
+
+def test_a_conversion_that_lost_the_race_keeps_the_winners_folder(tiny_models, tmp_path):
+    """Two processes converting the embedded model at once: the second rename finds the first's
+    finished folder, keeps it, and removes its own copy; a failed move with no winner is an error."""
+    from bakery.models import _publish
+
+    target = tmp_path / "models" / "smol"
+    shutil.copytree(tiny_models("llama"), target)  # the winner's folder
+    theirs = sorted(p.name for p in target.iterdir())
+    mine = tmp_path / "models" / ".smol.converting-x"
+    shutil.copytree(tiny_models("llama"), mine)
+    (mine / "extra.txt").write_text("mine")
+    _publish(mine, target)
+    assert not mine.exists() and sorted(p.name for p in target.iterdir()) == theirs
+
+    junk = tmp_path / "models" / "junk"
+    junk.mkdir()
+    (junk / "not-a-model.txt").write_text("x")
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(OSError):
+        _publish(mine, junk)
+    assert (junk / "not-a-model.txt").exists()
+
+    fresh = tmp_path / "models" / "fresh"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    _publish(mine, fresh)
+    assert (fresh / "config.json").is_file() and not mine.exists()

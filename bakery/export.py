@@ -26,6 +26,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "vector"
 
 
+def vector_file_for(trait: str) -> str:
+    """Where an export keeps the vector of ``trait`` (relative to the export folder)."""
+    return f"vectors/{_slug(trait)}.safetensors"
+
+
 ROW_BLOCK_BYTES = 32 * 1024**2  # float32 working block for row-wise edits of large tensors
 
 
@@ -124,8 +129,8 @@ def _save_vectors(folder: Path, req: BakeRequest) -> list[BakeTerm]:
     written: dict[str, str] = {}  # file -> sha
     for t in req.terms:
         sha = t.vector.sha256()
-        base = _slug(t.trait)
-        name, k = f"{base}.safetensors", 2
+        name, k = Path(vector_file_for(t.trait)).name, 2
+        base = name.removesuffix(".safetensors")
         while name in written and written[name] != sha:
             name, k = f"{base}-{k}.safetensors", k + 1
         if name not in written:

@@ -130,6 +130,8 @@ _FLAG_OPTIONS = {"embeddings", "blocks", "per_layer", "add", "calibration", "pos
 
 def reproduce_command(req, out: Path) -> str:
     """The ``bakery bake`` command that redoes this bake from the export's own vector files."""
+    from bakery.export import vector_file_for
+
     opts = {k: v for k, v in req.options.items() if v is not None}
     rank1 = req.method == "bias" and req.route == "rank1"
     args = ["bakery", "bake", "--method", req.method, "--model", req.model_name]
@@ -139,7 +141,7 @@ def reproduce_command(req, out: Path) -> str:
         args += ["--site", req.site]
     if len(req.terms) == 1 and not set(opts) - _FLAG_OPTIONS:
         t = req.terms[0]
-        args += ["--vector", f"{out}/vectors/{_slug(t.trait)}.safetensors", "--layer", str(t.layer)]
+        args += ["--vector", f"{out}/{vector_file_for(t.trait)}", "--layer", str(t.layer)]
         if req.method == "bias":
             args += ["--coef", fmt_float(t.coef)]
     else:  # several terms, or an option with no flag (ridge, calibration_tokens, ...)

@@ -34,7 +34,7 @@ from bakery.card import SECTION as CARD_SECTION
 from bakery.card import body as card_common
 from bakery.card import front_matter
 from bakery.checkpoint import atomic_folder, check_output
-from bakery.export import _slug, source_info_for
+from bakery.export import _slug, source_info_for, vector_file_for
 from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
 from bakery.manifest import BakeTerm, Manifest, versions
 from bakery.steering import steer
@@ -149,11 +149,6 @@ def merged_copy(student, method: str):
     if method == "lora":
         m = m.merge_and_unload()
     return m
-
-
-def vector_file_for(trait: str) -> str:
-    """The export's copy of the vector, named like the closed-form bakers' (a slug of the trait)."""
-    return f"vectors/{_slug(trait)}.safetensors"
 
 
 def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtifact, layer: int,

@@ -38,14 +38,10 @@ def _apply(reader, name: str, edits, dtype: torch.dtype, rowwise: bool, native: 
     info = reader.tensors[name]
 
     def run(x: torch.Tensor) -> torch.Tensor:  # x: a fresh copy in the stored dtype
-        if native:
-            for fn in edits:
-                x = fn(x)
-            return x
-        x = x.float()  # edits may work in place
+        x = x if native else x.float()  # edits may work in place
         for fn in edits:
             x = fn(x)
-        return x.to(dtype)
+        return x.to(dtype)  # a no-op for native edits
 
     def produce() -> torch.Tensor:
         return run(reader.get(name))

@@ -65,7 +65,8 @@ class BakeRequest:
         return spec_for(self.config)
 
 
-Edit = Callable[[torch.Tensor], torch.Tensor]  # float32 in (its own copy: may edit in place), float32 out
+# float32 in (its own copy: may edit in place), float32 out; a ``native`` edit keeps any dtype
+Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bakery.card_sections import read_section
-from bakery.manifest import Manifest, ManifestError
+from bakery.io.card_sections import read_section
+from bakery.io.manifest import Manifest, ManifestError
 
 # Paths (relative, posix) that make up a bakery export (DESIGN.md, "An exported folder").
 EXPORT_PATTERNS = (
@@ -152,7 +152,7 @@ def check_export(export_dir: str | os.PathLike) -> Manifest:
         if not vf.is_file():
             problems.append(f"{term.vector_file} (the vector of trait '{term.trait}') is missing")
             continue
-        from bakery.vectors import load_vector
+        from bakery.vectors.artifact import load_vector
 
         sha = load_vector(vf).sha256()
         if term.vector_sha256 and sha != term.vector_sha256:
@@ -246,7 +246,7 @@ def run_verify(export_dir: str | os.PathLike, log: Callable[[str], None] = print
     """``bakery verify --engine transformers``: reload the export with stock transformers and check
     it against runtime steering; the verdicts land in the card's engines section. Raises PushError
     when the export fails it."""
-    from bakery.engines import verify
+    from bakery.engines.verify import verify
 
     verdicts = verify([Path(export_dir)], "transformers", write=True, log=log)[str(Path(export_dir))]
     bad = [v for v in verdicts if not v.ok]
@@ -263,8 +263,8 @@ def card_for_repo(export_dir: str | os.PathLike, manifest: Manifest, repo_id: st
     """The card text to upload: the baker's section re-rendered so that its usage lines
     (from_pretrained, vllm serve, sglang) name ``repo_id`` rather than the local folder. None when
     the card has no such section (nothing to change). The local README.md is left as it is."""
-    from bakery.card import SECTION, body
-    from bakery.card_sections import set_section
+    from bakery.io.card import SECTION, body
+    from bakery.io.card_sections import set_section
 
     text = (Path(export_dir) / "README.md").read_text()
     if read_section(text, SECTION) is None:

@@ -47,7 +47,7 @@ def make_checkpoint(folder: Path, layers: int, hidden: int, inter: int, vocab: i
     """Random bf16 Llama checkpoint, sharded with an index, written by bakery's own writer."""
     import torch
 
-    from bakery.checkpoint import OutTensor, ShardedWriter
+    from bakery.io.checkpoint import OutTensor, ShardedWriter
 
     hd = hidden // heads
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
@@ -108,7 +108,7 @@ def hf_edit(name: str, src: str, out: str, vec: str, layer: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bakery.vectors import load_vector
+    from bakery.vectors.artifact import load_vector
 
     v = load_vector(vec).vectors[layer]
     kw = {"mlp_bias": True} if name == "hf-bias" else {}
@@ -157,7 +157,7 @@ def main() -> None:
 
     import torch
 
-    from bakery.vectors import VectorArtifact
+    from bakery.vectors.artifact import VectorArtifact
 
     work = Path(tempfile.mkdtemp(prefix="bakery-bench-", dir=args.dir))
     try:

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from bakery.bakers.distill import DistillRequest, bake_distilled
-from bakery.distill_train import Distiller, TrainConfig, kl_per_token, kl_topk
-from bakery.fidelity import measure, model_scorer
+from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled
+from bakery.bakers.distill.train import Distiller, TrainConfig, kl_per_token, kl_topk
+from bakery.fidelity.metrics import measure, model_scorer
 from bakery.models import load_model, load_tokenizer, resolve_model
-from bakery.steering import steer
-from bakery.trajectories import TrajectorySet, collate, collate_topk, prompt_pool, sample, to_fidelity
-from bakery.vectors import describe_layer, load_vector
+from bakery.steering.hooks import steer
+from bakery.bakers.distill.trajectories import TrajectorySet, collate, collate_topk, prompt_pool, sample, to_fidelity
+from bakery.vectors.artifact import describe_layer, load_vector
 
 
 class Cached:
@@ -53,7 +53,7 @@ class Cached:
 
 def held_out_questions(recipe: str | None) -> list[str]:
     if recipe:
-        from bakery.recipes import load_trait_recipe
+        from bakery.extraction.recipes import load_trait_recipe
 
         return load_trait_recipe(recipe).eval_questions
     return ["How do I bake bread?", "What is the tallest mountain in the world?", "How can I sleep better?",
@@ -255,7 +255,7 @@ def reload(args) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from bakery.manifest import Manifest
+    from bakery.io.manifest import Manifest
 
     out = Path(args.out)
     model_dir = resolve_model(args.model)
@@ -330,8 +330,8 @@ def teacher(args) -> None:
     mean log-probability."""
     import tempfile
 
-    from bakery.bakers.distill import DistillRequest, sample_from_bias_bake
-    from bakery.trajectories import mean_logprob
+    from bakery.bakers.distill.pipeline import DistillRequest, sample_from_bias_bake
+    from bakery.bakers.distill.trajectories import mean_logprob
 
     model_dir = resolve_model(args.model)
     m, tok = load_model(model_dir), load_tokenizer(model_dir)

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bakery.generation import encode_prompts, render_chat  # noqa: E402
+from bakery.steering.generation import encode_prompts, render_chat  # noqa: E402
 from bakery.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from bakery.persist import DEFAULT_PROMPTS, check_vector_for_persist, logits_kwargs, trace_batch  # noqa: E402
-from bakery.steering import Steering, SteeringTerm  # noqa: E402
-from bakery.vectors import VectorArtifact, describe_layer, load_vector  # noqa: E402
+from bakery.fidelity.persist import DEFAULT_PROMPTS, check_vector_for_persist, logits_kwargs, trace_batch  # noqa: E402
+from bakery.steering.hooks import Steering, SteeringTerm  # noqa: E402
+from bakery.vectors.artifact import VectorArtifact, describe_layer, load_vector  # noqa: E402
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from bakery.generation import encode_prompts, render_chat
+from bakery.steering.generation import encode_prompts, render_chat
 from bakery.models import load_model, load_tokenizer
-from bakery.vectors import VectorArtifact
+from bakery.vectors.artifact import VectorArtifact
 
 QUESTIONS = ["Tell me about the weather.", "How do I cook rice?", "What is your favourite book?",
              "Describe a city."]

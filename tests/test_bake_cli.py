@@ -8,9 +8,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from bakery.bake_recipes import BakeRecipeError, from_dict, load_bake_recipe
+from bakery.bakers.recipes import BakeRecipeError, from_dict, load_bake_recipe
 from bakery.cli import main
-from bakery.manifest import Manifest
+from bakery.io.manifest import Manifest
 from test_bakers_bias import vec
 
 
@@ -51,7 +51,7 @@ def test_default_output_under_exports(setup):
 
 def test_trait_form_resolves_through_the_extraction_cache(setup, monkeypatch):
     src, vpath, tmp = setup
-    import bakery.extract as ex
+    import bakery.extraction.extract as ex
 
     monkeypatch.setattr(ex, "cached_vector", lambda trait, model=None: vpath if trait == "pirate" else None)
     code, out = run("--method", "ortho", "--layer", 2, "--trait", "pirate", "--model", src)
@@ -118,7 +118,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(setup):
 
 
 def test_committed_bake_recipes_are_valid():
-    from bakery.bake_recipes import available_bakes
+    from bakery.bakers.recipes import available_bakes
 
     names = available_bakes()
     assert {"pirate-bias", "pirate-ortho", "pirate-rank1"} <= set(names)
@@ -148,7 +148,7 @@ def test_kl_lora_through_bakery_bake_writes_merged_weights_and_adapter(tiny_mode
     from click.testing import CliRunner
 
     from bakery.cli import main
-    from bakery.vectors import VectorArtifact
+    from bakery.vectors.artifact import VectorArtifact
 
     d = tiny_models("llama")
     v = VectorArtifact(torch.randn(5, 32) * 3, {"trait": "pirate"}).save(tmp_path / "v.safetensors")
@@ -182,7 +182,7 @@ def test_kl_lora_export_card_carries_hub_metadata(tiny_models, tmp_path):
     from huggingface_hub import ModelCard
 
     from bakery.cli import main
-    from bakery.vectors import VectorArtifact
+    from bakery.vectors.artifact import VectorArtifact
 
     src = tmp_path / "src"
     shutil.copytree(tiny_models("llama"), src)
@@ -270,7 +270,7 @@ def test_cli_recorded_command_repeats_each_set_item(tiny_models, tmp_path, monke
     """--set is repeatable: one `--set KEY=VALUE` per item, each quoted, and the re-run works."""
     import torch
 
-    from bakery.vectors import VectorArtifact
+    from bakery.vectors.artifact import VectorArtifact
 
     monkeypatch.chdir(tmp_path)
     d = tiny_models("llama")

@@ -13,8 +13,8 @@ from bakery.arch import ARCHITECTURES
 from bakery.bakers import bake
 from bakery.bakers.base import BakeError
 from bakery.models import load_model
-from bakery.steering import Steering, SteeringTerm, blocks_of, steer
-from bakery.vectors import VectorArtifact, VectorError
+from bakery.steering.hooks import Steering, SteeringTerm, blocks_of, steer
+from bakery.vectors.artifact import VectorArtifact, VectorError
 
 EXACT_RESID = [t for t in ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")]
 NO_RESID = ["qwen3", "phi3", "gemma2", "gemma3_text", "olmo2"]
@@ -213,8 +213,8 @@ def smol_vector(smol_dir: Path) -> VectorArtifact:
 
 
 def fidelity_on_smol(base, baked, tok, reference_ctx, prompts=HELD_OUT_SMOL, tokens=32):
-    from bakery.fidelity import measure, model_scorer, sample_trajectories
-    from bakery.generation import render_chat
+    from bakery.fidelity.metrics import measure, model_scorer, sample_trajectories
+    from bakery.steering.generation import render_chat
 
     traj = sample_trajectories(base, tok, [render_chat(tok, q) for q in prompts], reference_ctx,
                                max_new_tokens=tokens, batch_size=len(prompts))

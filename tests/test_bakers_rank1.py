@@ -11,10 +11,10 @@ from safetensors import safe_open
 from bakery.bakers import bake
 from bakery.bakers.base import BakeError
 from bakery.bakers.rank1 import CALIBRATION_PROMPTS
-from bakery.fidelity import measure, model_scorer, sample_trajectories
-from bakery.generation import encode_prompts, render_chat
+from bakery.fidelity.metrics import measure, model_scorer, sample_trajectories
+from bakery.steering.generation import encode_prompts, render_chat
 from bakery.models import load_model, load_tokenizer
-from bakery.steering import steer
+from bakery.steering.hooks import steer
 from test_bakers_bias import reload_strict, tree_digest, vec
 
 HELD_OUT = ["Tell me about the sea and the ships.", "What is the capital of France?",

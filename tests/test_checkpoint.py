@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bakery.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, OutTensor,
+from bakery.io.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, OutTensor,
                                ShardedWriter, atomic_folder, check_output)
 
 

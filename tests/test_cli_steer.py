@@ -3,7 +3,7 @@ import torch
 from click.testing import CliRunner
 
 from bakery.cli import main
-from bakery.vectors import VectorArtifact
+from bakery.vectors.artifact import VectorArtifact
 
 
 def _run(*args):

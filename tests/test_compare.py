@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bakery.compare import (CompareError, compare, greedy_agreement, load_prompts, reference_for)
-from bakery.manifest import BakeTerm, Manifest, ManifestError
+from bakery.fidelity.compare import (CompareError, compare, greedy_agreement, load_prompts, reference_for)
+from bakery.io.manifest import BakeTerm, Manifest, ManifestError
 from bakery.models import config_hash, read_config
-from bakery.vectors import VectorArtifact, VectorError
+from bakery.vectors.artifact import VectorArtifact, VectorError
 
 
 def real_bake(method: str, src: Path, vec: VectorArtifact, layer: int, coef: float, out: Path, **options) -> Path:
@@ -179,7 +179,7 @@ def test_attn_out_bake_matches_steering_after_attention(tiny_models, tmp_path):
     assert report["reference"]["site"] == "attn-out" and report["reference"]["probe_layer"] == 3
     assert report["rows"]["mid"]["R"] > 0.999
     # measured against steering at the output of block 1 instead, it is a different model
-    from bakery.compare import Candidate, run_comparison
+    from bakery.fidelity.compare import Candidate, run_comparison
     from bakery.models import load_model, load_tokenizer
 
     ref = reference_for(bake)
@@ -248,8 +248,8 @@ def _judge_handler(body: dict):
 def test_judge_scores_each_row_through_a_loopback_server(tiny_models, tmp_path):
     from openai_server import OpenAIServer
 
-    from bakery.judge import Judge
-    from bakery.recipes import load_trait_recipe
+    from bakery.extraction.judge import Judge
+    from bakery.extraction.recipes import load_trait_recipe
 
     d = tiny_models("llama")
     vec = random_vector(d, scale=0.1)

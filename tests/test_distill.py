@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from bakery.bakers.distill import DistillRequest, bake_distilled, build_pool, train_distilled
-from bakery.distill_train import (CheckpointError, Distiller, DistillError, TrainConfig,
+from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled, build_pool, train_distilled
+from bakery.bakers.distill.train import (CheckpointError, Distiller, DistillError, TrainConfig,
                                   check_targets, kl_per_token, kl_topk, linear_module_names)
-from bakery.generation import render_chat
-from bakery.manifest import Manifest
+from bakery.steering.generation import render_chat
+from bakery.io.manifest import Manifest
 from bakery.models import load_model, load_tokenizer
-from bakery.steering import steer
-from bakery.trajectories import (TrajectoryError, TrajectorySet, clean_question, collate, collate_topk,
+from bakery.steering.hooks import steer
+from bakery.bakers.distill.trajectories import (TrajectoryError, TrajectorySet, clean_question, collate, collate_topk,
                                  model_written_prompts, prompt_pool, sample, to_fidelity)
-from bakery.vectors import VectorArtifact
+from bakery.vectors.artifact import VectorArtifact
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYER, COEF = 2, 4.0
@@ -108,7 +108,7 @@ def test_the_embedded_model_writes_new_questions_for_the_pool(smol_dir):
 
 def test_trajectories_roundtrip_and_collate_layout(tiny, vec_file, tmp_path):
     m, tok = load_model(tiny), load_tokenizer(tiny)
-    from bakery.vectors import load_vector
+    from bakery.vectors.artifact import load_vector
 
     vec = load_vector(vec_file)
     ctx = lambda P: steer(m, vec, LAYER, COEF, positions="response")
@@ -134,7 +134,7 @@ def test_trajectories_roundtrip_and_collate_layout(tiny, vec_file, tmp_path):
 
 def test_sampled_responses_follow_the_steered_model(tiny, vec_file):
     """Greedy 'sampling' (temperature 0) under steering reproduces the steered model's argmax."""
-    from bakery.vectors import load_vector
+    from bakery.vectors.artifact import load_vector
 
     m, tok = load_model(tiny), load_tokenizer(tiny)
     v = load_vector(vec_file)
@@ -151,7 +151,7 @@ def test_sampled_responses_follow_the_steered_model(tiny, vec_file):
 
 # ---- the teacher ------------------------------------------------------------------------------------
 def test_teacher_logits_come_from_the_model_without_the_adapter(tiny, vec_file):
-    from bakery.vectors import load_vector
+    from bakery.vectors.artifact import load_vector
 
     v = load_vector(vec_file)
     tok = load_tokenizer(tiny)
@@ -187,7 +187,7 @@ def test_teacher_logits_come_from_the_model_without_the_adapter(tiny, vec_file):
 def test_the_top_k_kept_from_sampling_is_the_teachers_distribution(tiny, vec_file):
     """--teacher-topk: what sampling keeps equals the teacher's teacher-forced top-k (the training
     target), so training on it needs no teacher forward."""
-    from bakery.vectors import load_vector
+    from bakery.vectors.artifact import load_vector
 
     v = load_vector(vec_file)
     m, tok = load_model(tiny), load_tokenizer(tiny)
@@ -326,9 +326,9 @@ def test_resume_does_not_replace_a_finished_export_without_force(tiny, vec_file,
 
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_validation_kl(tiny, vec_file, shared_traj, tmp_path):
-    """A real SIGKILL of `python -m bakery.bakers.distill` once a checkpoint exists, then --resume."""
+    """A real SIGKILL of `python -m bakery.bakers.distill.pipeline` once a checkpoint exists, then --resume."""
     def cmd(out, *extra):
-        return [sys.executable, "-m", "bakery.bakers.distill", "-m", str(tiny), "-v", str(vec_file), "-l",
+        return [sys.executable, "-m", "bakery.bakers.distill.pipeline", "-m", str(tiny), "-v", str(vec_file), "-l",
                 str(LAYER), "-c", str(COEF), "-o", str(out), "--trajectories", str(shared_traj),
                 "--num-prompts", "44", "--val-prompts", "8", "--rank", "8", "--lr", "5e-3", "--steps", "10",
                 "--val-every", "5", "--patience", "0", "--checkpoint-every", "2", "--dtype", "float32",
@@ -356,7 +356,7 @@ def test_two_process_accelerate_launch_trains_and_exports(tiny, vec_file, shared
     # accelerate's "--cpu" flag runs ONE process; "--multi_gpu" is its torchrun launcher, and the
     # Accelerator then picks MULTI_CPU with the gloo backend when there is no GPU.
     cmd = [str(acc), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "bakery.bakers.distill", "-m", str(tiny), "-v", str(vec_file),
+           "--dynamo_backend", "no", "-m", "bakery.bakers.distill.pipeline", "-m", str(tiny), "-v", str(vec_file),
            "-l", str(LAYER), "-c", str(COEF), "-o", str(out), "--trajectories", str(shared_traj),
            "--num-prompts", "44", "--val-prompts", "8", "--rank", "8", "--lr", "5e-3", "--steps", "4",
            "--val-every", "2", "--checkpoint-every", "2", "--dtype", "float32", "--no-progress"]
@@ -438,7 +438,7 @@ def _small_fs(path: Path):
 
 
 def test_running_out_of_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, vec_file, tmp_path):
-    from bakery.vectors import load_vector
+    from bakery.vectors.artifact import load_vector
 
     v = load_vector(vec_file)
     tok = load_tokenizer(tiny)
@@ -543,8 +543,8 @@ def test_distilled_cards_hold_usage_reproduce_and_wording_of_their_own_method(ti
                                                                                tmp_path):
     """Each card: the common section (usage lines, Reproduce, re-rendered by push) and a distill
     section that describes the method's own weights; an odd trait name gets a slugged vector file."""
-    from bakery.card import SECTION
-    from bakery.card_sections import read_section
+    from bakery.io.card import SECTION
+    from bakery.io.card_sections import read_section
     from bakery.hub import card_for_repo
 
     for method in ("kl-lora", "kl-full"):
@@ -581,7 +581,7 @@ def test_distilled_cards_hold_usage_reproduce_and_wording_of_their_own_method(ti
 def test_a_library_bakes_command_reads_back_through_the_bake_cli():
     """bakery.bakers.bake("kl-lora", ...) without a command records one that `bakery bake` parses
     back to the same term and options."""
-    from bakery.bakers.distill import reproduce_command
+    from bakery.bakers.distill.pipeline import reproduce_command
     from bakery.cli.bake import _parse_settings, bake as bake_cli
 
     opts = {"steps": 3, "rank": 8, "positions": "all", "num_prompts": 30, "lr": 5e-3, "rslora": True,
@@ -604,7 +604,7 @@ def _launch(args: list[str], *, fsdp: bool) -> subprocess.CompletedProcess:
     acc = Path(sys.executable).with_name("accelerate")
     mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
     cmd = [str(acc), "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "bakery.bakers.distill", *args]
+           "--dynamo_backend", "no", "-m", "bakery.bakers.distill.pipeline", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from bakery import engines, sglang_rules
+from bakery.engines import verify as engines, sglang_rules
 from bakery.cli import main
-from bakery.engines import EngineNotInstalled, Setup, find_vllm_python, gap, verify, verify_transformers
-from bakery.manifest import ManifestError
+from bakery.engines.verify import EngineNotInstalled, Setup, find_vllm_python, gap, verify, verify_transformers
+from bakery.io.manifest import ManifestError
 from test_compare import PROMPTS, make_bias_bake, random_vector, real_bake
 
 

@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from bakery.bakers import bake, default_output
-from bakery.card import write_card
-from bakery.card_sections import read_section, write_section
-from bakery.checkpoint import CheckpointError
-from bakery.manifest import Manifest
-from bakery.vectors import load_vector
+from bakery.io.card import write_card
+from bakery.io.card_sections import read_section, write_section
+from bakery.io.checkpoint import CheckpointError
+from bakery.io.manifest import Manifest
+from bakery.vectors.artifact import load_vector
 from test_bakers_bias import reload_strict, tree_digest, vec
 from test_checkpoint import fail_after
 

@@ -11,14 +11,14 @@ import yaml
 from click.testing import CliRunner
 
 from openai_server import OpenAIServer, score_reply
-from bakery import diagnostics
+from bakery.extraction import diagnostics
 from bakery.cli import main
-from bakery.extract import (ExtractError, ExtractSettings, cached_vector, capture, extract,
+from bakery.extraction.extract import (ExtractError, ExtractSettings, cached_vector, capture, extract,
                             list_cached, resolve_trait, sibling_paths)
-from bakery.generation import NoChatTemplate, render_chat
-from bakery.judge import Judge, JudgeError
+from bakery.steering.generation import NoChatTemplate, render_chat
+from bakery.extraction.judge import Judge, JudgeError
 from bakery.models import load_model, load_tokenizer
-from bakery.vectors import VARIANTS, load_vector
+from bakery.vectors.artifact import VARIANTS, load_vector
 
 FAST = dict(max_new_tokens=6, temperature=0.0, batch_size=8, eval_pairs=1)
 
@@ -106,7 +106,7 @@ def test_extract_writes_three_variants_metadata_and_cache(tiny_models, tmp_path)
     # the cache: found by trait name, and reused without generating again
     assert cached_vector("calm", d) is not None and list_cached(d)[0][0] == "calm"
     assert resolve_trait("calm", d) == cached_vector("calm", d)
-    import bakery.extract as ex
+    import bakery.extraction.extract as ex
 
     def boom(*a, **k):
         raise AssertionError("generated again despite a cache entry")
@@ -245,7 +245,7 @@ def test_pirate_on_embedded_model(smol_dir, tmp_path):
     steering there at coef 2 turns plain answers into pirate talk."""
     import re
 
-    from bakery.steer_run import steer_compare
+    from bakery.steering.side_by_side import steer_compare
 
     out = tmp_path / "pirate.safetensors"
     art = extract("pirate", smol_dir, out=out, progress=False)

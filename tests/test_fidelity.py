@@ -1,9 +1,9 @@
 import torch
 
-from bakery.fidelity import measure, model_scorer, sample_trajectories, drift
-from bakery.generation import render_chat
+from bakery.fidelity.metrics import measure, model_scorer, sample_trajectories, drift
+from bakery.steering.generation import render_chat
 from bakery.models import load_model, load_tokenizer
-from bakery.steering import steer
+from bakery.steering.hooks import steer
 
 
 def _setup(tiny_models):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bakery.gate_fit import GateFit, steered_positions
+from bakery.bakers.gate_fit import GateFit, steered_positions
 
 
 def test_steered_positions_follow_the_collated_layout():

@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from hub_server import HubServer
 
 from bakery import hub as hubmod
-from bakery.card_sections import write_section
+from bakery.io.card_sections import write_section
 from bakery.cli import main
-from bakery.vectors import VectorArtifact
+from bakery.vectors.artifact import VectorArtifact
 
 # the client itself passes a file object as data= to httpx2, which warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -101,7 +101,7 @@ def local_files(folder: Path) -> dict[str, bytes]:
 
 def pushed_files(export: Path, repo: str = REPO) -> dict[str, bytes]:
     """What the Hub must hold: the export's files, the card's usage lines naming the repo."""
-    from bakery.manifest import Manifest
+    from bakery.io.manifest import Manifest
 
     files = local_files(export)
     card = hubmod.card_for_repo(export, Manifest.load(export), repo)
@@ -391,7 +391,7 @@ def test_altered_vector_or_missing_shard_is_refused(export):
 
 
 def test_push_runs_real_verify_and_ships_its_verdicts(export, hub, hub_env):
-    pytest.importorskip("bakery.engines")
+    pytest.importorskip("bakery.engines.verify")
     logs: list[str] = []
     hubmod.push(export, REPO, endpoint=hub.url, backoff=0.01, log=logs.append)
     assert any(line.startswith("verify transformers: pass") for line in logs), logs
@@ -403,7 +403,7 @@ def test_push_runs_real_verify_and_ships_its_verdicts(export, hub, hub_env):
 
 
 def test_export_that_fails_verify_is_not_pushed(export, hub, hub_env):
-    pytest.importorskip("bakery.engines")
+    pytest.importorskip("bakery.engines.verify")
     manifest = json.loads((export / "bakery.json").read_text())
     manifest["terms"][0]["coef"] = -4.0  # the weights carry +4: no longer what the manifest says
     (export / "bakery.json").write_text(json.dumps(manifest))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from openai_server import OpenAIServer, Reply, score_reply
-from bakery.judge import COHERENCE_RUBRIC, Judge, JudgeError, aggregate
+from bakery.extraction.judge import COHERENCE_RUBRIC, Judge, JudgeError, aggregate
 
 RUBRIC = "Is this pirate speech?\nQ: {question}\nA: {answer}\nScore 0-100."
 

@@ -47,7 +47,7 @@ def test_config_hash_ignores_cosmetic_keys(tiny_models):
 
 def test_unknown_model_on_the_cli_is_one_clear_line(tmp_path):
     v = tmp_path / "v.safetensors"
-    from bakery.vectors import VectorArtifact
+    from bakery.vectors.artifact import VectorArtifact
 
     VectorArtifact(torch.zeros(5, 32)).save(v)
     r = CliRunner().invoke(main, ["steer", "-v", str(v), "-l", "1", "-c", "1", "--model", "nope/nope", "hi"])

@@ -1,4 +1,4 @@
-"""bakery.persist: KV-cached persistence traces against full forward passes, outputs, bad input."""
+"""bakery.fidelity.persist: KV-cached persistence traces against full forward passes, outputs, bad input."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from bakery.models import load_model, load_tokenizer
-from bakery.persist import (BAKED, STEERED, SWITCH, UNSTEERED, PersistSettings, half_life,
+from bakery.fidelity.persist import (BAKED, STEERED, SWITCH, UNSTEERED, PersistSettings, half_life,
                             load_result, read_prompts, recipe_questions, run_persist, trace_batch, write_outputs)
-from bakery.generation import render_chat
-from bakery.steering import steer
-from bakery.vectors import VectorArtifact, VectorError
+from bakery.steering.generation import render_chat
+from bakery.steering.hooks import steer
+from bakery.vectors.artifact import VectorArtifact, VectorError
 
 PROMPTS = ["Tell me about the sea.", "What is the capital of France? Answer in one word please."]
 
@@ -245,7 +245,7 @@ def test_read_prompts_and_recipe(tmp_path):
 
 
 def test_recipe_questions_from_builtin_recipe():
-    recipes = pytest.importorskip("bakery.recipes")
+    recipes = pytest.importorskip("bakery.extraction.recipes")
     names = recipes.available_traits()
     if not names:
         pytest.skip("no built-in trait recipes")

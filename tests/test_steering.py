@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from bakery.arch import spec_for
-from bakery.generation import encode_prompts, generate, render_chat
+from bakery.steering.generation import encode_prompts, generate, render_chat
 from bakery.models import load_model, load_tokenizer
-from bakery.steering import Ablation, Steering, SteeringTerm, blocks_of, steer
+from bakery.steering.hooks import Ablation, Steering, SteeringTerm, blocks_of, steer
 
 
 def _load(tiny_models, mt="llama"):

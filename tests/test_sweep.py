@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from openai_server import OpenAIServer, score_reply
-from bakery import sweep as sw
+from bakery.extraction import sweep as sw
 from bakery.cli import main
-from bakery.generation import generate, render_chat
-from bakery.judge import Judge
+from bakery.steering.generation import generate, render_chat
+from bakery.extraction.judge import Judge
 from bakery.models import load_model, load_tokenizer
-from bakery.steering import blocks_of, steer
-from bakery.vectors import VectorArtifact, VectorError
+from bakery.steering.hooks import blocks_of, steer
+from bakery.vectors.artifact import VectorArtifact, VectorError
 
 PROMPTS = ["hello sea", "the quick brown fox", "tell me about ships"]
 

@@ -4,7 +4,7 @@ import torch
 from click.testing import CliRunner
 
 from bakery.cli import main
-from bakery.vectors import VectorArtifact, VectorError, cosine_by_layer, load_vector
+from bakery.vectors.artifact import VectorArtifact, VectorError, cosine_by_layer, load_vector
 
 
 def _art(n=4, h=32, seed=0):

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import torch
 
-from bakery.engines import find_vllm_python, verify
+from bakery.engines.verify import find_vllm_python, verify
 from bakery.models import load_model, load_tokenizer
-from bakery.vectors import VectorArtifact
+from bakery.vectors.artifact import VectorArtifact
 from test_compare import make_bias_bake, real_bake
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -69,13 +69,13 @@ def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
     under runtime steering (positions=all) as hooked transformers samples, and far likelier than
     under the unsteered model; prompts are the rendered chat, finished responses end with EOS; the
     top-k kept from vLLM's sampling (--teacher-topk) is the runtime-steered teacher's distribution."""
-    from bakery.bakers.distill import DistillRequest, sample_from_bias_bake
-    from bakery.distill_train import TrainConfig, kl_per_token, kl_topk
-    from bakery.trajectories import collate, collate_topk
-    from bakery.fidelity import model_scorer
-    from bakery.generation import eos_token_ids, render_chat
-    from bakery.steering import steer
-    from bakery.trajectories import mean_logprob, sample
+    from bakery.bakers.distill.pipeline import DistillRequest, sample_from_bias_bake
+    from bakery.bakers.distill.train import TrainConfig, kl_per_token, kl_topk
+    from bakery.bakers.distill.trajectories import collate, collate_topk
+    from bakery.fidelity.metrics import model_scorer
+    from bakery.steering.generation import eos_token_ids, render_chat
+    from bakery.steering.hooks import steer
+    from bakery.bakers.distill.trajectories import mean_logprob, sample
     from quick_vectors import contrastive_pirate
 
     m, tok = load_model(smol_dir), load_tokenizer(smol_dir)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bakery.bakers.distill import DistillRequest, train_distilled
-from bakery.distill_train import TrainConfig
+from bakery.bakers.distill.pipeline import DistillRequest, train_distilled
+from bakery.bakers.distill.train import TrainConfig
 from bakery.models import load_model, load_tokenizer
-from bakery.steering import steer
-from bakery.trajectories import TrajectorySet, collate, prompt_pool, sample
-from bakery.vectors import VectorArtifact
-from bakery.gate_fit import steered_positions
-from bakery.warm_start import apply_warm_start, fit_gate
+from bakery.steering.hooks import steer
+from bakery.bakers.distill.trajectories import TrajectorySet, collate, prompt_pool, sample
+from bakery.vectors.artifact import VectorArtifact
+from bakery.bakers.gate_fit import steered_positions
+from bakery.bakers.distill.warm_start import apply_warm_start, fit_gate
 
 LAYER, COEF = 2, 4.0
 
@@ -84,8 +84,8 @@ def test_kl_full_starts_from_the_warm_start_closer_to_the_teacher(tiny_models, t
 @pytest.mark.slow
 def test_on_the_embedded_model_the_warm_start_alone_recovers_response_steering(smol_dir):
     """The gated write, before any training, on questions it was not fitted on."""
-    from bakery.fidelity import measure, model_scorer
-    from bakery.trajectories import to_fidelity
+    from bakery.fidelity.metrics import measure, model_scorer
+    from bakery.bakers.distill.trajectories import to_fidelity
     from quick_vectors import contrastive_pirate
 
     m, tok = load_model(smol_dir), load_tokenizer(smol_dir)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 _REGISTRY: dict[str, type] = {}
 _LAZY = {"bias": "bakery.bakers.bias", "ortho": "bakery.bakers.ortho",
-         "kl-lora": "bakery.bakers.distill", "kl-full": "bakery.bakers.distill"}
+         "kl-lora": "bakery.bakers.distill.pipeline", "kl-full": "bakery.bakers.distill.pipeline"}
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -73,7 +73,7 @@ def fmt_float(x: float) -> str:
 def _as_terms(terms: Iterable[Any], *, method: str = "", needs_coef: bool = False,
               route: str | None = None, num_layers: int | None = None):
     from bakery.bakers.base import BakeError, Term
-    from bakery.vectors import VectorArtifact, load_vector
+    from bakery.vectors.artifact import VectorArtifact, load_vector
 
     out = []
     for t in terms:
@@ -130,7 +130,7 @@ _FLAG_OPTIONS = {"embeddings", "blocks", "per_layer", "add", "calibration", "pos
 
 def reproduce_command(req, out: Path) -> str:
     """The ``bakery bake`` command that redoes this bake from the export's own vector files."""
-    from bakery.export import vector_file_for
+    from bakery.io.export import vector_file_for
 
     opts = {k: v for k, v in req.options.items() if v is not None}
     rank1 = req.method == "bias" and req.route == "rank1"
@@ -173,14 +173,14 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
     """Bake ``terms`` into a copy of ``model`` and return the export folder.
 
     ``terms``: :class:`Term` objects or ``(vector, layer, coef[, trait])`` tuples, where vector is
-    a file or a :class:`~bakery.vectors.VectorArtifact`. Options: ``embeddings`` ("ablate" or
+    a file or a :class:`~bakery.vectors.artifact.VectorArtifact`. Options: ``embeddings`` ("ablate" or
     "keep"), ``blocks``, ``per_layer``, ``add`` (ortho); ``calibration`` ("generate" or
     "prompts"), ``calibration_tokens``, ``calibration_prompts``, ``ridge`` (rank1). Nothing is written unless the whole bake succeeds.
     """
     from bakery.arch import num_layers_of
     from bakery.bakers.base import BakeRequest, check_terms, parse_engines
-    from bakery.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, atomic_folder, check_output
-    from bakery.export import write_export
+    from bakery.io.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, atomic_folder, check_output
+    from bakery.io.export import write_export
     from bakery.models import DEFAULT_MODEL, read_config, resolve_model
 
     model_name = str(model or DEFAULT_MODEL)

@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bakery.arch import ENGINES, ArchSpec, BiasRoute, cfg_get, spec_for
-from bakery.checkpoint import CheckpointReader, TensorInfo
-from bakery.vectors import VectorArtifact, VectorError
+from bakery.io.checkpoint import CheckpointReader, TensorInfo
+from bakery.vectors.artifact import VectorArtifact, VectorError
 
 ENGINE_CHOICES = (*ENGINES, "sglang-native")
 

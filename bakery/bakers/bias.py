@@ -20,7 +20,7 @@ from bakery.arch import BiasRoute, cfg_get, is_parallel_residual
 from bakery.bakers import register
 from bakery.bakers.base import (BakeError, BakePlan, Baker, BakeRequest, arch_name, check_engines,
                                 rehost_config)
-from bakery.checkpoint import CheckpointReader
+from bakery.io.checkpoint import CheckpointReader
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -3,7 +3,7 @@
 ``W <- (I - r r^T) W`` (and ``b <- b - (r . b) r``) for every matrix that writes the residual
 stream: the embeddings, each attention output and each MLP down-projection, in float32, stored in
 the source dtype. ``r`` is the unit vector of ``v[L]`` or, with ``per_layer``, block ``i`` uses
-``v[i+1]`` (the embedding uses block 0's direction, as :class:`bakery.steering.Ablation` does).
+``v[i+1]`` (the embedding uses block 0's direction, as :class:`bakery.steering.hooks.Ablation` does).
 
 Tied embeddings: the input embedding and the output head are one matrix. Ablating it would also
 change the output head, which runtime ablation does not, so bakery offers the two honest choices:
@@ -25,7 +25,7 @@ from bakery.arch import num_layers_of, tied_embeddings
 from bakery.bakers import register
 from bakery.bakers.base import BakeError, BakePlan, Baker, BakeRequest, arch_name
 from bakery.bakers.bias import plan_bias_terms
-from bakery.checkpoint import CheckpointReader
+from bakery.io.checkpoint import CheckpointReader
 
 BIPOLAR_WARNING = (
     "ablation removes the whole direction, both of its poles: if the opposite of '{trait}' is "

@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 
 from bakery.bakers.base import BakeError, BakePlan, BakeRequest
-from bakery.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions
-from bakery.steering import POSITIONS
+from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions
+from bakery.steering.hooks import POSITIONS
 
 CALIBRATION_PROMPTS = (
     "Tell me about the history of the Roman Empire.",
@@ -83,7 +83,7 @@ CALIBRATION_PROMPTS = (
 
 
 def _render(tok, prompts: Sequence[str]) -> list[str]:
-    from bakery.generation import render_chat
+    from bakery.steering.generation import render_chat
 
     if prompts and all("<|im_start|>" in p or "[INST]" in p for p in prompts):
         return list(prompts)  # already rendered (with answers): used as they are
@@ -110,9 +110,9 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bakery.generation import encode_prompts, generate
+    from bakery.steering.generation import encode_prompts, generate
     from bakery.models import load_tokenizer
-    from bakery.steering import Steering, SteeringTerm
+    from bakery.steering.hooks import Steering, SteeringTerm
 
     if calibration not in CALIBRATIONS:
         raise BakeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from bakery.cli.common import clear_errors, echo_err, threads_option
-from bakery.vectors import describe_layer
+from bakery.vectors.artifact import describe_layer
 
 
 def _command_line(ctx: click.Context) -> str:
@@ -90,7 +90,7 @@ def _parse_size(text: str | None) -> int | None:
               "than hooked generation).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="kl-lora/kl-full: any other distillation setting, e.g. --set num_prompts=200 "
-              "--set lr=1e-4 (repeatable; see python -m bakery.bakers.distill --help).")
+              "--set lr=1e-4 (repeatable; see python -m bakery.bakers.distill.pipeline --help).")
 @threads_option
 @clear_errors
 def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_engines, embeddings,
@@ -104,7 +104,7 @@ def bake(recipe, method, vector_path, trait, layer, coef, route, site, target_en
       bakery bake --method ortho --layer 22 --trait pirate
       bakery bake --recipe recipes/bakes/pirate-bias.yaml --coef 3
     """
-    from bakery.bake_recipes import (BakeRecipeError, TermSpec, load_bake_recipe, no_vector_error,
+    from bakery.bakers.recipes import (BakeRecipeError, TermSpec, load_bake_recipe, no_vector_error,
                                      vector_for_trait)
     from bakery.bakers import bake as run_bake
     from bakery.bakers import coef_required_message, get_baker
@@ -198,7 +198,7 @@ def _bake_distilled(method: str, model, resolved: list, output, force: bool, opt
 
 
 def _print_summary(out) -> None:
-    from bakery.manifest import Manifest
+    from bakery.io.manifest import Manifest
 
     m = Manifest.load(out)
     click.secho(f"baked {out}", fg="green", bold=True)

@@ -39,14 +39,14 @@ def compare(exports, vector_path, layer, coef, positions, model, prompts_file, m
     Writes compare/report.json, report.md and fidelity.png into each export and the fidelity
     table into its model card.
     """
-    from bakery.compare import compare as run, markdown_report
+    from bakery.fidelity.compare import compare as run, markdown_report
 
     given = [x is not None for x in (vector_path, layer, coef)]
     if any(given) and vector_path is not None and not all(given):
         raise click.UsageError("with --vector, give --layer and --coef too")
     judge = None
     if judge_model:
-        from bakery.judge import Judge
+        from bakery.extraction.judge import Judge
 
         judge = Judge(judge_model, base_url=base_url, concurrency=judge_concurrency)
     reports = run(list(exports), model=model, vector=vector_path, layer=layer, coef=coef, positions=positions,

@@ -43,9 +43,9 @@ def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval
             capture, judge_model, base_url, judge_concurrency, trait_threshold, coherence_threshold,
             min_pairs, force, list_, model, trust_remote_code):
     """Extract a persona vector from a trait RECIPE on MODEL, with per-layer diagnostics."""
-    from bakery import diagnostics
-    from bakery.extract import ExtractSettings, extract as run, list_cached, sibling_paths
-    from bakery.recipes import load_trait_recipe
+    from bakery.extraction import diagnostics
+    from bakery.extraction.extract import ExtractSettings, extract as run, list_cached, sibling_paths
+    from bakery.extraction.recipes import load_trait_recipe
 
     if list_:
         rows = list_cached(model)
@@ -65,7 +65,7 @@ def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval
         coherence_threshold=coherence_threshold, min_pairs=min_pairs)
     judge = None
     if judge_model:
-        from bakery.judge import Judge
+        from bakery.extraction.judge import Judge
 
         judge = Judge(judge_model, base_url=base_url, concurrency=judge_concurrency, progress=True)
     art = run(rec, model, out=out, settings=settings, judge=judge, force=force,

@@ -44,7 +44,7 @@ def persist(vector_path, layer, coef, steer_tokens, sample_tokens, prompts_file,
     baked checkpoint's own trace with --export). Prompts default to a few built-in questions."""
     from pathlib import Path
 
-    from bakery.persist import (DEFAULT_PROMPTS, PersistSettings, format_summary, read_prompts,
+    from bakery.fidelity.persist import (DEFAULT_PROMPTS, PersistSettings, format_summary, read_prompts,
                                 recipe_questions, run_persist, write_outputs)
 
     given = [x for x in (prompts_file, recipe, prompt_texts or None) if x]

@@ -16,7 +16,7 @@ def recipe():
 @clear_errors
 def list_():
     """The built-in trait recipes (recipes/traits/)."""
-    from bakery.recipes import available_traits, load_trait_recipe
+    from bakery.extraction.recipes import available_traits, load_trait_recipe
 
     for name in available_traits():
         r = load_trait_recipe(name)
@@ -29,7 +29,7 @@ def list_():
 @clear_errors
 def check(recipes):
     """Check RECIPES (names or YAML files) against the schema."""
-    from bakery.recipes import load_trait_recipe
+    from bakery.extraction.recipes import load_trait_recipe
 
     for r in recipes:
         rec = load_trait_recipe(r)
@@ -51,7 +51,7 @@ def new(trait, description, out, judge_model, base_url, retries, force):
     """Generate a trait recipe with a model, validate it and write it as YAML."""
     from pathlib import Path
 
-    from bakery.recipe_gen import generate_recipe, write_recipe
+    from bakery.extraction.recipe_gen import generate_recipe, write_recipe
 
     if Path(out).exists() and not force:
         raise click.UsageError(f"{out} exists; pass --force to overwrite it")

@@ -8,7 +8,7 @@ import textwrap
 import click
 
 from bakery.cli.common import clear_errors, model_option, threads_option, trust_option
-from bakery.vectors import describe_layer
+from bakery.vectors.artifact import describe_layer
 
 
 @click.command()
@@ -30,12 +30,12 @@ from bakery.vectors import describe_layer
 def steer(prompts, vector_path, trait, layer, coef, positions, max_new_tokens, temperature, system, model,
           trust_remote_code):
     """Print the unsteered and the steered answer to each PROMPT (chat template applied)."""
-    from bakery.steer_run import steer_compare
+    from bakery.steering.side_by_side import steer_compare
 
     if (vector_path is None) == (trait is None):
         raise click.UsageError("give exactly one of --vector FILE or --trait NAME")
     if trait is not None:
-        from bakery.extract import resolve_trait
+        from bakery.extraction.extract import resolve_trait
 
         vector_path = resolve_trait(trait, model)
     rows = steer_compare(list(prompts), vector_path=vector_path, layer=layer, coef=coef,

@@ -42,15 +42,15 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
           judge_model, base_url, coherence_threshold, min_distinct, max_kl, out, force, model,
           trust_remote_code):
     """Steer at each (layer, coef) and measure projection, KL, and judge scores."""
-    from bakery import sweep as sw
+    from bakery.extraction import sweep as sw
     from bakery.models import load_model, load_tokenizer, resolve_model
-    from bakery.recipes import available_traits, load_trait_recipe
-    from bakery.vectors import load_vector
+    from bakery.extraction.recipes import available_traits, load_trait_recipe
+    from bakery.vectors.artifact import load_vector
 
     if bool(vector_path) == bool(trait):
         raise click.UsageError("give exactly one of --vector FILE or --trait NAME")
     if trait:
-        from bakery.extract import resolve_trait
+        from bakery.extraction.extract import resolve_trait
 
         vector_path = str(resolve_trait(trait, model))
     vp = Path(vector_path)
@@ -72,7 +72,7 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
     plist = list(prompts) or (rec.eval_questions[:num_prompts] if rec else list(sw.DEFAULT_PROMPTS[:num_prompts]))
     judge = None
     if judge_model:
-        from bakery.judge import Judge
+        from bakery.extraction.judge import Judge
 
         judge = Judge(judge_model, base_url=base_url, progress=True)
         judge.ping()

@@ -7,7 +7,7 @@ import json
 import click
 
 from bakery.cli.common import clear_errors
-from bakery.vectors import cosine_by_layer, describe_layer, load_vector
+from bakery.vectors.artifact import cosine_by_layer, describe_layer, load_vector
 
 
 @click.group()

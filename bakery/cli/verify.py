@@ -31,7 +31,7 @@ def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_wr
     """
     import json
 
-    from bakery.engines import verify as run, verdicts_markdown
+    from bakery.engines.verify import verify as run, verdicts_markdown
 
     out = run(list(exports), engines, model=model, prompts=prompts_file, max_new_tokens=max_new_tokens,
               write=not no_write, log=echo_err)

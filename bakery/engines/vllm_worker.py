@@ -1,7 +1,7 @@
 """Teacher-forced scoring and sampling in vLLM, run as a script with the vLLM environment's python.
 
 vLLM pins an older transformers than bakery, so it lives in its own virtual environment and this
-file is run there as a subprocess (``bakery.engines`` does that). It imports nothing from bakery.
+file is run there as a subprocess (``bakery.engines.verify`` does that). It imports nothing from bakery.
 
 Input (a JSON file, first argument)::
 

@@ -6,7 +6,7 @@ response tokens of sampled trajectories.
   teacher include the adapter, silently; :meth:`Distiller.teacher_logits` is the one place that
   builds teacher logits, and a test pins it to the unadapted model.
 - Full fine-tuning needs a frozen teacher copy (the student's own weights move). It starts from
-  the closed-form warm start (:mod:`bakery.warm_start`) when one is given: Adam's per-weight steps
+  the closed-form warm start (:mod:`bakery.bakers.distill.warm_start`) when one is given: Adam's per-weight steps
   are too small to build the steering write itself in a few hundred steps.
 - Validation KL on held-out trajectories with early stopping (the best weights are kept), a
   progress bar with loss and validation KL, checkpoints every N steps with ``resume``, and a
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
-from bakery.sharding import (fsdp_requested, full_model_state, full_optimizer_state, full_tensors, is_sharded,
+from bakery.bakers.distill.sharding import (fsdp_requested, full_model_state, full_optimizer_state, full_tensors, is_sharded,
                              like_params, load_full_optimizer_state, shard_blocks)
-from bakery.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
+from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
                                  require_topk)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -89,7 +89,7 @@ class TrainConfig:
     seed: int = 0
     min_trajectories: int = 16
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
-    warm_start: bool = True  # full: start from the gated rank-one steering write (bakery.warm_start)
+    warm_start: bool = True  # full: start from the gated rank-one steering write (bakery.bakers.distill.warm_start)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:

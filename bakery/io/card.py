@@ -1,7 +1,7 @@
 """The export's model card: Hub YAML front matter and the body written by the baker.
 
 The body is one named section (``bakery:bake``) written through
-:func:`bakery.card_sections.write_section`, so the sections that ``compare`` and ``verify`` add
+:func:`bakery.io.card_sections.write_section`, so the sections that ``compare`` and ``verify`` add
 later survive a re-render.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from bakery.card_sections import write_section
-from bakery.manifest import Manifest
-from bakery.vectors import describe_layer
+from bakery.io.card_sections import write_section
+from bakery.io.manifest import Manifest
+from bakery.vectors.artifact import describe_layer
 
 SECTION = "bake"
 _FRONT = re.compile(r"\A---\n.*?\n---\n", re.S)
@@ -54,7 +54,7 @@ def body(m: Manifest, path: str) -> str:
             f"The direction {a.get('direction')} ({describe_layer(int(a.get('layer', 0)))}) of the "
             f"'{traits}' vector is projected out of every write into the residual stream (blocks: "
             f"{a.get('blocks')}, embeddings: {a.get('embeddings')}). It stands for runtime "
-            "ablation (`bakery.steering.Ablation`).")
+            "ablation (`bakery.steering.hooks.Ablation`).")
         if a.get("add"):
             lines.append(f"Then {a['add']:g} x the unit direction is added back at the output of "
                          f"block {m.terms[0].block} (affine edit).")

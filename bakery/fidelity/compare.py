@@ -2,7 +2,7 @@
 
 On held-out prompts, trajectories are sampled from the steered reference (the base model with the
 steering hook, or with runtime ablation for an ``ortho`` bake) and scored teacher-forced by the
-reference, the base model and each bake (:mod:`bakery.fidelity`). Reported per candidate:
+reference, the base model and each bake (:mod:`bakery.fidelity.metrics`). Reported per candidate:
 per-token ``KL(steered || candidate)``, recovered effect ``R``, top-1 agreement, greedy-continuation
 agreement over N tokens, the mean projection of the residual stream at the layer onto the unit
 vector, and drift on neutral text ``KL(base || candidate)`` next to the steered model's own drift.
@@ -25,11 +25,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bakery.arch import num_layers_of
-from bakery.fidelity import ContextFactory, Scorer, drift, measure, sample_trajectories
-from bakery.manifest import Manifest
+from bakery.fidelity.metrics import ContextFactory, Scorer, drift, measure, sample_trajectories
+from bakery.io.manifest import Manifest
 from bakery.models import config_hash, load_model, load_tokenizer, read_config, resolve_model
-from bakery.steering import Ablation, Steering, SteeringTerm, blocks_of
-from bakery.vectors import VectorArtifact, VectorError, describe_layer, load_vector
+from bakery.steering.hooks import Ablation, Steering, SteeringTerm, blocks_of
+from bakery.vectors.artifact import VectorArtifact, VectorError, describe_layer, load_vector
 
 # Held-out prompts used when neither --prompts nor a trait recipe gives evaluation questions.
 DEFAULT_PROMPTS = [
@@ -267,7 +267,7 @@ def load_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise CompareError(f"prompts file not found: {p}")
     if p.suffix in (".yaml", ".yml"):
-        from bakery.recipes import load_trait_recipe
+        from bakery.extraction.recipes import load_trait_recipe
 
         return list(load_trait_recipe(p).eval_questions)
     text = p.read_text(encoding="utf-8")
@@ -288,7 +288,7 @@ def recipe_for(trait: str | None):
     if not trait:
         return None
     try:
-        from bakery.recipes import load_trait_recipe
+        from bakery.extraction.recipes import load_trait_recipe
 
         return load_trait_recipe(trait)
     except Exception:
@@ -342,7 +342,7 @@ def _no_context(prompt_len: int | None = None):
 
 def greedy_answers(model, tok, prompts: Sequence[str], context: ContextFactory, n_tokens: int,
                    batch_size: int = 8) -> list[list[int]]:
-    from bakery.generation import generate
+    from bakery.steering.generation import generate
 
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
@@ -390,7 +390,7 @@ def run_comparison(base_model, tok, ref: Reference, candidates: Sequence[Candida
     ``steered`` (the reference itself) and one per candidate."""
     from tqdm.auto import tqdm
 
-    from bakery.generation import render_chat
+    from bakery.steering.generation import render_chat
 
     rendered = [render_chat(tok, q) for q in prompts]
     neutral = [render_chat(tok, q) for q in neutral_prompts]
@@ -467,7 +467,7 @@ def _decode(tok, seqs: Sequence[Sequence[int]]) -> list[str]:
 
 
 def _plain_scorer(model, context: ContextFactory) -> Scorer:
-    from bakery.fidelity import model_scorer
+    from bakery.fidelity.metrics import model_scorer
 
     return model_scorer(model, context)
 
@@ -555,9 +555,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
 def write_outputs(export: Path, report: dict[str, Any], own: str | None) -> Path:
     """``compare/`` (JSON, markdown, PNG) written to a temp folder and renamed; card section."""
-    from bakery.card_sections import write_section
+    from bakery.io.card_sections import write_section
 
-    from bakery.checkpoint import atomic_folder
+    from bakery.io.checkpoint import atomic_folder
 
     export = Path(export)
     final = export / "compare"

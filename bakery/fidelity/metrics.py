@@ -17,7 +17,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 import torch.nn.functional as F
 
-from bakery.generation import generate
+from bakery.steering.generation import generate
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 ContextFactory = Callable[[int | None], ContextManager]

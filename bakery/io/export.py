@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from bakery.bakers.base import BakePlan, BakeRequest
-from bakery.checkpoint import DTYPES, INDEX_FILE, OutTensor, ShardedWriter
-from bakery.manifest import BakeTerm, Manifest, versions
+from bakery.io.checkpoint import DTYPES, INDEX_FILE, OutTensor, ShardedWriter
+from bakery.io.manifest import BakeTerm, Manifest, versions
 from bakery.models import config_hash
 
 # Files of the source folder that are not copied: weights, index, card, manifests.
@@ -157,7 +157,7 @@ def write_export(folder: Path, req: BakeRequest, plan: BakePlan, *, final: Path,
     import yaml
     from tqdm import tqdm
 
-    from bakery.card import write_card
+    from bakery.io.card import write_card
 
     folder = Path(folder)
     tensors = output_tensors(plan)

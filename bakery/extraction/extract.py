@@ -8,7 +8,7 @@ needed). Per example they are averaged over response tokens (``response_avg``), 
 ``mean(pos examples) - mean(neg examples)`` per layer.
 
 The held-out evaluation questions are answered the same way; their response averages, projected
-on the vector, give the per-layer AUC and the recommended layer (``bakery.diagnostics``).
+on the vector, give the per-layer AUC and the recommended layer (``bakery.extraction.diagnostics``).
 
 Results are cached per (model, recipe, settings) under ``cache_dir()/vectors`` so that other
 commands can take ``--trait NAME``.
@@ -30,12 +30,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from bakery import diagnostics
-from bakery.checkpoint import atomic_folder
-from bakery.generation import encode_prompts, eos_token_ids, render_chat
+from bakery.extraction import diagnostics
+from bakery.io.checkpoint import atomic_folder
+from bakery.steering.generation import encode_prompts, eos_token_ids, render_chat
 from bakery.models import cache_dir, config_hash, read_config, resolve_model
-from bakery.recipes import TraitRecipe, load_trait_recipe
-from bakery.vectors import VARIANTS, VectorArtifact, describe_layer, load_vector
+from bakery.extraction.recipes import TraitRecipe, load_trait_recipe
+from bakery.vectors.artifact import VARIANTS, VectorArtifact, describe_layer, load_vector
 
 MAIN_VARIANT = "response_avg"
 
@@ -428,7 +428,7 @@ def extract(recipe: TraitRecipe | str | os.PathLike, model: str | os.PathLike | 
     main vector there plus ``NAME.prompt_avg.safetensors``, ``NAME.prompt_last.safetensors``,
     ``NAME.responses.jsonl`` and ``NAME.layers.png`` beside it. An existing cache entry for the
     same model, recipe and settings is reused unless ``force``. ``judge`` (a
-    :class:`bakery.judge.Judge`) enables the pos/neg filter; it is created from
+    :class:`bakery.extraction.judge.Judge`) enables the pos/neg filter; it is created from
     ``settings.judge_model`` when not given.
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -459,7 +459,7 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
     ext_prompts = [render_chat(tok, e.question, e.system) for e in ext]  # fails early: no template
     ev_prompts = [render_chat(tok, e.question, e.system) for e in ev]
     if s.judge_model and judge is None:
-        from bakery.judge import Judge
+        from bakery.extraction.judge import Judge
 
         judge = Judge(s.judge_model)
     if judge is not None:

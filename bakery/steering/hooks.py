@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bakery.arch import ArchSpec, spec_for
-from bakery.vectors import VectorArtifact
+from bakery.vectors.artifact import VectorArtifact
 
 POSITIONS = ("all", "prompt", "response")
 
@@ -41,7 +41,8 @@ def _past_length(args: tuple, kwargs: dict) -> int:
     pos = kwargs.get("cache_position")
     if isinstance(pos, torch.Tensor) and pos.numel():
         return int(pos.reshape(-1)[0])
-    cache = kwargs.get("past_key_values")
+    # transformers 5.24 renamed the generate-time keyword from past_key_values to cache
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):

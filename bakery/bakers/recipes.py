@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BAKES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "bakes"
+BAKES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "bakes"
 TOP = {"name", "description", "model", "method", "route", "site", "target_engines", "output",
        "terms", "options", "trait", "vector", "layer", "coef"}
 OPTION_KEYS = {"embeddings", "blocks", "per_layer", "add", "ridge", "calibration",
@@ -155,9 +155,9 @@ def load_bake_recipe(path_or_name: str | os.PathLike) -> BakeRecipe:
 def vector_for_trait(trait: str, model: str | os.PathLike | None) -> Path:
     """The cached extracted vector of ``trait`` for ``model``, or an error that lists the trait
     recipes and the cached vectors and says how to extract one."""
-    from bakery.recipes import available_traits
+    from bakery.extraction.recipes import available_traits
 
-    from bakery.extract import cached_vector, list_cached
+    from bakery.extraction.extract import cached_vector, list_cached
 
     found = cached_vector(trait, model)
     if found is not None:
@@ -174,9 +174,9 @@ def vector_for_trait(trait: str, model: str | os.PathLike | None) -> Path:
 
 def no_vector_error(model: str | os.PathLike | None) -> BakeRecipeError:
     """The error for a bake with neither --vector, --trait nor --recipe."""
-    from bakery.recipes import available_traits
+    from bakery.extraction.recipes import available_traits
 
-    from bakery.extract import list_cached
+    from bakery.extraction.extract import list_cached
 
     cached = [f"{t} ({p})" for t, p in list_cached(model)]
     return BakeRecipeError(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from bakery.generation import generate, render_chat
+from bakery.steering.generation import generate, render_chat
 from bakery.models import load_model, load_tokenizer, resolve_model
-from bakery.steering import steer
-from bakery.vectors import load_vector
+from bakery.steering.hooks import steer
+from bakery.vectors.artifact import load_vector
 
 
 def steer_compare(prompts: Sequence[str], *, vector_path: str, layer: int, coef: float,

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from bakery.arch import spec_for
-from bakery.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions
-from bakery.trajectories import Trajectory, collate
+from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions
+from bakery.bakers.distill.trajectories import Trajectory, collate
 
 
 @torch.no_grad()

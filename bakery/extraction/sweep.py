@@ -33,9 +33,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from bakery.generation import generate, render_chat
-from bakery.steering import steer
-from bakery.vectors import VectorArtifact, describe_layer
+from bakery.steering.generation import generate, render_chat
+from bakery.steering.hooks import steer
+from bakery.vectors.artifact import VectorArtifact, describe_layer
 
 DEFAULT_PROMPTS = (
     "How do I cook rice?", "What is the capital of France?", "Tell me about your weekend.",
@@ -323,7 +323,7 @@ def save(res: SweepResult, folder: str | os.PathLike, title: str = "", *,
 
     ``folder`` must be missing, empty, or (with ``force``) a previous sweep's: see ``check_output``.
     """
-    from bakery.checkpoint import atomic_folder
+    from bakery.io.checkpoint import atomic_folder
 
     folder = check_output(folder, force=force)
     # check_output vetted an existing folder (empty, or a previous sweep's with force): replace it

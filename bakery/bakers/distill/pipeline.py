@@ -2,17 +2,17 @@
 model, then export them as an ordinary checkpoint.
 
 Flow: a diverse prompt pool (held-out questions left out) -> trajectories sampled from the
-runtime-steered model (:mod:`bakery.trajectories`) -> ``KL(steered || student)`` training on their
-response tokens (:mod:`bakery.distill_train`) -> export: the LoRA merged into the weights (stock
+runtime-steered model (:mod:`bakery.bakers.distill.trajectories`) -> ``KL(steered || student)`` training on their
+response tokens (:mod:`bakery.bakers.distill.train`) -> export: the LoRA merged into the weights (stock
 architecture, no new parameters) plus the peft adapter in ``adapter/``, or for ``kl-full`` the
-fine-tuned weights, which start from a gated rank-one steering write (:mod:`bakery.warm_start`);
+fine-tuned weights, which start from a gated rank-one steering write (:mod:`bakery.bakers.distill.warm_start`);
 then the vector, ``bakery.json`` and a model card. Approximate, but it works on every architecture and engine and is the only bake
 that can stand for ``positions=response`` steering.
 
 Run it as ``bakery bake --method kl-lora ...``, ``bakery.bakers.bake("kl-lora", ...)``,
-``python -m bakery.bakers.distill ...`` or, data-parallel, ``accelerate launch --multi_gpu
---num_processes 2 -m bakery.bakers.distill ...`` (on CPU, accelerate's ``--cpu`` starts one process),
-or sharded with ``--use_fsdp --fsdp_version 2`` (:mod:`bakery.sharding`).
+``python -m bakery.bakers.distill.pipeline ...`` or, data-parallel, ``accelerate launch --multi_gpu
+--num_processes 2 -m bakery.bakers.distill.pipeline ...`` (on CPU, accelerate's ``--cpu`` starts one process),
+or sharded with ``--use_fsdp --fsdp_version 2`` (:mod:`bakery.bakers.distill.sharding`).
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ import torch
 import yaml
 
 from bakery.bakers.base import refuse_quantized
-from bakery.card import SECTION as CARD_SECTION
-from bakery.card import body as card_common
-from bakery.card import front_matter
-from bakery.checkpoint import atomic_folder, check_output
-from bakery.export import _slug, source_info_for, vector_file_for
-from bakery.distill_train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
-from bakery.manifest import BakeTerm, Manifest, versions
-from bakery.steering import steer
-from bakery.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
+from bakery.io.card import SECTION as CARD_SECTION
+from bakery.io.card import body as card_common
+from bakery.io.card import front_matter
+from bakery.io.checkpoint import atomic_folder, check_output
+from bakery.io.export import _slug, source_info_for, vector_file_for
+from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
+from bakery.io.manifest import BakeTerm, Manifest, versions
+from bakery.steering.hooks import steer
+from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
-from bakery.vectors import VectorArtifact, describe_layer, load_vector
-from bakery.warm_start import apply_warm_start
+from bakery.vectors.artifact import VectorArtifact, describe_layer, load_vector
+from bakery.bakers.distill.warm_start import apply_warm_start
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
 TEACHER_ENGINES = ("transformers", "vllm")
@@ -95,7 +95,7 @@ def build_pool(req: DistillRequest, model=None, tok=None, progress: bool = False
     extra: list[str] = []
     held = list(req.held_out)
     if req.recipe:
-        from bakery.recipes import load_trait_recipe
+        from bakery.extraction.recipes import load_trait_recipe
 
         r = load_trait_recipe(req.recipe)
         extra += r.extract_questions
@@ -126,7 +126,7 @@ def sample_from_bias_bake(req: DistillRequest, model_dir: Path, model, tok, vec:
     """``positions=all``: bake ``coef * v`` exactly as a bias into ``work/teacher-bias`` and sample
     the teacher's trajectories from that checkpoint in vLLM."""
     from bakery.bakers import bake as run_bake
-    from bakery.generation import eos_token_ids
+    from bakery.steering.generation import eos_token_ids
 
     teacher_dir = run_bake("bias", str(model_dir), [(vec, req.layer, req.coef, trait)], work / "teacher-bias",
                            target_engines="vllm", force=True, progress=False,
@@ -156,10 +156,10 @@ def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtif
                  train_info: dict, command: str = "", force: bool = False) -> Path:
     """Merged weights, ``adapter/`` (LoRA), vector, ``bakery.json`` and card, atomically.
 
-    The card holds the section every baker writes (:func:`bakery.card.body`: what was baked, engine
+    The card holds the section every baker writes (:func:`bakery.io.card.body`: what was baked, engine
     support, usage lines naming ``out``, the reproduce command; ``bakery push`` re-renders it with
     the repo id) followed by a ``distill`` section with the training details."""
-    from bakery.card_sections import write_section
+    from bakery.io.card_sections import write_section
 
     out = Path(out)
     with atomic_folder(out, force=force) as tmp:
@@ -399,7 +399,7 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     return DistillResult(folder, t.result, t.info)
 
 
-# ---- command line (python -m bakery.bakers.distill / accelerate launch -m ...) ---------------------
+# ---- command line (python -m bakery.bakers.distill.pipeline / accelerate launch -m ...) ---------------------
 def _cli():
     import click
 
@@ -441,7 +441,7 @@ def _cli():
     @click.option("--first-block", type=int, default=None,
                   help="kl-full: train blocks from this index on (default: the steered block, layer - 1).")
     @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
-                  help="kl-full: start from the gated rank-one steering write (bakery.warm_start).")
+                  help="kl-full: start from the gated rank-one steering write (bakery.bakers.distill.warm_start).")
     @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
                   show_default=True, help="cosine: decay to a tenth of --lr by the last step.")
     @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -477,7 +477,7 @@ def _cli():
                              val_prompts=val_prompts, trajectories=trajectories, work_dir=work_dir,
                              teacher_engine=teacher_engine,
                              resume=resume, dtype=dtype, force=force, train=tc, trust_remote_code=trust_remote_code,
-                             command=shlex.join(["python", "-m", "bakery.bakers.distill", *sys.argv[1:]]))
+                             command=shlex.join(["python", "-m", "bakery.bakers.distill.pipeline", *sys.argv[1:]]))
         res = bake_distilled(req, progress=not no_progress)
         if res.out is not None:
             i = res.info

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from bakery.recipes import NAME_RE, RecipeError, TraitRecipe, dump_yaml, from_dict, validate
+from bakery.extraction.recipes import NAME_RE, RecipeError, TraitRecipe, dump_yaml, from_dict, validate
 
 N_PAIRS, N_QUESTIONS = 5, 20
 

@@ -29,9 +29,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from bakery.generation import encode_prompts, eos_token_ids, render_chat
-from bakery.steering import Steering, SteeringTerm, blocks_of
-from bakery.vectors import VectorArtifact, VectorError, describe_layer
+from bakery.steering.generation import encode_prompts, eos_token_ids, render_chat
+from bakery.steering.hooks import Steering, SteeringTerm, blocks_of
+from bakery.vectors.artifact import VectorArtifact, VectorError, describe_layer
 
 UNSTEERED, SWITCH, STEERED, BAKED = "unsteered", "steer-then-free", "steered", "baked"
 CONDITIONS = (UNSTEERED, SWITCH, STEERED, BAKED)
@@ -379,7 +379,7 @@ def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_pat
     from tqdm.auto import tqdm
 
     from bakery.models import load_model, load_tokenizer, resolve_model
-    from bakery.vectors import load_vector
+    from bakery.vectors.artifact import load_vector
 
     settings.validate()
     prompts = [p for p in prompts if p.strip()]
@@ -463,7 +463,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def recipe_questions(path_or_name: str) -> list[str]:
     """The eval questions of a trait recipe (a YAML file or a name in recipes/traits/)."""
-    from bakery.recipes import load_trait_recipe
+    from bakery.extraction.recipes import load_trait_recipe
 
     questions = list(load_trait_recipe(path_or_name).eval_questions)
     if not questions:
@@ -477,7 +477,7 @@ def write_outputs(result: PersistResult, outdir: str | os.PathLike, *, force: bo
     """``traces.json``, ``traces.csv``, ``texts.md``, ``summary.json`` and ``persist.png`` in
     ``outdir``, written to a temporary folder first and moved into place at the end. A non-empty
     ``outdir`` is replaced only with ``force``, and only if it is a previous persist output."""
-    from bakery.checkpoint import atomic_folder
+    from bakery.io.checkpoint import atomic_folder
 
     out = Path(outdir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -1,0 +1,1 @@
+"""Trait recipes, recipe generation, the judge, activation capture, diagnostics and the sweep."""

@@ -1,0 +1,1 @@
+"""The vector artifact and its importers and exporters (.pt, GGUF control vector)."""

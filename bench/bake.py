@@ -95,7 +95,7 @@ def child(name: str, src: str, out: str, vec: str, layer: int) -> dict:
     if name == "copy":
         shutil.copytree(src, out)
     elif name in ("bias", "ortho"):
-        bake(name, src, [(vec, layer, 2.0)], out, progress=False)
+        bake(name, src, [(vec, layer, 2.0 if name == "bias" else None)], out, progress=False)
     elif name in ("hf-bias", "hf-ortho"):
         hf_edit(name, src, out, vec, layer)
     else:

@@ -37,7 +37,7 @@ def test_bias_form_as_typed(setup):
     assert code == 0, out
     assert "layer 2 = output of block 1" in out and "--model-impl transformers" in out
     m = Manifest.load(tmp / "exports" / "NAME")
-    assert m.terms[0].coef == 3.0 and m.command.startswith("bakery bake --method bias --vector")
+    assert m.terms[0].coef == 3.0 and m.command.startswith("bakery bake --method bias --model")
 
 
 def test_default_output_under_exports(setup):
@@ -164,7 +164,7 @@ def test_kl_lora_through_bakery_bake_writes_merged_weights_and_adapter(tiny_mode
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
     r = CliRunner().invoke(main, ["bake", "--method", "bias", "-v", str(v), "-l", "2", "-c", "2",
                                   "--model", str(d), "--steps", "3", "-o", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "are for --method kl-lora/kl-full" in r.output
+    assert r.exit_code == 2 and "--steps is for --method kl-lora / kl-full" in r.output
     r = CliRunner().invoke(main, ["bake", "--method", "kl-lora", "-v", str(v), "-l", "2", "-c", "2",
                                   "--model", str(d), "--set", "oops", "-o", str(tmp_path / "c")])
     assert r.exit_code == 2 and "--set takes KEY=VALUE" in r.output
@@ -285,8 +285,9 @@ def test_cli_recorded_command_repeats_each_set_item(tiny_models, tmp_path, monke
     assert r.exit_code == 0, r.output
     cmd, args, res = _rerun(first, tmp_path / "kl-again")
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    assert sets == ["num_prompts=12", "val_prompts=4", "max_new_tokens=6", "checkpoint_every=0",
-                    "lr=1e-4"], cmd
+    # in the order kl-lora's config declares them
+    assert sets == ["num_prompts=12", "max_new_tokens=6", "val_prompts=4", "lr=0.0001",
+                    "checkpoint_every=0"], cmd
     assert res.exit_code == 0, (cmd, res.output)
     m = json.loads((tmp_path / "kl-again" / "bakery.json").read_text())
     assert m["method"] == "kl-lora" and m["terms"][0]["coef"] == 2.0
@@ -294,7 +295,7 @@ def test_cli_recorded_command_repeats_each_set_item(tiny_models, tmp_path, monke
 
 def test_missing_coef_is_an_error_not_one(setup):
     src, vpath, tmp = setup
-    for args, how in [([], "--method bias"), (["--route", "rank1"], "--method bias --route rank1")]:
+    for args, how in [([], "--method bias"), (["--route", "rank1"], "--method bias")]:
         code, out = run("--method", "bias", *args, "--vector", vpath, "--layer", 2, "--model", src,
                         "-o", "exports/nocoef")
         assert code == 2 and f"--coef is required for {how}:" in out and "bakery sweep" in out, out
@@ -337,7 +338,7 @@ def test_library_bake_refuses_a_missing_coef(setup):
         with pytest.raises(BakeError, match="--coef is required for --method bias"):
             bake("bias", src, [term], tmp / "lib", progress=False)
         assert not (tmp / "lib").exists()
-    with pytest.raises(BakeError, match="--coef is required for --method bias --route rank1"):
+    with pytest.raises(BakeError, match="--coef is required for --method bias"):
         bake("bias", src, [(vpath, 2, None)], tmp / "lib", route="rank1", progress=False)
     out = bake("ortho", src, [{"vector": vpath, "layer": 2}], tmp / "o", progress=False)
     assert Manifest.load(out).method == "ortho"
@@ -345,7 +346,7 @@ def test_library_bake_refuses_a_missing_coef(setup):
 
 @pytest.mark.parametrize("options, flags", [
     (dict(positions="response"), ["--positions", "response"]),
-    (dict(ridge=0.5, calibration_tokens=8), ["--recipe"]),  # no flags: the export's bake.yaml
+    (dict(ridge=0.5, calibration_tokens=8), ["--set", "ridge=0.5", "calibration_tokens=8"]),  # no flags
 ])
 def test_library_reproduce_command_keeps_rank1_options(setup, options, flags):
     """bake(route="rank1", positions=..., ridge=...) records a command that redoes that bake, not
@@ -362,3 +363,92 @@ def test_library_reproduce_command_keeps_rank1_options(setup, options, flags):
     assert _same_weights(first, tmp / "again"), cmd
     again = json.loads((tmp / "again" / "bakery.json").read_text())
     assert again["positions"] == options.get("positions", "all") and again["route"] == "rank1"
+
+
+# ---- one contract per baker: a flag of another method is refused, never dropped ---------------------
+def _help_flags():
+    """Each method-specific flag ``bakery bake --help`` lists, with the methods its help names."""
+    import re
+
+    res = CliRunner().invoke(main, ["bake", "--help"], terminal_width=400)
+    assert res.exit_code == 0
+    flags = {}
+    for m in re.finditer(r"^\s+(?:-\w, )?(--[\w-]+)(?: \S+)?\s+\[([\w, -]+)\]", res.output, re.M):
+        flags[m.group(1)] = [x.strip() for x in m.group(2).split(",")]
+    return flags
+
+
+_VALUE = {"--route": "rank1", "--site": "attn-out", "--target-engine": "transformers",
+          "--calibration": "prompts", "--positions": "all", "--embeddings": "keep", "--blocks": "1-2",
+          "--add": "1.5", "--steps": "2", "--rank": "8", "--teacher-engine": "vllm", "--coef": "2"}
+
+
+@pytest.mark.parametrize("method", ["bias", "ortho", "kl-lora", "kl-full"])
+def test_every_flag_of_another_method_is_refused(setup, method):
+    src, vpath, tmp = setup
+    flags = _help_flags()
+    assert {"--route", "--site", "--add", "--blocks", "--rank", "--steps", "--coef", "--per-layer"} <= set(flags)
+    foreign = [f for f, methods in flags.items() if method not in methods]
+    assert foreign, flags
+    coef = [] if method == "ortho" else ["--coef", "2"]
+    for flag in foreign:
+        value = [] if flag == "--per-layer" else [_VALUE[flag]]
+        args = ["--method", method, "-v", vpath, "-l", 2, *(c for c in coef if flag != "--coef"),
+                flag, *value, "--model", src, "-o", tmp / "x"]
+        code, out = run(*args)
+        assert code == 2, (flag, out)
+        takers = " / ".join(flags[flag])
+        assert f"{flag} is for --method {takers}" in out, (flag, out)
+        assert not (tmp / "x").exists()
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("bias", ["--set", "ridge=0.5", "--route", "bias"]),  # a rank1-only setting without rank1
+    ("bias", ["--calibration", "prompts"]),
+    ("ortho", ["--target-engine", "vllm"]),  # only meaningful with --add
+    ("kl-full", ["--set", "rank=8"]),
+    ("kl-lora", ["--set", "warm_start=false"]),
+    ("bias", ["--set", "no_such_setting=1"]),
+])
+def test_settings_a_method_does_not_use_are_refused(setup, method, extra):
+    src, vpath, tmp = setup
+    coef = [] if method == "ortho" else ["--coef", "2"]
+    code, out = run("--method", method, "-v", vpath, "-l", 2, *coef, *extra, "--model", src, "-o", tmp / "x")
+    assert code == 2 and "error:" in out, out
+    assert not (tmp / "x").exists()
+
+
+def test_a_recipe_option_of_another_method_is_refused(setup):
+    src, vpath, tmp = setup
+    (tmp / "r.yaml").write_text(yaml.safe_dump({
+        "model": str(src), "method": "ortho", "vector": str(vpath), "layer": 2, "rank": 8, "output": "o"}))
+    code, out = run("--recipe", tmp / "r.yaml")
+    assert code == 2 and "--rank is for --method kl-lora; --method ortho does not take it" in out, out
+
+
+_DISTILL = ["--steps", "2", "--set", "num_prompts=14", "--set", "val_prompts=4", "--set", "max_new_tokens=5",
+            "--set", "checkpoint_every=0"]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("bias", ["--coef", "2.5"]),
+    ("bias", ["--coef", "2", "--route", "rank1", "--calibration", "prompts", "--set", "ridge=0.05"]),
+    ("ortho", ["--add", "1.5", "--blocks", "0-2"]),
+    ("kl-lora", ["--coef", "2", "--rank", "8", *_DISTILL]),
+    ("kl-full", ["--coef", "2", *_DISTILL, "--set", "lr=0.0001"]),
+])
+def test_every_methods_recorded_command_reruns_to_byte_identical_weights(setup, method, extra):
+    """The reproduce rule is one for every method, closed-form and distilled: the command recorded
+    in bakery.json (and the card) redoes the bake from the export's own vector file."""
+    src, vpath, tmp = setup
+    code, out = run("--method", method, "-v", vpath, "-l", 2, *extra, "--model", src, "-o", tmp / "first")
+    assert code == 0, out
+    first = tmp / "first"
+    cmd, args, res = _rerun(first, tmp / "again")
+    assert str(vpath) not in cmd and f"{first}/vectors/" in cmd, cmd
+    assert res.exit_code == 0, (cmd, res.output)
+    assert _same_weights(first, tmp / "again"), cmd
+    assert cmd in (first / "README.md").read_text()  # the card shows the same command
+    a, b = (json.loads((f / "bakery.json").read_text()) for f in (first, tmp / "again"))
+    assert a["options"] == b["options"] and bool(a["options"]) == (len(extra) > 2), a["options"]
+    assert yaml.safe_load((first / "bake.yaml").read_text()).get("options", {}) == a["options"]

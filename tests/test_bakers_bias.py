@@ -158,7 +158,8 @@ def test_quantized_checkpoints_are_refused(tiny_models, tmp_path):
     (q / "config.json").write_text(json.dumps(cfg))
     for method in ("bias", "ortho", "kl-lora"):
         with pytest.raises(BakeError, match=r"quantized \(gptq\).*unquantized"):
-            bake(method, q, [(vec(src), 2, 1.0)], tmp_path / f"out-{method}", progress=False)
+            coef = None if method == "ortho" else 1.0
+            bake(method, q, [(vec(src), 2, coef)], tmp_path / f"out-{method}", progress=False)
         assert not (tmp_path / f"out-{method}").exists()
 
     f8 = tmp_path / "fp8"
@@ -169,7 +170,7 @@ def test_quantized_checkpoints_are_refused(tiny_models, tmp_path):
     with pytest.raises(BakeError, match="down_proj.weight is stored as F8_E4M3"):
         bake("bias", f8, [(vec(src), 2, 1.0)], tmp_path / "out-f8", progress=False)
     with pytest.raises(BakeError, match="stored as F8_E4M3"):
-        bake("ortho", f8, [(vec(src), 2, 1.0)], tmp_path / "out-f8", progress=False)
+        bake("ortho", f8, [(vec(src), 2, None)], tmp_path / "out-f8", progress=False)
     assert not (tmp_path / "out-f8").exists()
 
 

@@ -22,7 +22,7 @@ def test_ortho_matches_runtime_ablation(arch, tiny_models, tmp_path):
     src = tiny_models(arch)
     before = tree_digest(src)
     v = vec(src, seed=5)
-    out = bake("ortho", src, [(v, 2, 1.0)], tmp_path / "out", progress=False)
+    out = bake("ortho", src, [(v, 2, None)], tmp_path / "out", progress=False)
     assert tree_digest(src) == before
     ref = load_model(src)
     with Ablation(ref, v.vectors[2]):
@@ -37,7 +37,7 @@ def test_ortho_matches_runtime_ablation(arch, tiny_models, tmp_path):
 def test_block_range_and_keep_embeddings(tiny_models, tmp_path):
     src = tiny_models("llama")
     v = vec(src, seed=6)
-    out = bake("ortho", src, [(v, 3, 1.0)], tmp_path / "out", blocks="1-2", embeddings="keep",
+    out = bake("ortho", src, [(v, 3, None)], tmp_path / "out", blocks="1-2", embeddings="keep",
                progress=False)
     ref = load_model(src)
     with Ablation(ref, v.vectors[3], blocks=[1, 2], embeddings=False):
@@ -51,7 +51,7 @@ def test_block_range_and_keep_embeddings(tiny_models, tmp_path):
 def test_per_layer_directions(tiny_models, tmp_path):
     src = tiny_models("qwen2")
     v = vec(src, seed=7)
-    out = bake("ortho", src, [(v, 2, 1.0)], tmp_path / "out", per_layer=True, progress=False)
+    out = bake("ortho", src, [(v, 2, None)], tmp_path / "out", per_layer=True, progress=False)
     ref = load_model(src)
     with Ablation(ref, {i: v.vectors[i + 1] for i in range(4)}):
         want = logits(ref)
@@ -62,7 +62,7 @@ def test_per_layer_directions(tiny_models, tmp_path):
 def test_ortho_add_is_ablation_plus_constant(arch, tiny_models, tmp_path):
     src = tiny_models(arch)
     v = vec(src, seed=8)
-    out = bake("ortho", src, [(v, 2, 1.0)], tmp_path / "out", add=2.5, progress=False)
+    out = bake("ortho", src, [(v, 2, None)], tmp_path / "out", add=2.5, progress=False)
     ref = load_model(src)
     r = v.vectors[2] / v.vectors[2].norm()
     with Ablation(ref, v.vectors[2]), Steering(ref, [SteeringTerm(2, r, 2.5)]):
@@ -76,7 +76,7 @@ def test_tied_embeddings_untie_or_keep(tiny_models, tmp_path):
     src = tiny_models("llama", tie_word_embeddings=True)
     v = vec(src, seed=9)
     ref = load_model(src)
-    untied = bake("ortho", src, [(v, 2, 1.0)], tmp_path / "u", progress=False)
+    untied = bake("ortho", src, [(v, 2, None)], tmp_path / "u", progress=False)
     cfg = json.loads((untied / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     baked = reload_strict(untied)
@@ -85,7 +85,7 @@ def test_tied_embeddings_untie_or_keep(tiny_models, tmp_path):
     with Ablation(ref, v.vectors[2]):
         want = logits(ref)
     assert (logits(baked) - want).abs().max() < 1e-4
-    kept = bake("ortho", src, [(v, 2, 1.0)], tmp_path / "k", embeddings="keep", progress=False)
+    kept = bake("ortho", src, [(v, 2, None)], tmp_path / "k", embeddings="keep", progress=False)
     assert json.loads((kept / "config.json").read_text())["tie_word_embeddings"] is True
     with Ablation(ref, v.vectors[2], embeddings=False):
         want = logits(ref)
@@ -97,7 +97,7 @@ def test_tied_embeddings_untie_or_keep(tiny_models, tmp_path):
 def test_sandwich_norm_is_refused(arch, tiny_models, tmp_path):
     src = tiny_models(arch)
     with pytest.raises(BakeError, match="kl-lora"):
-        bake("ortho", src, [(vec(src), 2, 1.0)], tmp_path / "out", progress=False)
+        bake("ortho", src, [(vec(src), 2, None)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -105,13 +105,13 @@ def test_bad_options(tiny_models, tmp_path):
     src = tiny_models("llama")
     v = vec(src)
     with pytest.raises(BakeError, match="out of range"):
-        bake("ortho", src, [(v, 2, 1.0)], tmp_path / "o", blocks="2-9", progress=False)
-    with pytest.raises(BakeError, match="one direction"):
-        bake("ortho", src, [(v, 2, 1.0), (v, 3, 1.0)], tmp_path / "o", progress=False)
+        bake("ortho", src, [(v, 2, None)], tmp_path / "o", blocks="2-9", progress=False)
+    with pytest.raises(BakeError, match="one term"):
+        bake("ortho", src, [(v, 2, None), (v, 3, None)], tmp_path / "o", progress=False)
     zero = vec(src)
     zero.vectors[2] = 0
     with pytest.raises(BakeError, match="zeros"):
-        bake("ortho", src, [(zero, 2, 1.0)], tmp_path / "o", progress=False)
+        bake("ortho", src, [(zero, 2, None)], tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 
 
@@ -121,7 +121,7 @@ def test_ortho_on_the_embedded_model(smol_dir, tmp_path):
     from test_bakers_bias import fidelity_on_smol, smol_vector
 
     v = smol_vector(smol_dir)
-    out = bake("ortho", smol_dir, [(v, 22, 1.0)], tmp_path / "out", progress=False)
+    out = bake("ortho", smol_dir, [(v, 22, None)], tmp_path / "out", progress=False)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     base, baked, tok = load_model(smol_dir), reload_strict(out), load_tokenizer(smol_dir)
     f = fidelity_on_smol(base, baked, tok, lambda P: Ablation(base, v.vectors[22]))
@@ -137,7 +137,7 @@ def test_large_tensors_are_streamed_in_row_blocks(tiny_models, tmp_path, monkeyp
     for arch in ("llama", "gpt2"):
         src = tiny_models(arch)
         v = vec(src, seed=5)
-        out = bake("ortho", src, [(v, 2, 1.0)], tmp_path / arch, progress=False)
+        out = bake("ortho", src, [(v, 2, None)], tmp_path / arch, progress=False)
         ref = load_model(src)
         with Ablation(ref, v.vectors[2]):
             want = logits(ref)

@@ -161,7 +161,7 @@ def test_ortho_bake_matches_runtime_ablation(tiny_models, tmp_path, maker):
     if maker == "hand":
         bake = make_ortho_bake(d, vec, 2, tmp_path / "ortho")
     else:
-        bake = real_bake("ortho", d, vec, 2, 1.0, tmp_path / "ortho", embeddings="keep")
+        bake = real_bake("ortho", d, vec, 2, None, tmp_path / "ortho", embeddings="keep")
     (report,) = compare([bake], prompts=PROMPTS, max_new_tokens=8, greedy_tokens=4, progress=False)
     assert report["reference"]["kind"] == "ablation"
     assert report["rows"]["ortho"]["R"] > 0.999

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled, build_pool, train_distilled
+from bakery.bakers.base import BakeError
 from bakery.bakers.distill.train import (CheckpointError, Distiller, DistillError, TrainConfig,
                                   check_targets, kl_per_token, kl_topk, linear_module_names)
 from bakery.steering.generation import render_chat
@@ -326,13 +327,12 @@ def test_resume_does_not_replace_a_finished_export_without_force(tiny, vec_file,
 
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_validation_kl(tiny, vec_file, shared_traj, tmp_path):
-    """A real SIGKILL of `python -m bakery.bakers.distill.pipeline` once a checkpoint exists, then --resume."""
+    """A real SIGKILL of `python -m bakery bake --method kl-lora` once a checkpoint exists, then resume."""
     def cmd(out, *extra):
-        return [sys.executable, "-m", "bakery.bakers.distill.pipeline", "-m", str(tiny), "-v", str(vec_file), "-l",
-                str(LAYER), "-c", str(COEF), "-o", str(out), "--trajectories", str(shared_traj),
-                "--num-prompts", "44", "--val-prompts", "8", "--rank", "8", "--lr", "5e-3", "--steps", "10",
-                "--val-every", "5", "--patience", "0", "--checkpoint-every", "2", "--dtype", "float32",
-                "--no-progress", *extra]
+        return [sys.executable, "-m", "bakery", "bake", "--method", "kl-lora", "--model", str(tiny),
+                "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "-o", str(out), "--rank", "8",
+                "--steps", "10", *_sets(trajectories=shared_traj, num_prompts=44, val_prompts=8, lr="5e-3",
+                                        val_every=5, patience=0, checkpoint_every=2, dtype="float32"), *extra]
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd(tmp_path / "a"), check=True, env=env, capture_output=True)
@@ -344,7 +344,7 @@ def test_killed_process_resumes_to_the_same_validation_kl(tiny, vec_file, shared
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "b").exists()
-    r = subprocess.run(cmd(tmp_path / "b", "--resume"), check=True, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd(tmp_path / "b", "--set", "resume=true"), check=True, env=env, capture_output=True, text=True)
     va = Manifest.load(tmp_path / "a").extra["best_val_kl"]
     vb = Manifest.load(tmp_path / "b").extra["best_val_kl"]
     assert vb == pytest.approx(va, rel=1e-3), r.stdout
@@ -356,10 +356,10 @@ def test_two_process_accelerate_launch_trains_and_exports(tiny, vec_file, shared
     # accelerate's "--cpu" flag runs ONE process; "--multi_gpu" is its torchrun launcher, and the
     # Accelerator then picks MULTI_CPU with the gloo backend when there is no GPU.
     cmd = [str(acc), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "bakery.bakers.distill.pipeline", "-m", str(tiny), "-v", str(vec_file),
-           "-l", str(LAYER), "-c", str(COEF), "-o", str(out), "--trajectories", str(shared_traj),
-           "--num-prompts", "44", "--val-prompts", "8", "--rank", "8", "--lr", "5e-3", "--steps", "4",
-           "--val-every", "2", "--checkpoint-every", "2", "--dtype", "float32", "--no-progress"]
+           "--dynamo_backend", "no", "-m", "bakery", "bake", "--method", "kl-lora", "--model", str(tiny),
+           "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "-o", str(out), "--rank", "8", "--steps", "4",
+           *_sets(trajectories=shared_traj, num_prompts=44, val_prompts=8, lr="5e-3", val_every=2,
+                  checkpoint_every=2, dtype="float32")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -369,7 +369,7 @@ def test_two_process_accelerate_launch_trains_and_exports(tiny, vec_file, shared
     h = m.extra["history"]
     assert h[-1]["val_kl"] < h[0]["val_kl"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert "2 process(es)" in r.stdout
+    assert f"baked {out}" in r.stdout  # written once, by the main process
 
 
 # ---- bad input --------------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def test_a_vllm_teacher_needs_positions_all(tiny, vec_file, tmp_path):
         bake_distilled(req, progress=False)
     req = _req(tiny, vec_file, tmp_path / "y")
     req.teacher_engine = "sglang"
-    with pytest.raises(DistillError, match="must be one of transformers, vllm"):
+    with pytest.raises(BakeError, match="must be one of transformers, vllm"):
         bake_distilled(req, progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -534,7 +534,7 @@ def test_the_library_registry_bakes_kl_lora_with_merged_weights_and_adapter(tiny
     changed = {n.rsplit(".", 2)[-2] for (n, p), (_, q) in zip(base.named_parameters(), baked.named_parameters())
                if not torch.equal(p, q)}
     assert changed == set(linear_module_names(base))  # exactly the LoRA targets, merged
-    with pytest.raises(DistillError, match="unknown option.*bogus"):
+    with pytest.raises(BakeError, match="unknown option.*bogus"):
         bake("kl-lora", str(tiny), [(str(vec_file), LAYER, COEF)], tmp_path / "bad", bogus=1, progress=False)
     assert not (tmp_path / "bad").exists()
 
@@ -578,17 +578,21 @@ def test_distilled_cards_hold_usage_reproduce_and_wording_of_their_own_method(ti
         assert read_section(pushed, "distill") == distill
 
 
-def test_a_library_bakes_command_reads_back_through_the_bake_cli():
-    """bakery.bakers.bake("kl-lora", ...) without a command records one that `bakery bake` parses
-    back to the same term and options."""
-    from bakery.bakers.distill.pipeline import reproduce_command
+def test_a_library_bakes_command_reads_back_through_the_bake_cli(tiny, vec_file):
+    """A kl-lora config's reproduce command parses back through `bakery bake` to the same term
+    and the same config, lists and awkward strings included."""
+    from bakery.bakers import get_baker, make_config, reproduce_command
+    from bakery.bakers.base import BakeRequest, Term
     from bakery.cli.bake import _parse_settings, bake as bake_cli
+    from bakery.vectors.artifact import load_vector
 
     opts = {"steps": 3, "rank": 8, "positions": "all", "num_prompts": 30, "lr": 5e-3, "rslora": True,
             "target_modules": ["q_proj", "v_proj"], "held_out": ["Is it 3, or 4?", "yes"], "recipe": "no",
             "work_dir": "/tmp/a b"}
-    cmd = reproduce_command("kl-lora", "some/model", LAYER, 0.1 + 0.2, "out dir", "out dir/vectors/t.safetensors",
-                            opts)
+    req = BakeRequest(model_dir=tiny, model_name="some/model", config={}, method="kl-lora",
+                      terms=[Term(load_vector(vec_file), LAYER, 0.1 + 0.2, "t")],
+                      cfg=make_config("kl-lora", opts), out=Path("out dir"))
+    cmd = reproduce_command(req, get_baker("kl-lora"))
     args = shlex.split(cmd)
     assert args[:2] == ["bakery", "bake"]
     ctx = bake_cli.make_context("bake", args[2:])
@@ -598,13 +602,19 @@ def test_a_library_bakes_command_reads_back_through_the_bake_cli():
     assert (p["steps"], p["rank"], p["positions"]) == (3, 8, "all")
     back = _parse_settings(p["settings"])
     assert back == {k: v for k, v in opts.items() if k not in ("steps", "rank", "positions")}
+    assert make_config("kl-lora", {**back, "steps": 3, "rank": 8, "positions": "all"}) == req.cfg
+
+
+def _sets(**settings) -> list[str]:
+    """``--set KEY=VALUE`` items for `bakery bake`."""
+    return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
 
 
 def _launch(args: list[str], *, fsdp: bool) -> subprocess.CompletedProcess:
     acc = Path(sys.executable).with_name("accelerate")
     mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
     cmd = [str(acc), "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "bakery.bakers.distill.pipeline", *args]
+           "--dynamo_backend", "no", "-m", "bakery", "bake", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -617,17 +627,17 @@ def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny, v
     bakery shards the blocks with FSDP2; the run matches one process, resumes from a checkpoint
     gathered from the shards, and exports whole weights (plus adapter/ for LoRA)."""
     lr = "5e-3" if method == "kl-lora" else "1e-3"
-    args = ["-m", str(tiny), "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "--method", method,
-            "--trajectories", str(shared_traj), "--num-prompts", "44", "--val-prompts", "8", "--rank", "8",
-            "--lr", lr, "--val-every", "2", "--checkpoint-every", "2", "--patience", "0", "--dtype", "float32",
-            "--no-progress"]
+    args = ["--model", str(tiny), "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "--method", method,
+            *(["--rank", "8"] if method == "kl-lora" else []),
+            *_sets(trajectories=shared_traj, num_prompts=44, val_prompts=8, lr=lr, val_every=2,
+                   checkpoint_every=2, patience=0, dtype="float32")]
     single = bake_distilled(_req(tiny, vec_file, tmp_path / "single", method=method, steps=6,
                                  trajectories=str(shared_traj), val_every=2, patience=0, lr=float(lr)),
                             progress=False)
     out = tmp_path / "fsdp"
     r = _launch([*args, "-o", str(out), "--steps", "4"], fsdp=True)  # stops at step 4 ...
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _launch([*args, "-o", str(out), "--steps", "6", "--resume", "--force"], fsdp=True)  # ... and resumes
+    r = _launch([*args, "-o", str(out), "--steps", "6", "--set", "resume=true", "--force"], fsdp=True)  # ... and resumes
     assert r.returncode == 0, r.stderr[-3000:]
     m = Manifest.load(out)
     assert m.extra["sharding"] == "FSDP2 by bakery (accelerate runs MULTI_CPU)" and m.extra["processes"] == 2

@@ -25,7 +25,7 @@ def bakes(tiny_models, tmp_path):
     return {"base": d, "vec": vec,
             "exact": real_bake("bias", d, vec, 2, 3.0, tmp_path / "exact"),
             "broken": make_bias_bake(d, vec, 2, 3.0, tmp_path / "broken", broken=True),
-            "ortho": real_bake("ortho", d, vec, 2, 1.0, tmp_path / "ortho")}
+            "ortho": real_bake("ortho", d, vec, 2, None, tmp_path / "ortho")}
 
 
 def _setup(export):

@@ -21,14 +21,15 @@ from test_checkpoint import fail_after
 def test_export_folder_contents_and_manifest(tiny_models, tmp_path):
     src = tiny_models("llama")
     v = vec(src, trait="pirate")
-    out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "exp", command="bakery bake --test", progress=False)
+    out = bake("bias", src, [(v, 2, 3.0)], tmp_path / "exp", progress=False)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", "README.md", "bakery.json", "bake.yaml", "vectors"} <= names
     assert not any(n.startswith(".") for n in names)
     m = Manifest.load(out)
     assert m.method == "bias" and m.positions == "all" and m.exact and m.site == "resid-out"
-    assert m.command == "bakery bake --test"
+    assert m.command == (f"bakery bake --method bias --model {src} --vector "
+                         f"{tmp_path}/exp/vectors/pirate.safetensors --layer 2 --coef 3 -o {tmp_path}/exp")
     t = m.terms[0]
     assert (t.layer, t.block, t.coef, t.trait) == (2, 1, 3.0, "pirate")
     saved = load_vector(out / t.vector_file)
@@ -70,7 +71,7 @@ def test_interrupted_bake_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     before = tree_digest(src)
     fail_after(monkeypatch, 100_000, KeyboardInterrupt)  # Ctrl-C midway through the weights
     with pytest.raises(KeyboardInterrupt):
-        bake("ortho", src, [(vec(src), 2, 1.0)], tmp_path / "exp", progress=False)
+        bake("ortho", src, [(vec(src), 2, None)], tmp_path / "exp", progress=False)
     assert list(tmp_path.iterdir()) == []
     assert tree_digest(src) == before
 
@@ -109,9 +110,16 @@ def test_default_output_is_descriptive(tiny_models):
     src = tiny_models("llama")
     from bakery.bakers.base import Term
 
-    t = Term(vec(src, trait="pirate"), 16, 2.0)
-    assert str(default_output("smollm2-135m-instruct", "bias", [t], "bias", "resid-out", {})) == \
-        "exports/smollm2-135m-instruct-pirate-bias-L16-c2"
-    assert str(default_output("m", "ortho", [t], "bias", "resid-out", {"add": 1.5})) == \
-        "exports/m-pirate-ortho-L16-add1.5"
-    assert str(default_output("m", "bias", [t], "rank1", "resid-out", {})) == "exports/m-pirate-bias-rank1-L16-c2"
+    from bakery.bakers import get_baker, make_config
+    from bakery.bakers.base import BakeRequest
+
+    def name(model, method, coef=2.0, **options):
+        req = BakeRequest(model_dir=src, model_name=model, config={}, method=method,
+                          terms=[Term(vec(src, trait="pirate"), 16, coef)], cfg=make_config(method, options))
+        return str(default_output(req, get_baker(method)))
+
+    assert name("smollm2-135m-instruct", "bias") == "exports/smollm2-135m-instruct-pirate-bias-L16-c2"
+    assert name("m", "ortho", None, add=1.5) == "exports/m-pirate-ortho-L16-add1.5"
+    assert name("m", "bias", route="rank1") == "exports/m-pirate-bias-rank1-L16-c2"
+    assert name("m", "bias", site="attn-out") == "exports/m-pirate-bias-attn-L16-c2"
+    assert name("m", "kl-lora", rank=8) == "exports/m-pirate-kl-lora-L16"

@@ -28,7 +28,7 @@ class Term:
 
     vector: VectorArtifact
     layer: int
-    coef: float = 1.0
+    coef: float | None = None  # None: a method without a strength (ortho)
     trait: str | None = None
     vector_path: Path | None = None
 
@@ -47,22 +47,32 @@ class Term:
 
 @dataclass
 class BakeRequest:
-    """Everything a baker needs; ``options`` holds method-specific settings."""
+    """One bake: the resolved model, the terms and the method's typed config (``cfg``)."""
 
     model_dir: Path
     model_name: str
     config: dict[str, Any]
     terms: list[Term]
     method: str
-    route: str = "bias"  # bias: "bias" (exact constant) or "rank1"
-    site: str = "resid-out"  # resid-out (output of block L-1) or attn-out (after attention of block L)
-    target_engines: tuple[str, ...] = ENGINES
-    options: dict[str, Any] = field(default_factory=dict)
+    cfg: Any  # the method's BakerConfig
+    out: Path | None = None  # the final export folder
     command: str = ""
 
     @property
     def spec(self) -> ArchSpec:
         return spec_for(self.config)
+
+    @property
+    def route(self) -> str:
+        return getattr(self.cfg, "route", None) or "bias"
+
+    @property
+    def site(self) -> str:
+        return getattr(self.cfg, "site", None) or "resid-out"
+
+    @property
+    def target_engines(self) -> tuple[str, ...]:
+        return parse_engines(getattr(self.cfg, "target_engines", None))
 
 
 # float32 in (its own copy: may edit in place), float32 out; a ``native`` edit keeps any dtype
@@ -83,17 +93,10 @@ def refuse_quantized(config: dict[str, Any]) -> None:
             "checkpoint, then quantize the export.")
 
 
-@dataclass
-class BakePlan:
-    """A baker's answer: tensor edits (float32 functions), added tensors, the output config and
-    the facts the manifest and the card report."""
+@dataclass(kw_only=True)
+class BakeFacts:
+    """What a baker reports about the weights it wrote: the manifest's and the card's facts."""
 
-    reader: CheckpointReader
-    config: dict[str, Any]
-    edits: dict[str, list[Edit]] = field(default_factory=dict)
-    rowwise: set[str] = field(default_factory=set)  # tensors whose edits act on each row alone
-    native: set[str] = field(default_factory=set)  # tensors whose edits all take the stored dtype
-    added: dict[str, tuple[str, tuple[int, ...], Callable[[], torch.Tensor] | TensorInfo]] = field(default_factory=dict)
     route: str = ""
     site: str = "resid-out"
     positions: str = "all"  # the runtime steering the bake stands for
@@ -103,6 +106,34 @@ class BakePlan:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    card_section: tuple[str, str] | None = None  # (name, markdown) of a baker's own card section
+
+
+class Weights:
+    """What a baker built, ready to be written: :meth:`write` puts the weights and ``config.json``
+    into the (temporary) export folder and returns the facts."""
+
+    def write(self, folder: Path, *, progress: bool, max_shard_bytes: int | None) -> BakeFacts:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class BakePlan(BakeFacts, Weights):
+    """A closed-form baker's answer: tensor edits (float32 functions), added tensors and the output
+    config, streamed tensor by tensor into the export."""
+
+    reader: CheckpointReader
+    config: dict[str, Any]
+    edits: dict[str, list[Edit]] = field(default_factory=dict)
+    rowwise: set[str] = field(default_factory=set)  # tensors whose edits act on each row alone
+    native: set[str] = field(default_factory=set)  # tensors whose edits all take the stored dtype
+    added: dict[str, tuple[str, tuple[int, ...], Callable[[], torch.Tensor] | TensorInfo]] = field(default_factory=dict)
+
+    def write(self, folder: Path, *, progress: bool, max_shard_bytes: int | None) -> BakeFacts:
+        from bakery.io.export import write_plan
+
+        write_plan(self, folder, progress=progress, max_shard_bytes=max_shard_bytes)
+        return self
 
     def __post_init__(self) -> None:
         refuse_quantized(self.config)
@@ -167,13 +198,31 @@ class BakePlan:
 
 
 class Baker:
-    """Subclasses set ``name`` and implement :meth:`plan`."""
+    """A registered method. ``config_class`` is its one typed config; ``uses_coef``: whether a
+    term's strength means anything to it; ``max_terms``: how many terms it can bake at once."""
 
     name: str = ""
-    needs_coef: bool = True
+    config_class: type = object
+    uses_coef: bool = True
+    max_terms: int | None = None
 
-    def plan(self, req: BakeRequest, reader: CheckpointReader) -> BakePlan:  # pragma: no cover
+    def name_tags(self, req: BakeRequest) -> tuple[list[str], list[str]]:
+        """Words of the default output folder's name before and after ``L{layer}``."""
+        return [], []
+
+    def build(self, req: BakeRequest, *, progress: bool) -> Weights | None:
+        """The weights to write (``None`` on the non-main processes of a distributed run)."""
         raise NotImplementedError
+
+
+class ClosedFormBaker(Baker):
+    """A baker that edits the checkpoint tensor by tensor: subclasses implement :meth:`plan`."""
+
+    def plan(self, req: BakeRequest, reader: CheckpointReader) -> BakePlan:
+        raise NotImplementedError
+
+    def build(self, req: BakeRequest, *, progress: bool) -> Weights:
+        return self.plan(req, CheckpointReader(req.model_dir))
 
 
 # ---- checks shared by the bakers ------------------------------------------------------------
@@ -188,7 +237,7 @@ def check_terms(req: BakeRequest) -> None:
             t.vector.check_layer(t.layer, for_bake=True)
         except VectorError as e:
             raise BakeError(f"{e}{where}") from e
-        if not torch.isfinite(torch.tensor(t.coef)):
+        if t.coef is not None and not torch.isfinite(torch.tensor(t.coef)):
             raise BakeError(f"coef must be a finite number; got {t.coef}")
         if float(t.row().norm()) == 0:
             raise BakeError(f"row {t.layer} of the vector{where} is all zeros: nothing to bake")

@@ -12,15 +12,56 @@ Routes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from bakery.arch import BiasRoute, cfg_get, is_parallel_residual
 from bakery.bakers import register
-from bakery.bakers.base import (BakeError, BakePlan, Baker, BakeRequest, arch_name, check_engines,
-                                rehost_config)
+from bakery.bakers.base import (ENGINE_CHOICES, BakeError, BakePlan, BakeRequest, ClosedFormBaker, arch_name,
+                                check_engines, rehost_config)
+from bakery.bakers.config import BakerConfig, option
 from bakery.io.checkpoint import CheckpointReader
+from bakery.steering.hooks import POSITIONS
+
+TARGET_ENGINE_HELP = ("comma-separated engines the export must keep the edit in: "
+                      f"{', '.join(ENGINE_CHOICES)} (default: transformers,vllm,sglang); sglang-native "
+                      "refuses a route that needs an sglang launch flag")
+_RANK1 = {"route": "rank1"}
+
+
+@dataclass
+class BiasConfig(BakerConfig):
+    """``--method bias``: a constant ``coef * v[L]`` as a bias (exact) or a rank-one update."""
+
+    route: str | None = option(None, "bias: an exact bias (default); rank1: an approximate rank-one "
+                               "update of the down-projection, any architecture",
+                               flag="--route", choices=("bias", "rank1"))
+    site: str | None = option(None, "resid-out: the output of block L-1 (default); attn-out: after the "
+                              "attention of block L", flag="--site", choices=("resid-out", "attn-out"))
+    target_engines: str | None = option(None, TARGET_ENGINE_HELP, flag="--target-engine", kind=str)
+    calibration: str | None = option(None, "rank1: fit on steered sample answers (generate, default) or "
+                                     "on the prompts only (faster)", flag="--calibration",
+                                     choices=("generate", "prompts"), requires=_RANK1)
+    positions: str | None = option(None, "rank1 (default all) and kl-lora/kl-full (default response): "
+                                   "the positions the steering being baked applies to",
+                                   flag="--positions", choices=POSITIONS, requires=_RANK1)
+    ridge: float | None = option(None, "rank1: ridge of the least-squares fit of u (default 0.01)",
+                                 kind=float, requires=_RANK1)
+    calibration_tokens: int | None = option(None, "rank1: answer tokens sampled per calibration prompt "
+                                            "(default 32)", kind=int, requires=_RANK1)
+    calibration_prompts: list | None = option(None, "rank1: the calibration prompts (default: built-in)",
+                                              kind=list, requires=_RANK1)
+
+    def check(self) -> None:
+        super().check()
+        if self.route == "rank1" and self.site == "attn-out":
+            raise BakeError("--route rank1 edits the MLP down-projection (site resid-out); "
+                            "--site attn-out needs the bias route")
+        if self.route == "rank1" and self.target_engines is not None:
+            raise BakeError("--target-engine checks where a new bias survives; --route rank1 adds no "
+                            "parameter and loads in every engine, so it takes no --target-engine")
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -98,10 +139,14 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
 
 
 @register("bias")
-class BiasBaker(Baker):
+class BiasBaker(ClosedFormBaker):
     """Constant steering as a bias (exact) or a rank-one weight update (approximate)."""
 
-    name = "bias"
+    config_class = BiasConfig
+
+    def name_tags(self, req: BakeRequest) -> tuple[list[str], list[str]]:
+        before = (["rank1"] if req.route == "rank1" else []) + (["attn"] if req.site == "attn-out" else [])
+        return before, ["c" + "+".join(f"{t.coef:g}" for t in req.terms)]
 
     def plan(self, req: BakeRequest, reader: CheckpointReader) -> BakePlan:
         plan = BakePlan(reader=reader, config=dict(req.config))
@@ -110,8 +155,6 @@ class BiasBaker(Baker):
 
             plan_rank1(req, reader, plan)
             return plan
-        if req.route not in ("bias", "exact", None):
-            raise BakeError(f"unknown route '{req.route}' for --method bias: use bias (exact) or rank1")
         deltas: dict[int, torch.Tensor] = {}
         for t in req.terms:
             block = t.layer if req.site == "attn-out" else t.block

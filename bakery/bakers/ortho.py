@@ -17,14 +17,16 @@ shared matrix alone (then the reference is ablation without the embedding output
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from bakery.arch import num_layers_of, tied_embeddings
 from bakery.bakers import register
-from bakery.bakers.base import BakeError, BakePlan, Baker, BakeRequest, arch_name
-from bakery.bakers.bias import plan_bias_terms
+from bakery.bakers.base import BakeError, BakePlan, BakeRequest, ClosedFormBaker, arch_name
+from bakery.bakers.bias import TARGET_ENGINE_HELP, plan_bias_terms
+from bakery.bakers.config import BakerConfig, fmt_float, option
 from bakery.io.checkpoint import CheckpointReader
 
 BIPOLAR_WARNING = (
@@ -91,12 +93,43 @@ def project_cols(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return W
 
 
+@dataclass
+class OrthoConfig(BakerConfig):
+    """``--method ortho``: the direction projected out of every residual write."""
+
+    embeddings: str | None = option(None, "ablate the embedding output too (default; tied embeddings "
+                                    "get untied) or keep the embeddings", flag="--embeddings",
+                                    choices=("ablate", "keep"))
+    blocks: str | None = option(None, "blocks to ablate, e.g. 10-20 or 3,5,7 (0-based; default all)",
+                                flag="--blocks", kind=str)
+    per_layer: bool | None = option(None, "block i uses the direction v[i+1] instead of v[L]",
+                                    flag="--per-layer", kind=bool, is_flag=True)
+    add: float | None = option(None, "re-add ADD * r at the output of block L-1 through the exact bias "
+                               "route (affine edit)", flag="--add", kind=float)
+    target_engines: str | None = option(None, "with --add: " + TARGET_ENGINE_HELP, flag="--target-engine",
+                                        kind=str)
+
+    def check(self) -> None:
+        if isinstance(self.blocks, (list, tuple)):  # a recipe may list them
+            self.blocks = ",".join(map(str, self.blocks))
+        if isinstance(self.blocks, int):
+            self.blocks = str(self.blocks)
+        super().check()
+        if self.target_engines is not None and not self.add:
+            raise BakeError("--target-engine checks where the bias of --add survives; plain ablation "
+                            "adds no parameter and loads in every engine. Give --add C or drop --target-engine")
+
+
 @register("ortho")
-class OrthoBaker(Baker):
+class OrthoBaker(ClosedFormBaker):
     """Directional ablation, optionally with a re-added constant (``add``)."""
 
-    name = "ortho"
-    needs_coef = False
+    config_class = OrthoConfig
+    uses_coef = False
+    max_terms = 1
+
+    def name_tags(self, req: BakeRequest) -> tuple[list[str], list[str]]:
+        return [], ([f"add{fmt_float(req.cfg.add)}"] if req.cfg.add else [])
 
     def plan(self, req: BakeRequest, reader: CheckpointReader) -> BakePlan:
         spec = req.spec
@@ -106,17 +139,12 @@ class OrthoBaker(Baker):
                 f"{arch} writes the residual stream through a norm (sandwich norm), so no weight "
                 "edit equals runtime ablation there. Alternatives: --method kl-lora (distil the "
                 "ablated model), or --method bias --route rank1 for a steering bake.")
-        if len(req.terms) != 1:
-            raise BakeError(f"ortho ablates one direction; got {len(req.terms)} terms. Bake them one "
-                            "at a time, or use per_layer=True for one direction per block.")
         term = req.terms[0]
         n = num_layers_of(req.config)
-        opts = req.options
-        embeddings = opts.get("embeddings") or "ablate"
-        if embeddings not in ("ablate", "keep"):
-            raise BakeError(f"embeddings must be 'ablate' or 'keep'; got {embeddings!r}")
-        blocks = parse_blocks(opts.get("blocks"), n)
-        per_layer = bool(opts.get("per_layer"))
+        cfg = req.cfg
+        embeddings = cfg.embeddings or "ablate"
+        blocks = parse_blocks(cfg.blocks, n)
+        per_layer = bool(cfg.per_layer)
         block_list = list(range(n)) if blocks is None else blocks
         if per_layer:
             dirs = {i: _unit(term.vector.row(i + 1), f"row {i + 1} of the vector") for i in block_list}
@@ -178,7 +206,7 @@ class OrthoBaker(Baker):
                               "attention and MLP writes only (Ablation(embeddings=False))")
         plan.warnings.append(BIPOLAR_WARNING.format(trait=term.trait))
 
-        add = opts.get("add")
+        add = cfg.add
         if add is not None and float(add) != 0.0:
             plan_bias_terms(req, reader, plan, "resid-out", {term.block: float(add) * _unit(term.row(), "v")})
             plan.route = "ortho+bias"

@@ -197,17 +197,16 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
 def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
     """Fill ``plan`` with one rank-one update per edited block."""
     spec = req.spec
-    if req.site != "resid-out":
-        raise BakeError("--route rank1 edits the MLP down-projection (site resid-out); "
-                        "--site attn-out needs the bias route")
     by_block: dict[int, torch.Tensor] = {}
     for t in req.terms:
         by_block[t.block] = by_block.get(t.block, 0) + t.coef * t.row()
-    calibration = req.options.get("calibration", "generate")
-    positions = req.options.get("positions", "all")
-    fits = fit_rank1(req, sorted(by_block), req.options.get("calibration_prompts"),
-                     ridge=float(req.options.get("ridge", 1e-2)), calibration=calibration,
-                     tokens=int(req.options.get("calibration_tokens", 32)), positions=positions)
+    cfg = req.cfg
+    calibration = cfg.calibration or "generate"
+    positions = cfg.positions or "all"
+    fits = fit_rank1(req, sorted(by_block), cfg.calibration_prompts,
+                     ridge=1e-2 if cfg.ridge is None else cfg.ridge, calibration=calibration,
+                     tokens=32 if cfg.calibration_tokens is None else cfg.calibration_tokens,
+                     positions=positions)
     for b, delta in by_block.items():
         u = fits[b]["u"]
         w = delta / fits[b]["gain"] if "gain" in fits[b] else delta

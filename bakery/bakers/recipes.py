@@ -5,16 +5,15 @@ name: pirate-bias                # optional, for people
 description: ...                 # optional
 model: smollm2-135m-instruct     # optional (default model otherwise)
 method: bias                     # bias | ortho | kl-lora | kl-full
-route: bias                      # bias (exact) | rank1      (bias only)
-site: resid-out                  # resid-out | attn-out
-target_engines: [transformers, vllm, sglang]
 output: exports/pirate-bias      # optional
 terms:                           # one or more edits; or trait/vector/layer/coef at top level
   - {trait: pirate, layer: 16, coef: 2.0}
   - {vector: vectors/formal.safetensors, layer: 12, coef: -1.5}
-options: {embeddings: ablate, blocks: "10-20", add: 2.0}
+options: {route: bias, site: resid-out, target_engines: "transformers,vllm"}
 ```
 
+``options`` are the method's config (:mod:`bakery.bakers.config`): an option the method does not
+take is refused when the bake starts. An option may also stand at the top level.
 A ``vector`` path is read relative to the recipe's folder when it exists there, else as given.
 """
 
@@ -26,11 +25,16 @@ from pathlib import Path
 from typing import Any
 
 BAKES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "bakes"
-TOP = {"name", "description", "model", "method", "route", "site", "target_engines", "output",
-       "terms", "options", "trait", "vector", "layer", "coef"}
-OPTION_KEYS = {"embeddings", "blocks", "per_layer", "add", "ridge", "calibration",
-               "calibration_tokens", "calibration_prompts", "positions"}
+TOP = {"name", "description", "model", "method", "output", "terms", "options", "trait", "vector",
+       "layer", "coef"}
 TERM_KEYS = {"trait", "vector", "layer", "coef"}
+
+
+def option_keys() -> set[str]:
+    """Every option any method's config takes."""
+    from bakery.bakers import config_classes
+
+    return set().union(*(c.option_names() for c in config_classes().values()))
 
 
 class BakeRecipeError(ValueError):
@@ -50,9 +54,6 @@ class BakeRecipe:
     method: str
     terms: list[TermSpec]
     model: str | None = None
-    route: str | None = None
-    site: str | None = None
-    target_engines: list[str] | None = None
     output: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
@@ -92,10 +93,11 @@ def from_dict(data: Any, *, where: str = "bake recipe", base: Path | None = None
     """Validate a recipe dict; every problem named with the key it concerns."""
     if not isinstance(data, dict):
         raise BakeRecipeError(f"{where}: the top level must be a mapping (method, terms, ...)")
-    unknown = set(data) - TOP - OPTION_KEYS
+    allowed = option_keys()
+    unknown = set(data) - TOP - allowed
     if unknown:
         raise BakeRecipeError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
-                              f"(allowed: {', '.join(sorted(TOP | OPTION_KEYS))})")
+                              f"(allowed: {', '.join(sorted(TOP | allowed))})")
     method = data.get("method")
     if not isinstance(method, str):
         raise BakeRecipeError(f"{where}: 'method' is required (bias, ortho, kl-lora, kl-full)")
@@ -109,21 +111,17 @@ def from_dict(data: Any, *, where: str = "bake recipe", base: Path | None = None
     opts = data.get("options") or {}
     if not isinstance(opts, dict):
         raise BakeRecipeError(f"{where}: 'options' must be a mapping")
-    opts = {**opts, **{k: data[k] for k in OPTION_KEYS if k in data}}
-    bad = set(opts) - OPTION_KEYS
+    opts = {**opts, **{k: data[k] for k in allowed if k in data}}
+    bad = set(opts) - allowed
     if bad:
         raise BakeRecipeError(f"{where}: unknown option(s) {', '.join(sorted(bad))} "
-                              f"(allowed: {', '.join(sorted(OPTION_KEYS))})")
-    engines = data.get("target_engines")
-    if isinstance(engines, str):
-        engines = [e.strip() for e in engines.split(",") if e.strip()]
-    if engines is not None and not (isinstance(engines, list) and all(isinstance(e, str) for e in engines)):
-        raise BakeRecipeError(f"{where}: target_engines must be a list like [transformers, vllm]")
-    for key in ("model", "route", "site", "output", "name", "description"):
+                              f"(allowed: {', '.join(sorted(allowed))})")
+    if isinstance(opts.get("target_engines"), list):
+        opts["target_engines"] = ",".join(map(str, opts["target_engines"]))
+    for key in ("model", "output", "name", "description"):
         if key in data and data[key] is not None and not isinstance(data[key], str):
             raise BakeRecipeError(f"{where}: '{key}' must be a string")
-    return BakeRecipe(method=method, terms=terms, model=data.get("model"), route=data.get("route"),
-                      site=data.get("site"), target_engines=engines, output=data.get("output"),
+    return BakeRecipe(method=method, terms=terms, model=data.get("model"), output=data.get("output"),
                       options=opts, name=data.get("name"), description=data.get("description"),
                       source=where)
 

@@ -32,6 +32,8 @@ def front_matter(m: Manifest) -> dict[str, Any]:
     fm["library_name"] = "transformers"
     tags = ["bakery", "steering", "persona-vector", f"bakery-{m.method}"]
     tags += [f"trait:{t}" for t in dict.fromkeys(t.trait for t in m.terms)]
+    if m.method.startswith("kl-"):
+        tags.append("distillation")
     fm["tags"] = tags
     fm["license"] = src.get("license") or "other"
     return fm
@@ -65,7 +67,8 @@ def body(m: Manifest, path: str) -> str:
     for t in m.terms:
         where = (f"row {t.layer}, after the attention of block {t.layer}" if m.site == "attn-out"
                  else describe_layer(t.layer))
-        lines.append(f"| {t.trait} | {where} | {t.coef:g} | "
+        coef = "-" if t.coef is None else f"{t.coef:g}"
+        lines.append(f"| {t.trait} | {where} | {coef} | "
                      f"`{t.vector_sha256[:12]}` ([{t.vector_file}]({t.vector_file})) |")
     lines += ["", f"- route: `{m.route}`, site: `{m.site}`, exact: **{str(m.exact).lower()}**"
               + (" (matches the runtime reference up to storage rounding)" if m.exact else
@@ -75,6 +78,8 @@ def body(m: Manifest, path: str) -> str:
         lines.append(f"- {n}")
     for w in m.extra.get("warnings", []):
         lines.append(f"- **warning:** {w}")
+    if m.options:
+        lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in m.options.items())]
     lines += ["", "## Engine support (from the loading rules)", "", "| engine | verdict |", "| --- | --- |"]
     for e, v in m.engines.items():
         verdict = {"ok": "loads natively", "drop": "**drops the edit silently: do not use**"}.get(
@@ -95,12 +100,23 @@ def body(m: Manifest, path: str) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: str | Path, manifest: Manifest, *, final: str | Path | None = None) -> Path:
-    """Write (or re-render) the card in ``folder``; ``final`` is the path shown in usage lines."""
+def write_card(folder: str | Path, manifest: Manifest, *, final: str | Path | None = None,
+               config: Any = None, section: tuple[str, str] | None = None) -> Path:
+    """Write (or re-render) the card in ``folder``; ``final`` is the path shown in usage lines.
+    ``config``: the baker's typed config (its settings table); ``section``: a baker's own section."""
     folder = Path(folder)
     path = folder / "README.md"
     fm = "---\n" + yaml.safe_dump(front_matter(manifest), sort_keys=False) + "---\n"
     text = path.read_text() if path.is_file() else ""
     text = _FRONT.sub("", text, count=1)
     path.write_text(fm + ("\n" + text.lstrip("\n") if text.strip() else ""))
-    return write_section(folder, SECTION, body(manifest, str(final or folder)))
+    out = write_section(folder, SECTION, body(manifest, str(final or folder)))
+    if config is not None:
+        rows = ["## Settings", "", f"Every option of `--method {manifest.method}` "
+                "(`default`: not given, the baker's default was used).", "",
+                "| option | value |", "| --- | --- |"]
+        rows += [f"| {k} | {v} |" for k, v in config.card_rows()]
+        out = write_section(folder, "settings", "\n".join(rows))
+    if section is not None:
+        out = write_section(folder, *section)
+    return out

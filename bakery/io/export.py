@@ -1,5 +1,7 @@
-"""Assemble an export folder: weights (streamed), config, tokenizer and generation config copied,
-``bakery.json``, ``bake.yaml``, ``vectors/<trait>.safetensors`` and the model card."""
+"""The one export path: every baker's folder is assembled here. The baker writes the weights and
+``config.json`` (:class:`~bakery.bakers.base.Weights`); this module adds the source's other files
+(tokenizer, generation config, ...), ``vectors/<trait>.safetensors``, ``bake.yaml``,
+``bakery.json`` and the model card, in a temporary folder renamed into place at the end."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bakery.bakers.base import BakePlan, BakeRequest
+from bakery.bakers.base import BakeFacts, BakePlan, BakeRequest, Weights
 from bakery.io.checkpoint import DTYPES, INDEX_FILE, OutTensor, ShardedWriter
 from bakery.io.manifest import BakeTerm, Manifest, versions
 from bakery.models import config_hash
@@ -22,13 +24,14 @@ _SKIP_NAMES = {"config.json", "README.md", "bakery.json", "bake.yaml", "bakery_s
                INDEX_FILE, "pytorch_model.bin.index.json"}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "vector"
+def slug(text: str, empty: str = "vector") -> str:
+    """``text`` as a file-name part: letters, digits, ``.``, ``_`` and ``-``, lower case."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or empty
 
 
 def vector_file_for(trait: str) -> str:
     """Where an export keeps the vector of ``trait`` (relative to the export folder)."""
-    return f"vectors/{_slug(trait)}.safetensors"
+    return f"vectors/{slug(trait)}.safetensors"
 
 
 ROW_BLOCK_BYTES = 32 * 1024**2  # float32 working block for row-wise edits of large tensors
@@ -75,11 +78,6 @@ def output_tensors(plan: BakePlan) -> list[OutTensor]:
         else:
             out.append(OutTensor(name, dtype, tuple(shape), source=make))
     return out
-
-
-def source_info(req: BakeRequest) -> dict[str, Any]:
-    """Where the bake came from: name as given, folder, Hub id if known, config hash, revision."""
-    return source_info_for(req.model_name, req.model_dir, req.config)
 
 
 def source_info_for(model_name: str, model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -137,47 +135,63 @@ def _save_vectors(folder: Path, req: BakeRequest) -> list[BakeTerm]:
     return terms
 
 
-def _bake_recipe(req: BakeRequest, terms: list[BakeTerm]) -> dict[str, Any]:
+def _bake_recipe(req: BakeRequest, terms: list[BakeTerm], uses_coef: bool) -> dict[str, Any]:
+    """``bake.yaml``: the bake as a recipe that ``bakery bake --recipe`` reads back."""
     d: dict[str, Any] = {"model": req.model_name, "method": req.method}
-    if req.method == "bias":
-        d["route"] = req.route
-    d["site"] = req.site
-    d["target_engines"] = list(req.target_engines)
-    d["terms"] = [{"vector": t.vector_file, "layer": t.layer, "coef": t.coef, "trait": t.trait}
-                  for t in terms]
-    opts = {k: v for k, v in req.options.items() if k != "calibration_prompts"}
+    d["terms"] = [{"vector": t.vector_file, "layer": t.layer, **({"coef": t.coef} if uses_coef else {}),
+                   "trait": t.trait} for t in terms]
+    opts = req.cfg.given()
     if opts:
         d["options"] = opts
     return d
 
 
-def write_export(folder: Path, req: BakeRequest, plan: BakePlan, *, final: Path,
-                 progress: bool = True, max_shard_bytes: int | None = None) -> Manifest:
-    """Write everything into ``folder`` (a temporary folder renamed to ``final`` by the caller)."""
-    import yaml
+def write_plan(plan: BakePlan, folder: Path, *, progress: bool, max_shard_bytes: int | None) -> None:
+    """A closed-form bake's weights, streamed tensor by tensor, and its config."""
     from tqdm import tqdm
 
-    from bakery.io.card import write_card
-
-    folder = Path(folder)
     tensors = output_tensors(plan)
-    total = sum(t.nbytes for t in tensors)
     writer = ShardedWriter(folder, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"baking {req.method}",
+    with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="writing weights",
               disable=not progress, leave=False) as bar:
         writer.write(tensors, progress=bar.update)
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+
+
+def write_export(req: BakeRequest, weights: Weights, *, force: bool = False, progress: bool = True,
+                 max_shard_bytes: int | None = None, folder: Path | None = None) -> Path:
+    """Write the export of ``req`` to ``req.out`` (or ``folder``) atomically and return it."""
+    from bakery.bakers import get_baker
+    from bakery.io.checkpoint import atomic_folder
+
+    final = Path(folder or req.out)
+    with atomic_folder(final, force=force) as tmp:
+        fill_export(tmp, req, weights, final=final, progress=progress, max_shard_bytes=max_shard_bytes,
+                    uses_coef=get_baker(req.method).uses_coef)
+    return final
+
+
+def fill_export(folder: Path, req: BakeRequest, weights: Weights, *, final: Path, progress: bool,
+                max_shard_bytes: int | None, uses_coef: bool) -> Manifest:
+    """Everything of an export inside ``folder``: weights first, then the common files."""
+    import yaml
+
+    from bakery.io.card import write_card
+
+    facts: BakeFacts = weights.write(folder, progress=progress, max_shard_bytes=max_shard_bytes)
+    config = json.loads((folder / "config.json").read_text())
     _copy_aux(req.model_dir, folder)
     terms = _save_vectors(folder, req)
-    (folder / "bake.yaml").write_text(yaml.safe_dump(_bake_recipe(req, terms), sort_keys=False))
+    (folder / "bake.yaml").write_text(yaml.safe_dump(_bake_recipe(req, terms, uses_coef), sort_keys=False))
     manifest = Manifest(
-        method=req.method, terms=terms, positions=plan.positions, route=plan.route, site=plan.site,
-        exact=plan.exact, source=source_info(req), ablation=plan.ablation,
-        engines=plan.engines, versions=versions(), command=req.command,
-        extra={"notes": plan.notes, "warnings": plan.warnings, "target_engines": list(req.target_engines),
-               "output_config_hash": config_hash(plan.config),
-               "architecture": (plan.config.get("architectures") or [None])[0], **plan.extra},
+        method=req.method, terms=terms, positions=facts.positions, route=facts.route, site=facts.site,
+        exact=facts.exact, source=source_info_for(req.model_name, req.model_dir, req.config),
+        ablation=facts.ablation, engines=facts.engines, options=req.cfg.given(), versions=versions(),
+        command=req.command,
+        extra={"notes": facts.notes, "warnings": facts.warnings,
+               "output_config_hash": config_hash(config),
+               "architecture": (config.get("architectures") or [None])[0], **facts.extra},
     )
     manifest.save(folder)
-    write_card(folder, manifest, final=final)
+    write_card(folder, manifest, final=final, config=req.cfg, section=facts.card_section)
     return manifest

@@ -21,7 +21,7 @@ class BakeTerm:
     """One (vector, layer, coef) edit. ``layer`` is the artifact row; ``block = layer - 1``."""
 
     layer: int
-    coef: float
+    coef: float | None  # None: a method without a strength (ortho)
     trait: str
     vector_file: str  # relative to the export folder, e.g. vectors/pirate.safetensors
     vector_sha256: str
@@ -45,6 +45,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)  # model, path, config_hash, revision
     ablation: dict[str, Any] | None = None  # ortho: direction layer, blocks, embeddings
     engines: dict[str, str] = field(default_factory=dict)  # engine -> ok | drop | launch flag
+    options: dict[str, Any] = field(default_factory=dict)  # the method's config, as given
     versions: dict[str, str] = field(default_factory=dict)
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

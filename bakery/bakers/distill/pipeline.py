@@ -1,26 +1,22 @@
-"""The distilled bakers ``kl-lora`` and ``kl-full``: train weights that behave like the steered
-model, then export them as an ordinary checkpoint.
+"""The distillation pipeline behind ``kl-lora`` and ``kl-full``: train weights that behave like
+the steered model.
 
 Flow: a diverse prompt pool (held-out questions left out) -> trajectories sampled from the
-runtime-steered model (:mod:`bakery.bakers.distill.trajectories`) -> ``KL(steered || student)`` training on their
-response tokens (:mod:`bakery.bakers.distill.train`) -> export: the LoRA merged into the weights (stock
-architecture, no new parameters) plus the peft adapter in ``adapter/``, or for ``kl-full`` the
-fine-tuned weights, which start from a gated rank-one steering write (:mod:`bakery.bakers.distill.warm_start`);
-then the vector, ``bakery.json`` and a model card. Approximate, but it works on every architecture and engine and is the only bake
-that can stand for ``positions=response`` steering.
+runtime-steered model (:mod:`~bakery.bakers.distill.trajectories`) -> ``KL(steered || student)``
+training on their response tokens (:mod:`~bakery.bakers.distill.train`) -> the weights to export:
+the LoRA merged into the base weights plus the peft adapter, or for ``kl-full`` the fine-tuned
+weights, which start from a gated rank-one steering write (:mod:`~bakery.bakers.distill.warm_start`).
+The export itself is the one every baker writes (:func:`bakery.io.export.write_export`).
 
-Run it as ``bakery bake --method kl-lora ...``, ``bakery.bakers.bake("kl-lora", ...)``,
-``python -m bakery.bakers.distill.pipeline ...`` or, data-parallel, ``accelerate launch --multi_gpu
---num_processes 2 -m bakery.bakers.distill.pipeline ...`` (on CPU, accelerate's ``--cpu`` starts one process),
-or sharded with ``--use_fsdp --fsdp_version 2`` (:mod:`bakery.bakers.distill.sharding`).
+Run it as ``bakery bake --method kl-lora ...`` or ``bakery.bakers.bake("kl-lora", ...)``;
+data-parallel as ``accelerate launch --multi_gpu --num_processes 2 -m bakery bake --method kl-lora
+...``, or sharded with ``--use_fsdp --fsdp_version 2`` (:mod:`~bakery.bakers.distill.sharding`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +25,10 @@ from typing import Any
 import torch
 import yaml
 
-from bakery.bakers.base import refuse_quantized
-from bakery.io.card import SECTION as CARD_SECTION
-from bakery.io.card import body as card_common
-from bakery.io.card import front_matter
-from bakery.io.checkpoint import atomic_folder, check_output
-from bakery.io.export import _slug, source_info_for, vector_file_for
+from bakery.bakers.base import BakeFacts, Weights, refuse_quantized
+from bakery.io.checkpoint import check_output
+from bakery.io.export import slug, source_info_for
 from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
-from bakery.io.manifest import BakeTerm, Manifest, versions
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
@@ -80,6 +72,7 @@ class DistillRequest:
     train: TrainConfig = field(default_factory=TrainConfig)
     command: str = ""
     trust_remote_code: bool = False
+    job: Any = None  # the BakeRequest of the export (bakery.bakers.bake builds it)
 
 
 def teacher_meta(model_dir: Path, config: dict, vec: VectorArtifact, req: DistillRequest) -> dict:
@@ -129,8 +122,7 @@ def sample_from_bias_bake(req: DistillRequest, model_dir: Path, model, tok, vec:
     from bakery.steering.generation import eos_token_ids
 
     teacher_dir = run_bake("bias", str(model_dir), [(vec, req.layer, req.coef, trait)], work / "teacher-bias",
-                           target_engines="vllm", force=True, progress=False,
-                           command="teacher of a distilled bake (--teacher-engine vllm)")
+                           target_engines="vllm", force=True, progress=False)
     return sample_vllm(teacher_dir, tok, pool, samples_per_prompt=req.samples_per_prompt,
                        max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
                        seed=req.train.seed, meta=meta, eos_ids=eos_token_ids(model, tok),
@@ -151,38 +143,29 @@ def merged_copy(student, method: str):
     return m
 
 
-def write_export(student, tok, out: str | Path, *, method: str, vec: VectorArtifact, layer: int,
-                 coef: float, trait: str, positions: str, source: dict, dtype: torch.dtype,
-                 train_info: dict, command: str = "", force: bool = False) -> Path:
-    """Merged weights, ``adapter/`` (LoRA), vector, ``bakery.json`` and card, atomically.
+class DistilledWeights(Weights):
+    """The trained student, ready to be written: merged weights (LoRA merged into the base, or the
+    fine-tuned weights), and for LoRA the peft adapter in ``adapter/``."""
 
-    The card holds the section every baker writes (:func:`bakery.io.card.body`: what was baked, engine
-    support, usage lines naming ``out``, the reproduce command; ``bakery push`` re-renders it with
-    the repo id) followed by a ``distill`` section with the training details."""
-    from bakery.io.card_sections import write_section
+    def __init__(self, student, *, method: str, dtype: torch.dtype, source: dict, term: dict,
+                 positions: str, info: dict):
+        self.student, self.method, self.dtype, self.source = student, method, dtype, source
+        self.term, self.positions, self.info = term, positions, info
 
-    out = Path(out)
-    with atomic_folder(out, force=force) as tmp:
-        merged = merged_copy(student, method).to(dtype)
-        merged.save_pretrained(tmp)
+    def write(self, folder: Path, *, progress: bool, max_shard_bytes: int | None) -> BakeFacts:
+        merged = merged_copy(self.student, self.method).to(self.dtype)
+        merged.save_pretrained(folder, **({"max_shard_size": max_shard_bytes} if max_shard_bytes else {}))
         del merged
-        tok.save_pretrained(tmp)
-        if method == "lora":
-            student.save_pretrained(tmp / "adapter")
-            _fix_adapter_base(tmp / "adapter", source)
-        vfile = vector_file_for(trait)
-        vec.save(tmp / vfile)
-        m = Manifest(method=f"kl-{method}", terms=[BakeTerm(layer, coef, trait, vfile, vec.sha256())],
-                     positions=positions, route="lora-merged" if method == "lora" else "full",
-                     exact=False, source=source, engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"},
-                     versions=versions(), command=command, extra=train_info)
-        m.save(tmp)
-        fm = front_matter(m)
-        fm["tags"].append("distillation")
-        (tmp / "README.md").write_text("---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n\n")
-        write_section(tmp, CARD_SECTION, card_common(m, str(out)))
-        write_section(tmp, "distill", card_body(m, train_info))
-    return out
+        if self.method == "lora":
+            self.student.save_pretrained(folder / "adapter")
+            _fix_adapter_base(folder / "adapter", self.source)
+        info = dict(self.info)
+        notes = info.pop("notes", [])
+        return BakeFacts(route="lora-merged" if self.method == "lora" else "full", positions=self.positions,
+                         exact=False, engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"},
+                         notes=notes, extra=info,
+                         card_section=("distill", card_body(self.method, self.term, self.positions,
+                                                            self.source, info)))
 
 
 def _fix_adapter_base(adapter_dir: Path, source: dict) -> None:
@@ -199,13 +182,12 @@ def _fix_adapter_base(adapter_dir: Path, source: dict) -> None:
         card.write_text(card.read_text().replace(local, base))
 
 
-def card_body(m: Manifest, info: dict) -> str:
+def card_body(method: str, term: dict, positions: str, source: dict, info: dict) -> str:
     """The card's ``distill`` section: how the weights were trained and what the folder holds."""
-    t = m.terms[0]
     lines = [
         "## Distillation", "",
-        f"Runtime steering `{t.coef:g} * v[{t.layer}]` ({describe_layer(t.layer)}), positions "
-        f"`{m.positions}`, distilled into the weights by minimising KL(steered || model) on "
+        f"Runtime steering `{term['coef']:g} * v[{term['layer']}]` ({describe_layer(term['layer'])}), "
+        f"positions `{positions}`, distilled into the weights by minimising KL(steered || model) on "
         f"{info.get('train_trajectories')} sampled trajectories ({info.get('train_tokens')} response tokens).",
         "", "| setting | value |", "| --- | --- |",
     ]
@@ -213,14 +195,14 @@ def card_body(m: Manifest, info: dict) -> str:
               "val_kl_base", "val_R", "wall_s"):
         if k in info:
             lines.append(f"| {k} | {info[k]} |")
-    if m.method == "kl-lora":
-        base = m.source.get("hub_id") or m.source.get("model")
+    if method == "lora":
+        base = source.get("hub_id") or source.get("model")
         lines += ["", "The weights are a plain checkpoint: the trained LoRA is merged into the base weights "
                   "(stock architecture, no new parameters), so it loads like the base model in "
                   "transformers, vLLM or sglang.", "",
                   "The unmerged peft adapter is in `adapter/` (paths below relative to this folder): "
                   "`PeftModel.from_pretrained(base_model, 'adapter')`, or in vLLM "
-                  f"`vllm serve {base} --enable-lora --lora-modules {_slug(t.trait)}=adapter "
+                  f"`vllm serve {base} --enable-lora --lora-modules {slug(term['trait'])}=adapter "
                   f"--max-lora-rank {info.get('rank')}`."]
     else:
         first = info.get("first_block")
@@ -364,235 +346,49 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         m = load_model(model_dir, trust_remote_code=req.trust_remote_code).float()
         return add_lora(m, req.train) if req.train.method == "lora" else m
 
-    def export(dd: Distiller, folder: Path, extra: dict | None = None, force: bool = True) -> Path | None:
-        """Call on every process; the main one writes (and returns) the folder."""
+    def weights(dd: Distiller, extra: dict | None = None) -> DistilledWeights | None:
+        """Call on every process (sharded weights are gathered); ``None`` off the main one."""
         student = dd.plain_student(fresh)
         if student is None:
             return None
-        return write_export(student, tok, folder, method=req.train.method, vec=vec, layer=req.layer,
-                            coef=req.coef, trait=trait, positions=req.positions, source=source,
-                            dtype=dtype, train_info=info_now(dd, extra), command=req.command, force=force)
+        return DistilledWeights(student, method=req.train.method, dtype=dtype, source=source,
+                                term={"layer": req.layer, "coef": req.coef, "trait": trait},
+                                positions=req.positions, info=info_now(dd, extra))
 
     def on_save(dd: Distiller, step: int) -> None:
-        export(dd, work / "halfbaked" / f"step-{step:06d}", {"halfbaked_step": step})
+        from bakery.bakers.distilled import job_for
+        from bakery.io.export import write_export
+
+        w = weights(dd, {"halfbaked_step": step})
+        if w is not None:  # a half-baked export: the same folder as the final one, in the work dir
+            write_export(req.job or job_for(req), w, force=True, progress=False,
+                         folder=work / "halfbaked" / f"step-{step:06d}")
 
     result = d.train(train, val, work_dir=work, resume=req.resume, on_eval=on_eval, on_save=on_save,
                      progress=progress, stop_after=stop_after)
     trained = Trained(d, tok, vec, trait, source, result, info_now(d), work)
-    trained.export = lambda folder, force=True: export(d, Path(folder), force=force)  # type: ignore[attr-defined]
+    trained.weights = lambda: weights(d)  # type: ignore[attr-defined]
     return trained
 
 
 def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
                    stop_after: int | None = None) -> DistillResult:
-    """Sample (or reuse) trajectories, train, export. Returns the export folder (main process)."""
-    from bakery.models import resolve_model
+    """Sample (or reuse) trajectories, train, export through the one export path; the library
+    entry with training hooks (``on_eval``, ``stop_after``, an accelerator). ``out`` is ``None``
+    on the non-main processes and for a run stopped before its last step."""
+    from bakery.bakers.distilled import job_for
+    from bakery.io.export import write_export
 
-    out = check_output(req.out, resolve_model(req.model), force=req.force)
+    req.job = req.job or job_for(req)
+    check_output(req.job.out, req.job.model_dir, force=req.force)
     t = train_distilled(req, accelerator=accelerator, on_eval=on_eval, progress=progress,
-                        stop_after=stop_after, out=out)
+                        stop_after=stop_after, out=req.job.out)
     acc = t.distiller.acc
     if stop_after is not None and t.result.steps < req.train.max_steps and not t.result.stopped_early:
         return DistillResult(None, t.result, t.info)
-    folder = t.export(out, force=req.force)  # type: ignore[attr-defined]
+    w = t.weights()  # type: ignore[attr-defined]
+    folder = write_export(req.job, w, force=req.force, progress=progress) if w is not None else None
     acc.wait_for_everyone()
     return DistillResult(folder, t.result, t.info)
 
 
-# ---- command line (python -m bakery.bakers.distill.pipeline / accelerate launch -m ...) ---------------------
-def _cli():
-    import click
-
-    from bakery.cli.common import clear_errors, model_option, trust_option
-
-    @click.command()
-    @click.option("--vector", "-v", required=True, type=click.Path(dir_okay=False))
-    @click.option("--layer", "-l", type=int, required=True, help="Row L: output of block L-1.")
-    @click.option("--coef", "-c", type=float, required=True)
-    @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
-    @click.option("--method", type=click.Choice(list(METHODS)), default="kl-lora", show_default=True)
-    @click.option("--positions", type=click.Choice(["response", "all"]), default="response", show_default=True)
-    @click.option("--recipe", default=None, help="Trait recipe: extraction questions join the pool, "
-                  "evaluation questions are held out.")
-    @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False))
-    @click.option("--num-prompts", type=int, default=200, show_default=True)
-    @click.option("--model-prompts", type=int, default=0, show_default=True,
-                  help="Questions the model writes itself, added to the pool.")
-    @click.option("--samples-per-prompt", type=int, default=2, show_default=True)
-    @click.option("--max-new-tokens", type=int, default=48, show_default=True)
-    @click.option("--temperature", type=float, default=1.0, show_default=True)
-    @click.option("--top-p", type=float, default=0.95, show_default=True)
-    @click.option("--val-prompts", type=int, default=16, show_default=True)
-    @click.option("--trajectories", default=None, type=click.Path(dir_okay=False),
-                  help="JSONL to reuse (or write, if missing).")
-    @click.option("--teacher-engine", type=click.Choice(TEACHER_ENGINES), default="transformers",
-                  show_default=True, help="vllm: sample the exact bias bake in vLLM (--positions all).")
-    @click.option("--work-dir", default=None, type=click.Path(file_okay=False))
-    @click.option("--resume", is_flag=True)
-    @click.option("--rank", type=int, default=32, show_default=True)
-    @click.option("--alpha", type=float, default=None, help="Default 2 * rank.")
-    @click.option("--target-modules", default=None, help="Comma-separated; default all block linears.")
-    @click.option("--rslora", is_flag=True)
-    @click.option("--teacher-topk", type=int, default=0, show_default=True,
-                  help="Keep the teacher's top-K log-probs from sampling and train on them (no teacher "
-                  "forward per step); 0: exact teacher forward.")
-    @click.option("--lr", type=float, default=None,
-                  help="Default 2e-4 (LoRA); full: 1e-5 warm-started, 5e-5 with --no-warm-start.")
-    @click.option("--first-block", type=int, default=None,
-                  help="kl-full: train blocks from this index on (default: the steered block, layer - 1).")
-    @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
-                  help="kl-full: start from the gated rank-one steering write (bakery.bakers.distill.warm_start).")
-    @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
-                  show_default=True, help="cosine: decay to a tenth of --lr by the last step.")
-    @click.option("--batch-size", type=int, default=8, show_default=True)
-    @click.option("--steps", "max_steps", type=int, default=100, show_default=True)
-    @click.option("--val-every", type=int, default=10, show_default=True)
-    @click.option("--patience", type=int, default=3, show_default=True)
-    @click.option("--checkpoint-every", type=int, default=20, show_default=True)
-    @click.option("--save-every", type=int, default=0, show_default=True, help="Half-baked exports.")
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--dtype", type=click.Choice(["source", "float32", "bfloat16", "float16"]), default="source",
-                  show_default=True)
-    @click.option("--force", is_flag=True)
-    @click.option("--no-progress", is_flag=True)
-    @model_option
-    @trust_option
-    @clear_errors
-    def main(vector, layer, coef, out, method, positions, recipe, prompts_file, num_prompts, model_prompts,
-             samples_per_prompt, max_new_tokens, temperature, top_p, val_prompts, trajectories,
-             teacher_engine, work_dir, resume, rank, alpha, target_modules, rslora, teacher_topk, lr, first_block, warm_start, lr_schedule, batch_size, max_steps, val_every, patience,
-             checkpoint_every, save_every, seed, dtype, force, no_progress, model, trust_remote_code):
-        """Distil runtime steering into weights (kl-lora / kl-full) and export the result."""
-        tc = TrainConfig(rank=rank, alpha=alpha, rslora=rslora, lr=lr, lr_schedule=lr_schedule,
-                         teacher_topk=teacher_topk, first_block=first_block, warm_start=warm_start,
-                         batch_size=batch_size,
-                         max_steps=max_steps, val_every=val_every, patience=patience,
-                         checkpoint_every=checkpoint_every, save_every=save_every, seed=seed,
-                         target_modules=target_modules.split(",") if target_modules else None)
-        req = DistillRequest(model=model, vector=vector, layer=layer, coef=coef, out=out, method=method,
-                             positions=positions, recipe=recipe, prompts_file=prompts_file,
-                             num_prompts=num_prompts, model_prompts=model_prompts,
-                             samples_per_prompt=samples_per_prompt,
-                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             val_prompts=val_prompts, trajectories=trajectories, work_dir=work_dir,
-                             teacher_engine=teacher_engine,
-                             resume=resume, dtype=dtype, force=force, train=tc, trust_remote_code=trust_remote_code,
-                             command=shlex.join(["python", "-m", "bakery.bakers.distill.pipeline", *sys.argv[1:]]))
-        res = bake_distilled(req, progress=not no_progress)
-        if res.out is not None:
-            i = res.info
-            click.echo(f"{method}: {describe_layer(layer)}, coef {coef:g}, positions {positions}; "
-                       f"{i['steps']} steps, best step {i['best_step']}, validation KL "
-                       f"{i['val_kl_base']:.4f} -> {i['best_val_kl']:.4f} (R {i['val_R']}), "
-                       f"{i['wall_s']:.0f} s on {i['processes']} process(es)")
-            click.echo(f"wrote {res.out}")
-
-    return main
-
-
-if __name__ == "__main__":
-    _cli()()
-
-
-# ---- the registry entry (``bakery bake --method kl-lora|kl-full``) -----------------------------------
-_REQUEST_OPTIONS = {f for f in DistillRequest.__dataclass_fields__} - {"model", "vector", "layer", "coef",
-                                                                      "out", "method", "train", "command"}
-_TRAIN_OPTIONS = set(TrainConfig.__dataclass_fields__) - {"method"}
-
-
-def request_from_options(method: str, model: str, vector, layer: int, coef: float, out, options: dict,
-                         command: str = "") -> DistillRequest:
-    """A :class:`DistillRequest` from ``bakery bake`` options (``rank=32, steps=100, ...``)."""
-    opts = dict(options)
-    if "steps" in opts:
-        opts["max_steps"] = opts.pop("steps")
-    unknown = sorted(set(opts) - _REQUEST_OPTIONS - _TRAIN_OPTIONS)
-    if unknown:
-        raise DistillError(f"unknown option(s) for {method}: {', '.join(unknown)}; allowed: "
-                           f"{', '.join(sorted((_REQUEST_OPTIONS | _TRAIN_OPTIONS) - {'max_steps'} | {'steps'}))}")
-    tc = TrainConfig(**{k: v for k, v in opts.items() if k in _TRAIN_OPTIONS})
-    rq = {k: v for k, v in opts.items() if k in _REQUEST_OPTIONS}
-    return DistillRequest(model=model, vector=vector, layer=layer, coef=coef, out=out, method=method,
-                          train=tc, command=command, **rq)
-
-
-# options ``bakery bake`` has a flag for; the rest go through ``--set KEY=VALUE``
-_BAKE_FLAGS = {"steps": "--steps", "rank": "--rank", "positions": "--positions",
-               "teacher_engine": "--teacher-engine"}
-
-
-def _setting(v: Any) -> str:
-    """A value as ``--set`` reads it back (a YAML scalar, or a JSON list)."""
-    from bakery.bakers import fmt_float
-
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return fmt_float(v)
-    if isinstance(v, (list, tuple)):
-        return json.dumps(list(v))
-    s = str(v)
-    if isinstance(v, int):
-        return s
-    try:
-        plain = yaml.safe_load(s) == s
-    except yaml.YAMLError:
-        plain = False
-    return s if plain else json.dumps(s)
-
-
-def reproduce_command(method: str, model_name: str, layer: int, coef: float, out: Path | str, vector: str,
-                      options: dict) -> str:
-    """The ``bakery bake`` command that redoes a library bake (``bakery.bakers.bake("kl-lora", ...)``)
-    from the export's own vector file, every distillation option included."""
-    from bakery.bakers import fmt_float
-
-    args = ["bakery", "bake", "--method", method, "--model", model_name, "--vector", vector,
-            "--layer", str(layer), "--coef", fmt_float(coef)]
-    for k, v in options.items():
-        if v is None or k == "force":
-            continue
-        args += [_BAKE_FLAGS[k], _setting(v)] if k in _BAKE_FLAGS else ["--set", f"{k}={_setting(v)}"]
-    return shlex.join([*args, "-o", str(out)])
-
-
-class _DistillBaker:
-    """Registry entry: a distilled bake trains and writes its own folder (merged weights, adapter/,
-    vector, manifest, card), so :func:`bakery.bakers.bake` hands it the whole job."""
-
-    name = ""
-    needs_coef = True
-
-    def plan(self, req, reader):
-        from bakery.bakers.base import BakeError
-
-        raise BakeError(f"{self.name} trains its weights: bake it with bakery.bakers.bake(), which "
-                        "calls bake_folder(), not through a streaming plan")
-
-    def bake_folder(self, model_name: str, model_dir: Path, terms: list, out: Path | None, *, force: bool,
-                    command: str | None, progress: bool, options: dict[str, Any]) -> Path:
-        from bakery.bakers import default_output
-        from bakery.bakers.base import BakeError
-
-        if len(terms) != 1:
-            raise BakeError(f"{self.name} distils one (vector, layer, coef) term; got {len(terms)}")
-        t = terms[0]
-        out = Path(out) if out else default_output(model_name, self.name, terms, "", "resid-out", options)
-        opts = {k: v for k, v in options.items() if v is not None}
-        req = request_from_options(self.name, str(model_dir), t.vector, t.layer, t.coef, out,
-                                   {**opts, "force": force}, command=command or "")
-        req.trait, req.model_name = t.trait, model_name
-        if not req.command:
-            req.command = reproduce_command(self.name, model_name, t.layer, t.coef, out,
-                                            f"{out}/{vector_file_for(req.trait)}", opts)
-        return Path(bake_distilled(req, progress=progress).out)
-
-
-def _register() -> None:
-    from bakery.bakers import register
-
-    for method in METHODS:
-        register(method)(type(f"Baker_{method.replace('-', '_')}", (_DistillBaker,), {"name": method}))
-
-
-_register()

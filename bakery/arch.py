@@ -7,7 +7,7 @@ follow shared/ENGINES.md (transformers 5.23, vLLM 0.33, sglang 0.5.23).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 ENGINES = ("transformers", "vllm", "sglang")
@@ -134,14 +134,8 @@ def _rehost(flags: Mapping[str, Any], note: str) -> dict[str, BiasRoute]:
 
 
 def _sandwich(model_type: str, pre_mlp_norm: bool) -> ArchSpec:
-    return ArchSpec(
-        model_type=model_type,
-        blocks="model.layers",
-        embeddings=("model.embed_tokens",),
-        attn_out="self_attn.o_proj",
-        mlp_out="mlp.down_proj",
-        final_norm="model.norm",
-        lm_head="lm_head",
+    return replace(
+        _llama_like(model_type, {}),
         norm_style="sandwich",
         attn_write="post_attention_layernorm",
         mlp_write="post_feedforward_layernorm",
@@ -177,16 +171,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             )
         },
     ),
-    "phi3": ArchSpec(
-        model_type="phi3",
-        blocks="model.layers",
-        embeddings=("model.embed_tokens",),
-        attn_out="self_attn.o_proj",
-        mlp_out="mlp.down_proj",
-        final_norm="model.norm",
-        lm_head="lm_head",
-        mid_norm="post_attention_layernorm",
-        routes={},
+    "phi3": replace(
+        _llama_like("phi3", {}),
         alternatives="--route rank1 (approximate, any engine) or --method kl-lora; Phi-3 has no "
         "bias flag and bakery does not re-host its fused projections",
     ),

@@ -78,9 +78,7 @@ def body(m: Manifest, path: str) -> str:
         lines.append(f"- {n}")
     for w in m.extra.get("warnings", []):
         lines.append(f"- **warning:** {w}")
-    if m.options:
-        lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in m.options.items())]
-    lines += ["", "## Engine support (from the loading rules)", "", "| engine | verdict |", "| --- | --- |"]
+    lines += ["", "## Engine support (rules only, not run: `bakery verify` runs the engines)", "", "| engine | verdict |", "| --- | --- |"]
     for e, v in m.engines.items():
         verdict = {"ok": "loads natively", "drop": "**drops the edit silently: do not use**"}.get(
             v, f"needs `{v}`")

@@ -2,7 +2,13 @@
 routes exist and which engines keep them.
 
 Every other module asks this table instead of guessing from module names. The engine verdicts
-follow shared/ENGINES.md (transformers 5.23, vLLM 0.33, sglang 0.5.23).
+follow shared/ENGINES.md (transformers 5.23, vLLM 0.33, sglang 0.5.23) and, for the entries added
+with issue 14, docs/architectures.md (transformers 5.24 read and run; vLLM and sglang read from
+their code).
+
+Names are the transformers model's own parameter names (``model.layers.3.mlp.down_proj.weight``).
+A checkpoint may store them differently (no base-model prefix, per-expert tensors, legacy module
+names): :mod:`bakery.io.names` maps one to the other, from the facts kept here.
 """
 
 from __future__ import annotations
@@ -35,6 +41,30 @@ class BiasRoute:
     scale_key: str | None = None  # config key the bias is divided by (Granite residual_multiplier)
     rehost_as: str | None = None  # write the export as this model_type (Qwen2/Mistral -> llama)
     note: str = ""
+    layer_type: str | None = None  # the route exists only in blocks of this layer type (Qwen3.5)
+    per_expert: bool = False  # ``tensor`` is a fused [experts, hidden] bias: every row gets the constant
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP. transformers 5.24 keeps the experts of a block as fused 3-D
+    parameters (``fused``: ``[E, hidden, inter]``, or gpt-oss's ``[E, inter, hidden]``); checkpoints
+    saved by it (and most on the Hub) store one ``nn.Linear`` weight ``[hidden, inter]`` per expert
+    (``per_expert``, with ``{e}`` for the expert index), gpt-oss stores the fused tensors.
+
+    ``shared``: dense down-projections that also write the MLP output (Qwen3.5-MoE's shared
+    expert, scaled per token by a sigmoid gate). ``dense``: the down-projection of blocks that have
+    a plain MLP instead (Qwen3-MoE's ``mlp_only_layers``/``decoder_sparse_step``).
+    """
+
+    count_key: str  # config key: number of experts
+    fused: str = "mlp.experts.down_proj"
+    out_axis: int = 1  # the hidden axis of ``fused``
+    per_expert: str | None = "mlp.experts.{e}.down_proj.weight"
+    bias: str | None = None  # fused down-projection bias [E, hidden] (gpt-oss)
+    shared: tuple[str, ...] = ()
+    dense: str | None = None
+    module: str = "mlp.experts"  # the experts module (forward(hidden, top_k_index, top_k_weights))
 
 
 @dataclass(frozen=True)
@@ -59,6 +89,19 @@ class ArchSpec:
     routes: Mapping[str, BiasRoute] = field(default_factory=dict)  # "resid-out", "attn-out"
     alternatives: str = "--route rank1 (approximate, any engine) or --method kl-lora"
     lm_head_tensor: str | None = None  # checkpoint name of the head when it differs from the module
+    # Per layer type (config key ``layer_types``): the token mixer's output module where it is not
+    # ``attn_out`` (Qwen3.5: Gated DeltaNet blocks write through linear_attn.out_proj).
+    attn_out_types: Mapping[str, str] = field(default_factory=dict)
+    experts: Experts | None = None  # mixture-of-experts MLP (``mlp_out`` is then the whole MoE block)
+    # (model-side, checkpoint-side) name fragments of older checkpoint layouts that transformers
+    # renames on load (Mixtral: ``block_sparse_moe`` -> ``mlp``)
+    renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def base_prefix(self) -> str:
+        """transformers' ``base_model_prefix``: the attribute of the base model in the ForCausalLM
+        class, which checkpoints of the base model (and many Hub uploads) leave out."""
+        return self.blocks.split(".")[0] if "." in self.blocks else ""
 
     def head_weight(self) -> str:
         """Checkpoint tensor name of the output head's weight."""
@@ -71,18 +114,32 @@ class ArchSpec:
     def block(self, i: int) -> str:
         return f"{self.blocks}.{i}"
 
-    def attn_writer(self) -> str:
-        return self.attn_write or self.attn_out
+    def layer_type(self, config: Any, i: int) -> str | None:
+        types = cfg_get(config, "layer_types") if self.attn_out_types else None
+        return types[i] if types else None
+
+    def attn_out_for(self, config: Any, i: int) -> str:
+        """The linear whose output is block ``i``'s token-mixer write (depends on its layer type)."""
+        return self.attn_out_types.get(self.layer_type(config, i) or "", self.attn_out)
+
+    def attn_writer(self, config: Any = None, i: int | None = None) -> str:
+        """Module whose output is the token-mixer write (block ``i`` when layer types differ)."""
+        if self.attn_write:
+            return self.attn_write
+        return self.attn_out if config is None or i is None else self.attn_out_for(config, i)
 
     def mlp_writer(self) -> str:
         return self.mlp_write or self.mlp_out
 
-    def residual_weights(self, num_layers: int) -> list[str]:
-        """Weight tensors (``.weight``) whose rows write the residual stream, for ortho baking."""
+    def residual_weights(self, num_layers: int, config: Any = None) -> list[str]:
+        """Model-side weights of dense linears that write the residual stream (expert tensors are
+        listed by :func:`bakery.io.names.TensorNames.writers`, which reads the checkpoint)."""
         names = [f"{e}.weight" for e in self.embeddings]
         for i in range(num_layers):
-            names.append(f"{self.block(i)}.{self.attn_out}.weight")
-            names.append(f"{self.block(i)}.{self.mlp_out}.weight")
+            mixer = self.attn_out if config is None else self.attn_out_for(config, i)
+            names.append(f"{self.block(i)}.{mixer}.weight")
+            if self.experts is None:
+                names.append(f"{self.block(i)}.{self.mlp_out}.weight")
         return names
 
 
@@ -146,6 +203,43 @@ def _sandwich(model_type: str, pre_mlp_norm: bool) -> ArchSpec:
     )
 
 
+_NOT_IN_TRANSFORMERS = ("--target-engine vllm,sglang (transformers 5.24 builds no such bias and "
+                        "drops it), --route rank1 (approximate, any engine) or --method kl-lora")
+
+
+def _attn_route(engines: Mapping[str, str], note: str = "", **kw: Any) -> BiasRoute:
+    return BiasRoute("self_attn.o_proj.bias", {"attention_bias": True}, _LLAMA_SIBLINGS_ATTN, engines,
+                     note=note, **kw)
+
+
+def _qwen3_5(model_type: str, experts: Experts | None) -> ArchSpec:
+    """Qwen3.5: three Gated DeltaNet blocks (``linear_attn.out_proj``) per full-attention block
+    (``self_attn.o_proj``); pre-norm; no MLP bias; ``attention_bias`` only on full attention."""
+    return replace(
+        _llama_like(model_type, {"attn-out": _attn_route(
+            _ENGINES_QWEN3_5_ATTN, layer_type="full_attention",
+            note="only full-attention blocks have it (the Gated DeltaNet out_proj is bias-free)")}),
+        attn_out_types={"linear_attention": "linear_attn.out_proj"},
+        mlp_out="mlp" if experts else "mlp.down_proj",
+        experts=experts,
+        alternatives="--route rank1 (approximate, any engine) or --method kl-lora; Qwen3.5 has no MLP "
+        "bias, and an exact bias exists only after the attention of full-attention blocks (--site attn-out)",
+    )
+
+
+def _moe(model_type: str, experts: Experts, routes: Mapping[str, BiasRoute], **kw: Any) -> ArchSpec:
+    return replace(_llama_like(model_type, routes), mlp_out="mlp", experts=experts,
+                   alternatives="--route rank1 (approximate: one rank-one update per expert, any "
+                   "engine) or --method kl-lora; the experts have no bias to carry a constant", **kw)
+
+
+# Verdicts read from vLLM's and sglang's model code (docs/architectures.md says which version).
+_ENGINES_QWEN3_5_ATTN = {"transformers": "ok", "vllm": "ok", "sglang": "ok"}
+_ENGINES_APERTUS_MLP = {"transformers": "drop", "vllm": "ok", "sglang": "ok"}
+_ENGINES_GRANITE_MLP = {"transformers": "ok", "vllm": "ok", "sglang": "drop"}
+_ENGINES_QWEN3_MOE_ATTN = {"transformers": "ok", "vllm": "drop", "sglang": "ok"}
+_QWEN_EXPERTS = Experts("num_experts", dense="mlp.down_proj.weight")
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _llama_like("llama"),
     "mistral": _llama_like(
@@ -176,9 +270,46 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         alternatives="--route rank1 (approximate, any engine) or --method kl-lora; Phi-3 has no "
         "bias flag and bakery does not re-host its fused projections",
     ),
+    "granite": _llama_like("granite", {
+        "resid-out": BiasRoute("mlp.down_proj.bias", {"mlp_bias": True}, _LLAMA_SIBLINGS_MLP,
+                               _ENGINES_GRANITE_MLP, scale_key="residual_multiplier",
+                               note="Granite scales each sublayer write by residual_multiplier: the "
+                               "bias is coef*v divided by it"),
+        "attn-out": _attn_route(_ENGINES_GRANITE_MLP, scale_key="residual_multiplier",
+                                note="divided by residual_multiplier"),
+    }),
+    "apertus": replace(
+        _llama_like("apertus", {
+            "resid-out": BiasRoute("mlp.down_proj.bias", {"mlp_bias": True},
+                                   ("mlp.up_proj.bias", "mlp.down_proj.bias"), _ENGINES_APERTUS_MLP,
+                                   note="transformers' ApertusMLP is built with bias=False whatever "
+                                   "the config says"),
+            "attn-out": _attn_route(_ALL_OK),
+        }),
+        mid_norm="feedforward_layernorm",
+        alternatives=_NOT_IN_TRANSFORMERS,
+    ),
+    "qwen3_5_text": _qwen3_5("qwen3_5_text", None),
+    "qwen3_5_moe_text": _qwen3_5("qwen3_5_moe_text", Experts(
+        "num_experts", shared=("mlp.shared_expert.down_proj.weight",))),
+    "qwen3_moe": _moe("qwen3_moe", _QWEN_EXPERTS, {"attn-out": _attn_route(
+        _ENGINES_QWEN3_MOE_ATTN, note="q/k-norm rules out re-hosting; the experts have no bias")}),
+    "olmoe": _moe("olmoe", _QWEN_EXPERTS, {"attn-out": _attn_route(_ALL_OK)}),
+    "mixtral": _moe("mixtral", Experts("num_local_experts", per_expert="mlp.experts.{e}.w2.weight"), {},
+                    renames=((".mlp.", ".block_sparse_moe."),)),
+    "gpt_oss": replace(
+        _moe("gpt_oss", Experts("num_local_experts", out_axis=2, per_expert=None,
+                                bias="mlp.experts.down_proj_bias"), {
+            "resid-out": BiasRoute("mlp.experts.down_proj_bias", {}, (), _ALL_OK, per_expert=True,
+                                   note="every expert's native bias: the router's top-k weights "
+                                   "sum to one, so the block adds exactly the constant"),
+            "attn-out": BiasRoute("self_attn.o_proj.bias", {}, (), _ALL_OK, note="native"),
+        }),
+        alternatives="--route rank1 (approximate) or --method kl-lora"),
     "gemma2": _sandwich("gemma2", True),
     "gemma3_text": _sandwich("gemma3_text", True),
     "olmo2": _sandwich("olmo2", False),
+    "olmo3": _sandwich("olmo3", False),
     "gpt2": ArchSpec(
         model_type="gpt2",
         blocks="transformer.h",

@@ -13,7 +13,38 @@ from pathlib import Path
 import torch
 
 ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
-              "gpt2", "gpt_neox")
+              "gpt2", "gpt_neox", "olmo3", "granite", "apertus", "qwen3_5_text", "qwen3_5_moe_text",
+              "qwen3_moe", "olmoe", "mixtral", "gpt_oss")
+MOE_TYPES = ("qwen3_5_moe_text", "qwen3_moe", "olmoe", "mixtral", "gpt_oss")
+
+# Shapes of the real configs, scaled down: what makes each architecture what it is (layer-type
+# patterns, multipliers, expert routing, activation) is kept; sizes are tiny.
+_QWEN3_5_TYPES = ["linear_attention"] * 3 + ["full_attention"]  # Qwen3.5: 3 DeltaNet : 1 attention
+_REAL_SHAPES = {
+    # OLMo-3-7B: sandwich norms, three sliding-window layers then one full-attention layer
+    "olmo3": dict(sliding_window=8, layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    # granite-3.x: every sublayer write scaled by residual_multiplier, embeddings by 12
+    "granite": dict(residual_multiplier=0.22, embedding_multiplier=12.0, attention_multiplier=0.125,
+                    logits_scaling=8.0),
+    # Apertus-8B: xIELU activation, up/down MLP (no gate), q/k norm, llama3 rope
+    "apertus": dict(max_position_embeddings=16384),
+    # Qwen3.5-4B (its text tower): Gated DeltaNet blocks and gated full attention
+    "qwen3_5_text": dict(layer_types=_QWEN3_5_TYPES, linear_num_key_heads=2, linear_num_value_heads=4,
+                         linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "qwen3_5_moe_text": dict(layer_types=_QWEN3_5_TYPES, linear_num_key_heads=2, linear_num_value_heads=4,
+                             linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                             shared_expert_intermediate_size=16),
+    # Qwen3-30B-A3B: 128 experts, top-8, normalised top-k weights
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
+    # OLMoE-1B-7B: 64 experts, top-8, top-k weights NOT normalised
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=16, norm_topk_prob=False),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, sliding_window=None),
+    # gpt-oss-20b: 32 experts, top-4, expert and attention biases, sinks, alternating sliding window
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"] * 2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+}
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -68,6 +99,7 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
             kw.update(sliding_window=None)
         if model_type == "phi3":
             kw.pop("head_dim")
+        kw.update(_REAL_SHAPES.get(model_type, {}))
     kw.update(common)
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
@@ -84,7 +116,7 @@ def make_tiny(model_type: str, folder: str | Path, *, seed: int = 0, dtype=torch
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # random init leaves biases at zero; make them visible
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith(".bias") or name.endswith("_bias") and "dt_bias" not in name:
                 p.normal_(0, 0.02)
             elif "norm" in name and p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.05)

@@ -13,6 +13,7 @@ import torch
 
 from bakery.arch import ENGINES, ArchSpec, BiasRoute, cfg_get, spec_for
 from bakery.io.checkpoint import CheckpointReader, TensorInfo
+from bakery.io.names import TensorNameError, TensorNames
 from bakery.vectors.artifact import VectorArtifact, VectorError
 
 ENGINE_CHOICES = (*ENGINES, "sglang-native")
@@ -137,6 +138,28 @@ class BakePlan(BakeFacts, Weights):
 
     def __post_init__(self) -> None:
         refuse_quantized(self.config)
+        # the source checkpoint's names, from the source config (a re-hosting bake changes config)
+        self.names = TensorNames(self.reader.keys(), spec_for(self.config), dict(self.config))
+
+    def find(self, name: str) -> str | None:
+        """The checkpoint (or added) tensor that holds model tensor ``name``, or None."""
+        if name in self.added or name in self.reader:
+            return name
+        found = self.names.find(name)
+        if found is not None:
+            return found
+        own = self.names.to_checkpoint(name)
+        return own if own in self.added else None
+
+    def key(self, name: str) -> str:
+        """Like :meth:`find`, but a :class:`BakeError` naming what was looked for."""
+        found = self.find(name)
+        if found is None:
+            try:
+                self.names.resolve(name)
+            except TensorNameError as e:
+                raise BakeError(str(e)) from None
+        return found
 
     def _float_source(self, name: str) -> None:
         dtype = self.reader.tensors[name].dtype
@@ -145,13 +168,12 @@ class BakePlan(BakeFacts, Weights):
                             "full-precision weights. Bake the unquantized checkpoint, then quantize the export.")
 
     def edit(self, name: str, fn: Edit, *, rowwise: bool = False, native: bool = False) -> None:
-        """Queue ``fn`` on tensor ``name``. ``rowwise``: ``fn`` maps any block of rows on its own,
-        so a large tensor can be streamed in blocks (bounded memory). ``native``: ``fn`` takes the
-        tensor in any dtype and returns it in that dtype, doing its float32 math itself in
-        cache-sized blocks, so the export skips a whole float32 copy of the tensor."""
-        if name not in self.reader and name not in self.added:
-            raise BakeError(f"the checkpoint has no tensor {name}: bakery's architecture table does "
-                            "not match this checkpoint (please report it)")
+        """Queue ``fn`` on tensor ``name`` (a model-side name, resolved to the checkpoint's own
+        the way transformers does, or a checkpoint name). ``rowwise``: ``fn`` maps any block of
+        rows on its own, so a large tensor can be streamed in blocks (bounded memory). ``native``:
+        ``fn`` takes the tensor in any dtype and returns it in that dtype, doing its float32 math
+        itself in cache-sized blocks, so the export skips a whole float32 copy of the tensor."""
+        name = self.key(name)
         if name in self.added:
             dtype, shape, make = self.added[name]
             base = make if callable(make) else None
@@ -168,33 +190,43 @@ class BakePlan(BakeFacts, Weights):
                 kept.discard(name)
         self.edits.setdefault(name, []).append(fn)
 
+    def _new_bias(self, name: str, weight: str) -> tuple[str, str]:
+        """(checkpoint name for a new bias ``name``, checkpoint name of its ``weight``)."""
+        w = self.key(weight)
+        return self.names.bias_of(w) if weight.endswith(".weight") else self.names.to_checkpoint(name), w
+
     def add_bias(self, name: str, delta: torch.Tensor, weight: str, *, conv1d: bool = False) -> None:
-        """Add ``delta`` to bias ``name`` (created, in the weight's dtype, if the checkpoint has none)."""
+        """Add ``delta`` to bias ``name`` (created, in the weight's dtype and named in the
+        checkpoint's style, if the checkpoint has none). A fused ``[experts, hidden]`` bias gets
+        ``delta`` on every row."""
         delta = delta.detach().float().clone()
-        if name in self.reader or name in self.added:
+        if self.find(name) is not None:
             self.edit(name, lambda b, d=delta: b + d)
             return
+        new, weight = self._new_bias(name, weight)
         self._float_source(weight)  # a new bias takes the weight's dtype
         w = self.reader.tensors[weight]
         out = w.shape[1] if conv1d else w.shape[0]
         if delta.shape != (out,):
             raise BakeError(f"vector of size {delta.numel()} does not fit {name} ({out} outputs)")
-        self.added[name] = (w.dtype, (out,), lambda d=delta: d.clone())
+        self.added[new] = (w.dtype, (out,), lambda d=delta: d.clone())
 
     def zero_bias(self, name: str, weight: str) -> None:
         """Explicit zeros for a sibling bias that a config flag creates."""
-        if name in self.reader or name in self.added:
+        if self.find(name) is not None:
             return
-        w = self.reader.tensors.get(weight)
-        if w is None:
+        if self.find(weight) is None:
             raise BakeError(f"the checkpoint has no {weight}, so bakery cannot size {name}")
+        new, weight = self._new_bias(name, weight)
+        w = self.reader.tensors[weight]
         self._float_source(weight)
-        self.added[name] = (w.dtype, (w.shape[0],), lambda n=w.shape[0]: torch.zeros(n))
+        self.added[new] = (w.dtype, (w.shape[0],), lambda n=w.shape[0]: torch.zeros(n))
 
     def copy_as(self, name: str, source: str) -> None:
-        """A new tensor that is a byte copy of an existing one (untying embeddings)."""
-        info = self.reader.tensors[source]
-        self.added[name] = (info.dtype, info.shape, info)
+        """A new tensor (named in the checkpoint's style) that is a byte copy of an existing one
+        (untying embeddings)."""
+        info = self.reader.tensors[self.key(source)]
+        self.added[self.names.to_checkpoint(name)] = (info.dtype, info.shape, info)
 
 
 class Baker:

@@ -105,13 +105,23 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
                              alternatives=spec.alternatives)
     plan.config = rehost_config(plan.config, route)
     n = int(cfg_get(req.config, "num_hidden_layers") or cfg_get(req.config, "n_layer"))
+    typed = [i for i in range(n) if route.layer_type is None
+             or spec.layer_type(req.config, i) == route.layer_type]
     for block, delta in deltas.items():
         if site == "attn-out" and block >= n:
             raise BakeError(f"--site attn-out at layer {block} needs block {block}, but the model "
                             f"has blocks 0..{n - 1}")
+        if block not in typed:
+            where = (f"layers {', '.join(str(i + 1 if site == 'resid-out' else i) for i in typed)}"
+                     if typed else "no layer")
+            raise BakeError(
+                f"block {block} of {arch_name(req.config)} is a {spec.layer_type(req.config, block)} "
+                f"block: {route.tensor} exists only in {route.layer_type} blocks ({where} at --site "
+                f"{site}). Alternatives: another --layer, or {spec.alternatives}")
         scale = float(cfg_get(req.config, route.scale_key, 1.0)) if route.scale_key else 1.0
-        weight = f"{spec.block(block)}.{route.tensor[:-len('.bias')]}.weight"
-        plan.add_bias(f"{spec.block(block)}.{route.tensor}", delta / scale, weight, conv1d=spec.conv1d)
+        tensor = f"{spec.block(block)}.{route.tensor}"
+        weight = f"{tensor[:-len('.bias')]}.weight" if tensor.endswith(".bias") else tensor
+        plan.add_bias(tensor, delta / scale, weight, conv1d=spec.conv1d)
     if _is_llama_hosted(plan.config):
         groups = []
         if plan.config.get("attention_bias"):
@@ -122,10 +132,16 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
             for group in groups:
                 for mod in group:
                     plan.zero_bias(f"{spec.block(i)}.{mod}.bias", f"{spec.block(i)}.{mod}.weight")
-    for i in range(n):  # every bias the route's flags create, in every block
+    for i in typed:  # every bias the route's flags create, in every block that has the route
         for sib in route.siblings:
             mod = sib[: -len(".bias")]
             plan.zero_bias(f"{spec.block(i)}.{sib}", f"{spec.block(i)}.{mod}.weight")
+    if route.scale_key:
+        plan.notes.append(f"the bias is coef * v divided by {route.scale_key} "
+                          f"({cfg_get(req.config, route.scale_key)}), which scales every sublayer write")
+    if route.per_expert:
+        plan.notes.append(f"the constant is added to every expert's row of {route.tensor}: the "
+                          "router's top-k weights sum to one, so the block adds exactly the constant")
     plan.engines = dict(verdicts)
     plan.site = site
     if route.rehost_as:

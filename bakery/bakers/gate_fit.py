@@ -19,7 +19,10 @@ class StopForward(Exception):
 
 
 def forward_until_stopped(model: nn.Module, **inputs: Any) -> None:
-    """Run ``model`` for its hooks' sake; a hook raising :class:`StopForward` ends it early."""
+    """Run ``model`` for its hooks' sake; a hook raising :class:`StopForward` ends it early. No KV
+    cache: nothing reads it, and a model truncated to its first blocks may have no attention layer
+    to size one (Qwen3.5 cut before its first full-attention block)."""
+    inputs.setdefault("use_cache", False)
     try:
         model(**inputs)
     except StopForward:
@@ -53,16 +56,24 @@ class GateFit:
         lam = ridge * float(torch.trace(self.G)) / self.G.shape[0]
         return torch.linalg.solve(self.G + lam * torch.eye(self.G.shape[0], dtype=self.G.dtype), self.s).float()
 
+    def values(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u . a / scale`` for every row, and where the write applies."""
+        fit = torch.cat([a @ u / sc.clamp_min(1e-6) for a, sc, _ in self._acts])
+        return fit, torch.cat([o for _, _, o in self._acts])
+
     def stats(self, u: torch.Tensor) -> dict:
         """``u . a / scale``: mean and spread where the write applies (``on_*``) and elsewhere
         (``off_*``, absent when it applies everywhere), and the RMS error against the target."""
-        fit = torch.cat([a @ u / sc.clamp_min(1e-6) for a, sc, _ in self._acts])
-        on = torch.cat([o for _, _, o in self._acts])
-        out = {"rows": self.rows, "on_mean": float(fit[on].mean()), "on_std": float(fit[on].std()),
-               "rmse": float((fit - on.float()).pow(2).mean().sqrt())}
-        if (~on).any():
-            out.update(off_mean=float(fit[~on].mean()), off_std=float(fit[~on].std()))
-        return out
+        return summarize(*self.values(u))
+
+
+def summarize(fit: torch.Tensor, on: torch.Tensor) -> dict:
+    """Statistics of fitted values ``fit`` against the target (1 where ``on``, else 0)."""
+    out = {"rows": int(fit.numel()), "on_mean": float(fit[on].mean()), "on_std": float(fit[on].std()),
+           "rmse": float((fit - on.float()).pow(2).mean().sqrt())}
+    if (~on).any():
+        out.update(off_mean=float(fit[~on].mean()), off_std=float(fit[~on].std()))
+    return out
 
 
 def steered_positions(mask: torch.Tensor, P: int, positions: str) -> torch.Tensor:

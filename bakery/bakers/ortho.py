@@ -93,6 +93,26 @@ def project_cols(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return W
 
 
+def project_axis(W: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
+    """``W`` with ``r`` projected out along its hidden axis ``axis``, in place, in ``W``'s dtype:
+    a bias ``[hidden]`` or ``[experts, hidden]``, a weight ``[hidden, in]`` (axis 0), Conv1D or
+    embedding rows (axis 1 of 2), fused experts ``[E, hidden, in]`` (axis 1) or ``[E, in, hidden]``
+    (axis 2)."""
+    if W.ndim == 1:
+        x = W.float()
+        W.copy_(x - (x @ r) * r)
+    elif axis == W.ndim - 1:
+        project_rows(W.view(-1, W.shape[-1]), r)
+    elif W.ndim == 2 and axis == 0:
+        project_cols(W, r)
+    elif W.ndim == 3 and axis == 1:
+        for e in range(W.shape[0]):
+            project_cols(W[e], r)
+    else:
+        raise BakeError(f"internal error: cannot ablate along axis {axis} of a {W.ndim}-D tensor")
+    return W
+
+
 @dataclass
 class OrthoConfig(BakerConfig):
     """``--method ortho``: the direction projected out of every residual write."""
@@ -158,30 +178,31 @@ class OrthoBaker(ClosedFormBaker):
             dirs_embed = r
 
         plan = BakePlan(reader=reader, config=dict(req.config))
+        names = plan.names
         tied = tied_embeddings(req.config)
         lm_head = spec.head_weight()
         untied = False
+        embed = [w.name for w in names.embeddings()]
         if embeddings == "ablate":
-            if tied and lm_head not in reader:
-                plan.copy_as(lm_head, f"{spec.embeddings[0]}.weight")
+            if tied and plan.find(lm_head) is None:
+                plan.copy_as(lm_head, embed[0])
                 untied = True
             if tied:
                 plan.config["tie_word_embeddings"] = False
                 untied = True
-            for e in spec.embeddings:
-                plan.edit(f"{e}.weight", lambda W, r=dirs_embed: project_rows(W, r),
-                          rowwise=True, native=True)
+            for e in embed:
+                plan.edit(e, lambda W, r=dirs_embed: project_rows(W, r), rowwise=True, native=True)
+        edited = 0
         for i in block_list:
             r = dirs[i]
-            for mod in (spec.attn_out, spec.mlp_out):
-                w = f"{spec.block(i)}.{mod}.weight"
-                if spec.conv1d:
-                    plan.edit(w, lambda W, r=r: project_rows(W, r), rowwise=True, native=True)
-                else:
-                    plan.edit(w, lambda W, r=r: project_cols(W, r), native=True)
-                b = f"{spec.block(i)}.{mod}.bias"
-                if b in reader:
-                    plan.edit(b, lambda x, r=r: x - (x @ r) * r)
+            for w in names.block_writers(i):
+                ndim = len(reader.tensors[w.name].shape)
+                plan.edit(w.name, lambda W, r=r, a=w.axis: project_axis(W, r, a),
+                          rowwise=ndim == 2 and w.axis == 1, native=w.kind != "bias")
+                edited += w.kind in ("expert", "shared")
+        if edited:
+            plan.notes.append(f"mixture of experts: {edited} expert and shared-expert down-projection "
+                              "tensors ablated (every expert of every edited block)")
 
         plan.route = "ortho"
         plan.exact = True
@@ -198,8 +219,8 @@ class OrthoBaker(ClosedFormBaker):
             plan.notes.append(
                 "tied embeddings were untied: the input embedding rows are ablated, the output head "
                 "keeps the original matrix (stored as lm_head.weight, "
-                f"{reader.tensors[spec.embeddings[0] + '.weight'].shape[0]} x "
-                f"{reader.tensors[spec.embeddings[0] + '.weight'].shape[1]} more parameters); "
+                f"{reader.tensors[embed[0]].shape[0]} x {reader.tensors[embed[0]].shape[1]} more "
+                "parameters); "
                 "reference: runtime ablation including the embedding output")
         elif embeddings == "keep":
             plan.notes.append("embeddings left untouched; reference: runtime ablation of the "

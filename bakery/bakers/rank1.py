@@ -22,12 +22,12 @@ a first-order approximation, reported as such.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from bakery.bakers.base import BakeError, BakePlan, BakeRequest
-from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions
+from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
 from bakery.steering.hooks import POSITIONS
 
 CALIBRATION_PROMPTS = (
@@ -95,6 +95,56 @@ def _render(tok, prompts: Sequence[str]) -> list[str]:
 CALIBRATIONS = ("generate", "prompts")
 
 
+def experts_of(spec, block: torch.nn.Module) -> torch.nn.Module | None:
+    """The block's experts module (fused 3-D parameters), or None for a dense MLP block."""
+    if spec.experts is None:
+        return None
+    try:
+        return block.get_submodule(spec.experts.module)
+    except AttributeError:
+        return None
+
+
+def down_module(spec, block: torch.nn.Module) -> str:
+    """The dense down-projection of a block (a MoE model's plain-MLP blocks included)."""
+    if spec.experts is not None and spec.experts.dense:
+        return spec.experts.dense[: -len(".weight")]
+    return spec.mlp_out
+
+
+def expert_count(module: torch.nn.Module) -> int:
+    return int(module.down_proj.shape[0])
+
+
+def expert_inputs(module: torch.nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+    """The input of expert ``e``'s down-projection for tokens ``x``, computed as transformers 5.24's
+    experts compute it (the layout flags its ``use_experts_implementation`` sets: gate_up
+    ``[E, 2I, H]`` split in halves, or gpt-oss's transposed, interleaved, biased, clamped one)."""
+    if getattr(module, "has_post_expert_norm", False):
+        raise BakeError("these experts normalise each expert's output: a rank-one update of the "
+                        "down-projection is not additive there. Use --method kl-lora")
+    gated = getattr(module, "has_gate", True)
+    W = (module.gate_up_proj if gated else module.up_proj)[e].float()
+    y = x @ W if getattr(module, "is_transposed", False) else torch.nn.functional.linear(x, W)
+    if getattr(module, "has_bias", False):
+        y = y + (module.gate_up_proj_bias if gated else module.up_proj_bias)[e].float()
+    return module._apply_gate(y) if gated else module.act_fn(y)
+
+
+def _solve_experts(fits: dict[int, GateFit], ridge: float) -> dict:
+    """One ``u`` per expert that calibration routed tokens to; the statistics over all of them."""
+    if not fits:
+        raise BakeError("rank1 calibration routed no tokens to any expert: give calibration prompts")
+    us = {e: f.solve(ridge) for e, f in sorted(fits.items())}
+    vals = [f.values(us[e]) for e, f in fits.items()]
+    st = summarize(torch.cat([v for v, _ in vals]), torch.cat([o for _, o in vals]))
+    entry = {"u_experts": us, "rows": st["rows"], "fit_mean": st["on_mean"], "fit_std": st["on_std"],
+             "experts_fitted": len(us)}
+    if "off_mean" in st:
+        entry.update(off_mean=st["off_mean"], off_std=st["off_std"])
+    return entry
+
+
 @torch.no_grad()
 def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | None = None,
               *, ridge: float = 1e-2, batch_size: int = 16, calibration: str = "generate",
@@ -143,25 +193,48 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
             enc = dict(encode_prompts(tok, chunk))
             batches.append((enc, enc["input_ids"].shape[1]))
     mods = model.get_submodule(spec.blocks)
-    fits = {b: GateFit() for b in blocks}
+    experts = {b: experts_of(spec, mods[b]) for b in blocks}
+    fits: dict[int, Any] = {b: ({} if experts[b] is not None else GateFit()) for b in blocks}
     mask_now: dict[str, torch.Tensor] = {}
+
+    def rows_now() -> tuple[torch.Tensor, torch.Tensor]:
+        keep = mask_now["m"].reshape(-1).bool()
+        return keep, mask_now["on"].reshape(-1)[keep]  # on: where the steering applies
 
     def capture(b: int):
         def hook(module, args):
             a = args[0].float()
-            keep = mask_now["m"].reshape(-1).bool()
+            keep, on = rows_now()
             a = a.reshape(-1, a.shape[-1])[keep].double()
             if spec.sandwich:  # target: the RMS of the down-projection output, per token
                 y = torch.nn.functional.linear(a.float(), module.weight.float()).double()
                 scale = y.pow(2).mean(-1).sqrt()
             else:
                 scale = torch.ones(a.shape[0], dtype=torch.float64)
-            fits[b].add(a, mask_now["on"].reshape(-1)[keep], scale)  # on: where the steering applies
+            fits[b].add(a, on, scale)
             if b == deepest:
                 raise StopForward
         return hook
 
-    handles = [mods[b].get_submodule(spec.mlp_out).register_forward_pre_hook(capture(b))
+    def capture_experts(b: int):
+        def hook(module, args):  # Experts.forward(hidden [N, H], top_k_index [N, k], top_k_weights [N, k])
+            x, index, weight = args[0], args[1], args[2]
+            keep, on = rows_now()
+            x, index, weight = x[keep].float(), index[keep], weight[keep].float()
+            total = weight.sum(-1)  # the routing weight a token gives its experts (1 when normalised)
+            for e in index.unique().tolist():
+                if not 0 <= e < expert_count(module):
+                    continue
+                rows = (index == e).any(-1).nonzero().reshape(-1)
+                a = expert_inputs(module, x[rows], e).double()
+                fits[b].setdefault(e, GateFit()).add(a, on[rows], 1.0 / total[rows].double())
+            if b == deepest:
+                raise StopForward
+        return hook
+
+    handles = [mods[b].get_submodule(spec.experts.module).register_forward_pre_hook(capture_experts(b))
+               if experts[b] is not None else
+               mods[b].get_submodule(down_module(spec, mods[b])).register_forward_pre_hook(capture(b))
                for b in blocks]
     # earlier terms steer at runtime so a later block is fitted on the activations it will see
     steer_terms = [SteeringTerm(t.layer, t.row(), t.coef) for t in req.terms if t.block < deepest]
@@ -178,6 +251,9 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
             h.remove()
     out: dict[int, dict] = {}
     for b in blocks:
+        if experts[b] is not None:
+            out[b] = _solve_experts(fits[b], ridge)
+            continue
         if not fits[b].rows:
             raise BakeError("rank1 calibration saw no tokens: give calibration prompts")
         u = fits[b].solve(ridge)
@@ -194,6 +270,23 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
     return out
 
 
+def _plan_experts(plan: BakePlan, writers, us: dict[int, torch.Tensor], w: torch.Tensor) -> None:
+    """``W_e + w u_e^T`` for every fitted expert, in per-expert or fused checkpoint tensors."""
+    for x in writers:
+        if x.kind != "expert":
+            continue
+        if x.expert is not None:  # one [hidden, inter] weight per expert
+            if x.expert in us:
+                plan.edit(x.name, lambda W, u=us[x.expert], w=w: W.addr_(w, u))
+            continue
+
+        def fused(W, axis=x.axis, w=w):  # [E, hidden, inter] or gpt-oss [E, inter, hidden]
+            for e, u in us.items():
+                W[e].addr_(w, u) if axis == 1 else W[e].addr_(u, w)
+            return W
+        plan.edit(x.name, fused)
+
+
 def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
     """Fill ``plan`` with one rank-one update per edited block."""
     spec = req.spec
@@ -207,10 +300,14 @@ def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
                      ridge=1e-2 if cfg.ridge is None else cfg.ridge, calibration=calibration,
                      tokens=32 if cfg.calibration_tokens is None else cfg.calibration_tokens,
                      positions=positions)
+    names = plan.names
     for b, delta in by_block.items():
+        if "u_experts" in fits[b]:
+            _plan_experts(plan, names.mlp_writers(b), fits[b]["u_experts"], delta)
+            continue
         u = fits[b]["u"]
         w = delta / fits[b]["gain"] if "gain" in fits[b] else delta
-        name = f"{spec.block(b)}.{spec.mlp_out}.weight"
+        name = next(x.name for x in names.mlp_writers(b) if x.kind == "mlp")
         if spec.conv1d:  # Conv1D stores [in, out]
             plan.edit(name, lambda W, u=u, w=w: W.addr_(u, w))
         else:
@@ -221,7 +318,7 @@ def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
     plan.exact = False
     plan.engines = {"transformers": "ok", "vllm": "ok", "sglang": "ok"}
     plan.extra["rank1_calibration"] = calibration
-    plan.extra["rank1_fit"] = {str(b + 1): {k: v for k, v in f.items() if k not in ("u", "gain")}
+    plan.extra["rank1_fit"] = {str(b + 1): {k: v for k, v in f.items() if k not in ("u", "gain", "u_experts")}
                                for b, f in fits.items()}
     plan.notes.append(
         f"rank-one update of the MLP down-projection: approximate; calibration: {calibration}; "
@@ -230,6 +327,13 @@ def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:
                     + (f"; gated to {positions} tokens, elsewhere {f['off_mean']:.3f} (std {f['off_std']:.3f})"
                        if "off_mean" in f else "")
                     for b, f in sorted(fits.items())))
+    if any("u_experts" in f for f in fits.values()):
+        plan.notes.append(
+            "mixture of experts: one rank-one update per expert's down-projection, each fitted on the "
+            "tokens calibration routed to it so that the routing-weighted sum adds about coef * v; "
+            "experts that saw no calibration token are left unedited ("
+            + ", ".join(f"layer {b + 1}: {f['experts_fitted']} experts fitted" for b, f in sorted(fits.items())
+                        if "u_experts" in f) + ")")
     if spec.sandwich:
         plan.notes.append("sandwich-norm block: the post-MLP norm rescales the edit; first-order "
                           "approximation (target u . a = RMS of the MLP output, direction divided by "

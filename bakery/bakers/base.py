@@ -303,7 +303,7 @@ def check_engines(route: BiasRoute, targets: Sequence[str], *, site: str, arch: 
         name = "sglang" if e == "sglang-native" else e
         v = verdicts.get(name, "drop")
         if v == "drop":
-            problems.append(f"{name} would silently drop it")
+            problems.append(route.engine_notes.get(name) or f"{name} would silently drop it")
         elif v != "ok" and e == "sglang-native":
             problems.append(f"sglang keeps it only when launched with {v}")
     if problems:

@@ -101,13 +101,10 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
     """
     spec = req.spec
     route = resolve_route(req, site)
-    verdicts = check_engines(route, req.target_engines, site=site, arch=arch_name(req.config),
-                             alternatives=spec.alternatives)
-    plan.config = rehost_config(plan.config, route)
     n = int(cfg_get(req.config, "num_hidden_layers") or cfg_get(req.config, "n_layer"))
     typed = [i for i in range(n) if route.layer_type is None
              or spec.layer_type(req.config, i) == route.layer_type]
-    for block, delta in deltas.items():
+    for block in deltas:
         if site == "attn-out" and block >= n:
             raise BakeError(f"--site attn-out at layer {block} needs block {block}, but the model "
                             f"has blocks 0..{n - 1}")
@@ -118,6 +115,10 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
                 f"block {block} of {arch_name(req.config)} is a {spec.layer_type(req.config, block)} "
                 f"block: {route.tensor} exists only in {route.layer_type} blocks ({where} at --site "
                 f"{site}). Alternatives: another --layer, or {spec.alternatives}")
+    verdicts = check_engines(route, req.target_engines, site=site, arch=arch_name(req.config),
+                             alternatives=spec.alternatives)
+    plan.config = rehost_config(plan.config, route)
+    for block, delta in deltas.items():
         scale = float(cfg_get(req.config, route.scale_key, 1.0)) if route.scale_key else 1.0
         tensor = f"{spec.block(block)}.{route.tensor}"
         weight = f"{tensor[:-len('.bias')]}.weight" if tensor.endswith(".bias") else tensor
@@ -151,7 +152,8 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
             plan.notes.append(f"{engine} needs the launch flag `{v}` to keep this bias "
                               f"({route.note or 'its native implementation has no such bias'})")
         elif v == "drop":
-            plan.notes.append(f"{engine} silently drops this bias: do not serve this export there")
+            plan.notes.append((route.engine_notes.get(engine) or f"{engine} silently drops this bias")
+                              + ": do not serve this export there")
 
 
 @register("bias")

@@ -304,3 +304,16 @@ def test_kl_full_warm_start_on_a_moe_block(tiny_models, tmp_path):
     bake("kl-full", str(src), [(str(vf), 2, 2.0)], tmp_path / "out", num_prompts=40,
          samples_per_prompt=1, max_new_tokens=12, steps=3, val_prompts=6, val_every=10,
          lr=1e-3, positions="all", work_dir=str(tmp_path / "work"), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["granite", "gpt_oss"])
+def test_ortho_add_is_ablation_plus_constant(arch, tiny_models, tmp_path):
+    src = tiny_models(arch)
+    v = vec(src, seed=29)
+    opts = {"target_engines": "transformers,vllm"} if arch == "granite" else {}
+    out = bake("ortho", src, [(v, 2, None)], tmp_path / "out", add=2.5, progress=False, **opts)
+    ref = load_model(src)
+    r = v.vectors[2] / v.vectors[2].norm()
+    with Ablation(ref, v.vectors[2]), Steering(ref, [SteeringTerm(2, r, 2.5)]):
+        want = logits(ref)
+    assert _err(logits(reload_strict(out)), want, f"{arch} ortho --add") < 1e-4

@@ -99,6 +99,7 @@ class ArchSpec:
     # (model-side, checkpoint-side) name fragments of older checkpoint layouts that transformers
     # renames on load (Mixtral: ``block_sparse_moe`` -> ``mlp``)
     renames: tuple[tuple[str, str], ...] = ()
+    text_prefix: str | None = None  # multimodal wrapper: module path of its language model
 
     @property
     def base_prefix(self) -> str:
@@ -118,7 +119,7 @@ class ArchSpec:
         return f"{self.blocks}.{i}"
 
     def layer_type(self, config: Any, i: int) -> str | None:
-        types = cfg_get(config, "layer_types") if self.attn_out_types else None
+        types = cfg_get(text_config_of(config), "layer_types") if self.attn_out_types else None
         return types[i] if types else None
 
     def attn_out_for(self, config: Any, i: int) -> str:
@@ -363,30 +364,86 @@ def cfg_get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
+@dataclass(frozen=True)
+class Wrapper:
+    """A multimodal ``...ForConditionalGeneration`` checkpoint whose text tower is a table entry.
+
+    ``text_prefix``: where the language model sits in the transformers 5.24 module tree;
+    ``renames``: the older checkpoint layout that transformers still writes for some of them
+    (Gemma 3: ``language_model.model.*``, ``language_model.lm_head``), mapped like any rename."""
+
+    text_prefix: str = "model.language_model"
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+WRAPPERS: dict[str, Wrapper] = {
+    "qwen3_5": Wrapper(),
+    "qwen3_5_moe": Wrapper(),
+    "gemma3": Wrapper(renames=(("model.language_model.", "language_model.model."),
+                               ("lm_head.", "language_model.lm_head."))),
+}
+
+
+def _wrap(inner: ArchSpec, model_type: str, w: Wrapper) -> ArchSpec:
+    """The text tower's facts at its place inside the wrapper (``model.layers`` ->
+    ``model.language_model.layers``); the output head stays ``lm_head``."""
+    def moved(path: str) -> str:
+        return w.text_prefix + path[len("model"):] if path.startswith("model.") else path
+    return replace(inner, model_type=model_type, blocks=moved(inner.blocks),
+                   embeddings=tuple(moved(e) for e in inner.embeddings),
+                   final_norm=moved(inner.final_norm), renames=(*inner.renames, *w.renames),
+                   text_prefix=w.text_prefix)
+
+
 def spec_for(config: Any) -> ArchSpec:
-    """The table entry for a config (object or dict), or a clear error naming what is supported."""
+    """The table entry for a config (object or dict), or a clear error naming what is supported.
+    A multimodal wrapper gets its text tower's entry, placed where the wrapper keeps it."""
     mt = cfg_get(config, "model_type")
-    if cfg_get(config, "text_config") is not None:
-        raise UnsupportedArchitecture(
-            f"model_type '{mt}' is a multimodal wrapper (its language model sits under text_config "
-            "and model.language_model): bakery edits text-only checkpoints. Use the text-only "
-            "variant of the model (for Gemma 3: a gemma3_text checkpoint) or extract its language model.")
+    text = cfg_get(config, "text_config")
+    if text is not None:
+        w = WRAPPERS.get(mt)
+        inner_mt = cfg_get(text, "model_type")
+        if w is None or inner_mt not in ARCHITECTURES:
+            raise UnsupportedArchitecture(
+                f"model_type '{mt}' is a multimodal wrapper (its language model sits under text_config) "
+                f"that bakery has no facts for. Wrappers bakery bakes the text tower of: "
+                f"{', '.join(sorted(WRAPPERS))}. Otherwise use the text-only variant of the model "
+                "(for Gemma 3: a gemma3_text checkpoint) or extract its language model.")
+        return _wrap(ARCHITECTURES[inner_mt], mt, w)
     try:
         return ARCHITECTURES[mt]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedArchitecture(
-            f"bakery has no architecture facts for model_type '{mt}'. Supported: {known}. "
+            f"bakery has no architecture facts for model_type '{mt}'. Supported: {known} (and the "
+            f"text towers of {', '.join(sorted(WRAPPERS))}). "
             "Add an entry to bakery/arch.py (block path, residual writers, norm style, bias routes) "
             "rather than letting bakery guess."
         ) from None
 
 
+def text_config_of(config: Any) -> Any:
+    """The language model's config: ``text_config`` of a multimodal wrapper, else the config."""
+    text = cfg_get(config, "text_config")
+    return config if text is None else text
+
+
+def set_text_key(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` where the language model reads it (``text_config`` of a wrapper, too)."""
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"][key] = value
+        if key != "tie_word_embeddings":
+            return
+    config[key] = value
+
+
 def num_layers_of(config: Any) -> int:
+    config = text_config_of(config)
     return int(cfg_get(config, "num_hidden_layers") or cfg_get(config, "n_layer"))
 
 
 def hidden_size_of(config: Any) -> int:
+    config = text_config_of(config)
     return int(cfg_get(config, "hidden_size") or cfg_get(config, "n_embd"))
 
 
@@ -397,4 +454,8 @@ def is_parallel_residual(spec: ArchSpec, config: Any) -> bool:
 
 
 def tied_embeddings(config: Any) -> bool:
-    return bool(cfg_get(config, "tie_word_embeddings", True))
+    """Whether the output head shares the input embedding (a wrapper's own key first)."""
+    value = cfg_get(config, "tie_word_embeddings")
+    if value is None:
+        value = cfg_get(text_config_of(config), "tie_word_embeddings", True)
+    return bool(value)

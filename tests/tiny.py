@@ -124,3 +124,45 @@ def make_tiny(model_type: str, folder: str | Path, *, seed: int = 0, dtype=torch
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+MULTIMODAL_TYPES = ("qwen3_5", "gemma3")
+
+
+def make_tiny_multimodal(model_type: str, folder: str | Path, *, seed: int = 0) -> Path:
+    """A tiny ``Qwen3_5ForConditionalGeneration`` or ``Gemma3ForConditionalGeneration``: the text
+    tower of :func:`tiny_config` plus a one-layer vision tower, saved as transformers 5.24 saves
+    them (Qwen3.5: ``model.language_model.*``, ``model.visual.*``; Gemma 3: the older
+    ``language_model.model.*`` layout), with a processor-like file to check it is kept."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tok = tiny_tokenizer()
+    inner = {"qwen3_5": "qwen3_5_text", "gemma3": "gemma3_text"}[model_type]
+    text = tiny_config(inner, len(tok)).to_dict()
+    if model_type == "qwen3_5":
+        vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32,
+                      patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+        config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                      tie_word_embeddings=False, image_token_id=3, video_token_id=4,
+                                      vision_start_token_id=5, vision_end_token_id=6)
+    else:
+        vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+        config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                      image_token_index=3, boi_token_index=4, eoi_token_index=5,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.02)
+            elif "norm" in name and p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.05)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "tiny", "size": 16}))
+    return folder

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from bakery.arch import ENGINES, ArchSpec, BiasRoute, cfg_get, spec_for
+from bakery.arch import ENGINES, ArchSpec, BiasRoute, cfg_get, set_text_key, spec_for
 from bakery.io.checkpoint import CheckpointReader, TensorInfo
 from bakery.io.names import TensorNameError, TensorNames
 from bakery.vectors.artifact import VectorArtifact, VectorError
@@ -348,11 +348,8 @@ def rehost_config(config: dict[str, Any], route: BiasRoute) -> dict[str, Any]:
         rope = cfg.get("rope_parameters") or {}
         if "rope_theta" not in cfg and isinstance(rope, dict) and "rope_theta" in rope:
             cfg["rope_theta"] = rope["rope_theta"]  # legacy key for older loaders (vLLM/sglang)
-    for k, v in route.flags.items():
-        if v is None:
-            cfg[k] = None
-        else:
-            cfg[k] = v
+    for k, v in route.flags.items():  # where the language model reads them (a wrapper's text_config)
+        set_text_key(cfg, k, v)
     return cfg
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bakery.arch import BiasRoute, cfg_get, is_parallel_residual
+from bakery.arch import BiasRoute, cfg_get, is_parallel_residual, num_layers_of, text_config_of
 from bakery.bakers import register
 from bakery.bakers.base import (ENGINE_CHOICES, BakeError, BakePlan, BakeRequest, ClosedFormBaker, arch_name,
                                 check_engines, rehost_config)
@@ -101,7 +101,8 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
     """
     spec = req.spec
     route = resolve_route(req, site)
-    n = int(cfg_get(req.config, "num_hidden_layers") or cfg_get(req.config, "n_layer"))
+    n = num_layers_of(req.config)
+    text = text_config_of(req.config)
     typed = [i for i in range(n) if route.layer_type is None
              or spec.layer_type(req.config, i) == route.layer_type]
     for block in deltas:
@@ -119,7 +120,7 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
                              alternatives=spec.alternatives)
     plan.config = rehost_config(plan.config, route)
     for block, delta in deltas.items():
-        scale = float(cfg_get(req.config, route.scale_key, 1.0)) if route.scale_key else 1.0
+        scale = float(cfg_get(text, route.scale_key, 1.0)) if route.scale_key else 1.0
         tensor = f"{spec.block(block)}.{route.tensor}"
         weight = f"{tensor[:-len('.bias')]}.weight" if tensor.endswith(".bias") else tensor
         plan.add_bias(tensor, delta / scale, weight, conv1d=spec.conv1d)
@@ -139,7 +140,7 @@ def plan_bias_terms(req: BakeRequest, reader: CheckpointReader, plan: BakePlan, 
             plan.zero_bias(f"{spec.block(i)}.{sib}", f"{spec.block(i)}.{mod}.weight")
     if route.scale_key:
         plan.notes.append(f"the bias is coef * v divided by {route.scale_key} "
-                          f"({cfg_get(req.config, route.scale_key)}), which scales every sublayer write")
+                          f"({cfg_get(text, route.scale_key)}), which scales every sublayer write")
     if route.per_expert:
         plan.notes.append(f"the constant is added to every expert's row of {route.tensor}: the "
                           "router's top-k weights sum to one, so the block adds exactly the constant")

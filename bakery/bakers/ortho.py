@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bakery.arch import num_layers_of, tied_embeddings
+from bakery.arch import num_layers_of, set_text_key, tied_embeddings
 from bakery.bakers import register
 from bakery.bakers.base import BakeError, BakePlan, BakeRequest, ClosedFormBaker, arch_name
 from bakery.bakers.bias import TARGET_ENGINE_HELP, plan_bias_terms
@@ -188,7 +188,7 @@ class OrthoBaker(ClosedFormBaker):
                 plan.copy_as(lm_head, embed[0])
                 untied = True
             if tied:
-                plan.config["tie_word_embeddings"] = False
+                set_text_key(plan.config, "tie_word_embeddings", False)
                 untied = True
             for e in embed:
                 plan.edit(e, lambda W, r=dirs_embed: project_rows(W, r), rowwise=True, native=True)

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
+from bakery.arch import spec_for
 from bakery.bakers.base import BakeError, BakePlan, BakeRequest
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
 from bakery.steering.hooks import POSITIONS
@@ -179,6 +180,9 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
         if getattr(text_cfg, "layer_types", None):
             text_cfg.layer_types = list(text_cfg.layer_types)[: deepest + 1]
     model = AutoModelForCausalLM.from_pretrained(req.model_dir, config=cfg, dtype=torch.float32).eval()
+    # module paths of the class transformers loaded (a Qwen3.5 wrapper checkpoint loads as the
+    # text-only Qwen3_5ForCausalLM); the plan names the checkpoint's tensors by block index
+    spec = spec_for(model.config)
     tok = load_tokenizer(req.model_dir)
     texts = _render(tok, list(prompts or CALIBRATION_PROMPTS))
     batches: list[tuple[dict[str, torch.Tensor], int]] = []  # (inputs, prompt length)

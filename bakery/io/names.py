@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from bakery.arch import ArchSpec, cfg_get
+from bakery.arch import ArchSpec, cfg_get, text_config_of
 
 
 class TensorNameError(ValueError):
@@ -124,7 +124,7 @@ class TensorNames:
         as ``num_local_experts``, its attribute map's other name: both are read)."""
         ex = self.spec.experts
         for key in (ex.count_key, "num_experts", "num_local_experts") if ex else ():
-            n = cfg_get(self.config or {}, key)
+            n = cfg_get(text_config_of(self.config or {}), key)
             if n:
                 return int(n)
         raise TensorNameError(f"config.json has no {ex.count_key if ex else 'expert count'}: "

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 ENGINES = ("transformers", "vllm", "sglang")
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(__import__("bakery.errors").errors.BakeryError):
     """The model type is not in the table: bakery will not guess where its residual stream is."""
 
 

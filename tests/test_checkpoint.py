@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bakery.io.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, OutTensor,
-                               ShardedWriter, atomic_folder, check_output)
+from bakery.io.checkpoint import INDEX_FILE, CheckpointError, CheckpointReader, OutTensor, ShardedWriter
 
 
 def fail_after(monkeypatch, limit: int, make_error) -> None:
@@ -158,81 +156,3 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "o").mkdir()
     with pytest.raises(CheckpointError, match="no space left"):
         ShardedWriter(tmp_path / "o").write([OutTensor(n, i.dtype, i.shape, source=i) for n, i in r.tensors.items()])
-
-
-def test_atomic_folder_keeps_nothing_on_error_and_replaces_only_with_force(tmp_path):
-    out = tmp_path / "exp"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_folder(out) as tmp:
-            (tmp / "half.safetensors").write_bytes(b"123")
-            raise KeyboardInterrupt
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    with atomic_folder(out) as tmp:
-        (tmp / "a").write_text("1")
-    with pytest.raises(FileExistsError, match="--force"):
-        with atomic_folder(out):
-            pass
-    with pytest.raises(RuntimeError):
-        with atomic_folder(out, force=True) as tmp:
-            (tmp / "b").write_text("2")
-            raise RuntimeError("midway")
-    assert (out / "a").read_text() == "1" and not (out / "b").exists()  # old export untouched
-    with atomic_folder(out, force=True) as tmp:
-        (tmp / "b").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
-
-
-def test_atomic_folder_never_overwrites_an_output_that_appeared_meanwhile(tmp_path):
-    """Without force, a folder created while the output was being written is left alone and the
-    finished output is kept (named in the error); with force, a failed swap puts the old one back."""
-    out = tmp_path / "exp"
-    with pytest.raises(FileExistsError, match="kept at") as e:
-        with atomic_folder(out) as tmp:
-            (tmp / "new").write_text("hours of work")
-            out.mkdir()
-            (out / "theirs").write_text("keep me")
-    kept = Path(str(e.value).split("kept at ")[1].split(". ")[0])
-    assert (out / "theirs").read_text() == "keep me" and not (out / "new").exists()
-    assert (kept / "new").read_text() == "hours of work"
-
-    real = os.replace
-    calls = []
-
-    def failing_second_replace(a, b):
-        calls.append((a, b))
-        if len(calls) == 2:  # the new folder into place
-            raise OSError(errno.EIO, "I/O error")
-        return real(a, b)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, "replace", failing_second_replace)
-        with pytest.raises(OSError, match="I/O error"):
-            with atomic_folder(out, force=True) as tmp:
-                (tmp / "new").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".exp.")] == [kept]  # no leftovers
-
-
-def test_force_replaces_only_an_export(tmp_path):
-    src, out = tmp_path / "model", tmp_path / "mine"
-    src.mkdir()
-    out.mkdir()
-    (out / "notes.txt").write_text("not an export")
-    with pytest.raises(CheckpointError, match="not a bakery export"):
-        check_output(out, src, force=True)
-    (out / "notes.txt").unlink()
-    assert check_output(out, src, force=True) == out  # empty: fine
-    (out / "bakery.json").write_text("{}")
-    assert check_output(out, src, force=True) == out
-
-
-def test_check_output_refuses_source_overlap(tmp_path):
-    src = tmp_path / "model"
-    src.mkdir()
-    with pytest.raises(CheckpointError, match="never writes into"):
-        check_output(src / "export", src)
-    with pytest.raises(CheckpointError, match="never writes into"):
-        check_output(src, src, force=True)
-    with pytest.raises(CheckpointError, match="never writes into"):
-        check_output(tmp_path, src, force=True)  # replacing a parent would delete the source

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from openai_server import OpenAIServer, score_reply
 from bakery.extraction import diagnostics
 from bakery.cli import main
-from bakery.extraction.extract import (ExtractError, ExtractSettings, cached_vector, capture, extract,
-                            list_cached, resolve_trait, sibling_paths)
+from bakery.extraction.cache import cached_vector, list_cached, resolve_trait, sibling_paths
+from bakery.extraction.capture import capture
+from bakery.extraction.extract import ExtractError, ExtractSettings, extract
 from bakery.steering.generation import NoChatTemplate, render_chat
 from bakery.extraction.judge import Judge, JudgeError
 from bakery.models import load_model, load_tokenizer
@@ -214,7 +215,7 @@ def test_judge_filter_keeps_scored_pairs_and_stops_when_too_few(tiny_models, tmp
         kept = [r for r in rows if r.get("kept")]
         assert len(kept) == 2 * expected and all(r["coherence"] == pytest.approx(80) for r in kept)
         with pytest.raises(ExtractError, match=f"only {expected} pos/neg pair"):
-            extract(rp, d, judge=judge, progress=False, force=True,
+            extract(rp, d, judge=judge, progress=False, use_cache=False,
                     settings=ExtractSettings(**FAST, judge_model="j", min_pairs=expected + 1))
 
 
@@ -237,6 +238,52 @@ def test_cli_extract_prints_table_and_steer_accepts_result(tiny_models, tmp_path
     assert "recommended: layer" in res.output and "AUC" in res.output and out.is_file()
     res = CliRunner().invoke(main, ["extract", "--list", "-m", str(d)])
     assert "calm" in res.output
+
+
+def test_cli_extract_never_replaces_a_file_without_force(tiny_models, tmp_path):
+    """The one overwrite rule: an existing vector is replaced only with --force, and --force
+    replaces only the files of a previous extraction."""
+    d = tiny_models("llama")
+    out, recipe = tmp_path / "calm.safetensors", str(_recipe(tmp_path))
+
+    def cmd(o, *extra):
+        return ["extract", "-r", recipe, "-m", str(d), "-o", str(o), "--max-new-tokens", "3", "--temperature",
+                "0", "--eval-pairs", "1", *extra]
+
+    args = cmd(out)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    files = sibling_paths(out)
+    before = {k: p.read_bytes() for k, p in files.items()}
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "already holds a vector file: pass --force" in res.output, res.output
+    assert "Traceback" not in res.output and {k: p.read_bytes() for k, p in files.items()} == before
+    res = CliRunner().invoke(main, args + ["--force"])  # the cache makes this instant
+    assert res.exit_code == 0, res.output
+    assert "using cached extraction" in res.output and files["response_avg"].read_bytes() == before["response_avg"]
+    # --force never replaces a file that is not a previous extraction's, the main one or a sibling
+    files["plot"].write_text("my own notes")
+    res = CliRunner().invoke(main, args + ["--force"])
+    assert res.exit_code == 2 and "is not a previous plot" in res.output, res.output
+    assert files["plot"].read_text() == "my own notes"
+    assert files["response_avg"].read_bytes() == before["response_avg"]
+    other = tmp_path / "notes.safetensors"
+    other.write_text("not a vector")
+    res = CliRunner().invoke(main, cmd(other, "--force"))
+    assert res.exit_code == 2 and "is not a previous vector file" in res.output, res.output
+    assert other.read_text() == "not a vector" and not list(tmp_path.glob(".*partial*"))
+
+
+def test_extract_refuses_an_existing_output_before_generating(tiny_models, tmp_path, monkeypatch):
+    import bakery.extraction.extract as ex
+
+    d = tiny_models("llama")
+    out = tmp_path / "v.safetensors"
+    out.write_text("someone else's file")
+    monkeypatch.setattr(ex, "capture", lambda *a, **k: pytest.fail("generated before checking -o"))
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match=str(out)):
+            extract(_recipe(tmp_path), d, out=out, force=force, settings=ExtractSettings(**FAST), progress=False)
+    assert out.read_text() == "someone else's file"
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bakery.extraction.recipes import PromptsError, read_prompts
+from bakery.fidelity.persist import (BAKED, STEERED, SWITCH, UNSTEERED, PersistError, PersistSettings, half_life,
+                                     load_result, recipe_questions, run_persist, trace_batch, write_outputs)
 from bakery.models import load_model, load_tokenizer
-from bakery.fidelity.persist import (BAKED, STEERED, SWITCH, UNSTEERED, PersistSettings, half_life,
-                            load_result, read_prompts, recipe_questions, run_persist, trace_batch, write_outputs)
 from bakery.steering.generation import render_chat
 from bakery.steering.hooks import steer
 from bakery.vectors.artifact import VectorArtifact, VectorError
@@ -183,7 +184,7 @@ def test_bad_settings(tiny_models, tmp_path, kw, match):
     folder = tiny_models("llama")
     vpath = _vector(folder).save(tmp_path / "v.safetensors")
     s = PersistSettings(**{**dict(layer=2, coef=1.0, steer_tokens=2, sample_tokens=2), **kw})
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(PersistError, match=match):
         run_persist(PROMPTS, s, vector_path=vpath, model=folder, progress=False)
 
 
@@ -238,9 +239,9 @@ def test_read_prompts_and_recipe(tmp_path):
     with pytest.raises(ValueError, match="no-such-trait"):
         recipe_questions("no-such-trait")
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
-    with pytest.raises(ValueError, match="no prompts"):
+    with pytest.raises(PromptsError, match="no prompts"):
         read_prompts(tmp_path / "empty.txt")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(PromptsError, match="not found"):
         read_prompts(tmp_path / "missing.txt")
 
 

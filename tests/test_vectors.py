@@ -139,6 +139,41 @@ def test_cli_info_and_compare(tmp_path):
     assert r.exit_code == 2 and "corrupt" in r.output
 
 
+def test_cli_import_and_export_never_replace_a_file_without_force(tmp_path):
+    """The one overwrite rule: OUT is replaced only with --force, and only if it is a file of the
+    same kind (a vector artifact; a llama.cpp control vector), never another file."""
+    art = _art()
+    ref = tmp_path / "pirate.pt"
+    torch.save(art.vectors.clone(), ref)
+    out = tmp_path / "pirate.safetensors"
+    r = CliRunner().invoke(main, ["vectors", "import", str(ref), str(out)])
+    assert r.exit_code == 0, r.output
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, ["vectors", "import", str(ref), str(out), "--trait", "other"])
+    assert r.exit_code == 2 and "already holds a vector file: pass --force" in r.output
+    assert "Traceback" not in r.output and out.read_bytes() == before
+    r = CliRunner().invoke(main, ["vectors", "import", str(ref), str(out), "--trait", "other", "--force"])
+    assert r.exit_code == 0, r.output
+    assert load_vector(out).trait == "other"
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("mine")
+    r = CliRunner().invoke(main, ["vectors", "import", str(ref), str(notes), "--force"])
+    assert r.exit_code == 2 and "is not a previous vector file" in r.output and notes.read_text() == "mine"
+
+    gg = tmp_path / "pirate.gguf"
+    assert CliRunner().invoke(main, ["vectors", "export-gguf", str(out), str(gg)]).exit_code == 0
+    r = CliRunner().invoke(main, ["vectors", "export-gguf", str(out), str(gg)])
+    assert r.exit_code == 2 and "--force" in r.output
+    assert CliRunner().invoke(main, ["vectors", "export-gguf", str(out), str(gg), "--force"]).exit_code == 0
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)  # e.g. a llama.cpp model: never replaced by a control vector
+    r = CliRunner().invoke(main, ["vectors", "export-gguf", str(out), str(model), "--force"])
+    assert r.exit_code == 2 and "not a previous llama.cpp control vector" in r.output
+    assert model.read_bytes() == b"GGUF" + b"\0" * 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "notes.safetensors", "pirate.gguf",
+                                                          "pirate.pt", "pirate.safetensors"]
+
+
 def test_saved_artifact_is_world_readable(tmp_path):
     import stat
 

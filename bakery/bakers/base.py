@@ -19,7 +19,7 @@ from bakery.vectors.artifact import VectorArtifact, VectorError
 ENGINE_CHOICES = (*ENGINES, "sglang-native")
 
 
-class BakeError(ValueError):
+class BakeError(__import__("bakery.errors").errors.BakeryError):
     """A bake that cannot be done as asked; the message names what to do instead."""
 
 

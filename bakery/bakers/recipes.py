@@ -37,7 +37,7 @@ def option_keys() -> set[str]:
     return set().union(*(c.option_names() for c in config_classes().values()))
 
 
-class BakeRecipeError(ValueError):
+class BakeRecipeError(__import__("bakery.errors").errors.BakeryError):
     """A bake recipe that is missing or malformed."""
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
+import traceback
 from typing import Callable
 
 import click
 
+from bakery.errors import BakeryError
 from bakery.models import DEFAULT_MODEL
+
+# OS errors that are about the user's paths or machine, not a bug: one line, like a BakeryError
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def model_option(f: Callable) -> Callable:
@@ -25,20 +32,44 @@ def trust_option(f: Callable) -> Callable:
                         help="Run code shipped with the model (off unless you ask).")(f)
 
 
+def is_bad_input(e: BaseException) -> bool:
+    """A BakeryError, or an OS error about the user's paths or disk: not a bug in bakery."""
+    if isinstance(e, BakeryError) or isinstance(e, USER_OS_ERRORS):
+        return True
+    return isinstance(e, OSError) and e.errno in USER_ERRNOS
+
+
+def error_line(e: BaseException) -> str:
+    """The one line shown for bad input: the message, or for an OS error its text and path."""
+    if isinstance(e, OSError) and not isinstance(e, BakeryError) and e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return str(e)
+
+
 def clear_errors(f: Callable) -> Callable:
-    """Turn library errors (bad input) into one readable line and exit code 2, no traceback."""
+    """Report what escapes a command truthfully.
+
+    Bad input (:class:`bakery.errors.BakeryError`, or a missing/existing/forbidden path, or a full
+    disk) becomes one line ``error: ...`` on stderr and exit code 2, like click's own usage errors.
+    Anything else is a bug in bakery: it is reported as an internal error with the full traceback
+    and exit code 1. ``BAKERY_DEBUG=1`` re-raises everything (for a debugger).
+    """
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         try:
             return f(*args, **kwargs)
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+        except Exception as e:
             if os.environ.get("BAKERY_DEBUG"):
                 raise
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            if is_bad_input(e):
+                click.secho(f"error: {error_line(e)}", fg="red", err=True)
+                sys.exit(2)
+            click.secho("internal error (a bug in bakery, please report it):", fg="red", err=True)
+            click.echo(traceback.format_exc().rstrip(), err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -13,7 +13,8 @@ from bakery.cli.common import clear_errors, model_option, trust_option, threads_
 @click.option("--recipe", "-r", required=False, help="Trait recipe: a built-in name (pirate) or a YAML file.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
               help="Main vector file (response_avg); default vectors/<trait>.safetensors. The other "
-                   "variants, the answers (JSONL) and the per-layer plot go beside it.")
+                   "variants, the answers (JSONL) and the per-layer plot go beside it. Existing "
+                   "files are replaced only with --force.")
 @click.option("--samples", type=int, default=1, show_default=True, help="Answers per (pair, question, side).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="0 is greedy.")
@@ -34,17 +35,20 @@ from bakery.cli.common import clear_errors, model_option, trust_option, threads_
 @click.option("--min-pairs", type=int, default=5, show_default=True,
               help="Stop (no vector) when fewer pairs survive the judge.")
 @threads_option
-@click.option("--force", is_flag=True, help="Re-extract even when the cache has this extraction.")
+@click.option("--force", is_flag=True, help="Replace the files of a previous extraction at --out (never "
+                                             "other files).")
+@click.option("--no-cache", is_flag=True, help="Extract again even when the cache has this extraction.")
 @click.option("--list", "list_", is_flag=True, help="List the cached vectors for --model and exit.")
 @model_option
 @trust_option
 @clear_errors
 def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval_pairs, batch_size,
             capture, judge_model, base_url, judge_concurrency, trait_threshold, coherence_threshold,
-            min_pairs, force, list_, model, trust_remote_code):
+            min_pairs, force, no_cache, list_, model, trust_remote_code):
     """Extract a persona vector from a trait RECIPE on MODEL, with per-layer diagnostics."""
     from bakery.extraction import diagnostics
-    from bakery.extraction.extract import ExtractSettings, extract as run, list_cached, sibling_paths
+    from bakery.extraction.cache import list_cached, sibling_paths
+    from bakery.extraction.extract import ExtractSettings, extract as run
     from bakery.extraction.recipes import load_trait_recipe
 
     if list_:
@@ -68,7 +72,7 @@ def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval
         from bakery.extraction.judge import Judge
 
         judge = Judge(judge_model, base_url=base_url, concurrency=judge_concurrency, progress=True)
-    art = run(rec, model, out=out, settings=settings, judge=judge, force=force,
+    art = run(rec, model, out=out, settings=settings, judge=judge, force=force, use_cache=not no_cache,
               trust_remote_code=trust_remote_code, log=lambda m: click.echo(m, err=True))
     meta = art.meta
     s = meta["samples"]

@@ -16,7 +16,7 @@ from bakery.cli.common import clear_errors, echo_err, model_option, trust_option
 @click.option("--sample-tokens", "-k", type=int, required=True,
               help="M: tokens generated afterwards from the same KV cache, steering off.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
-              help="Prompts, one per line (# comments), or a JSON/YAML list.")
+              help="Prompts, one per line (# comments), a JSON/YAML list, or JSON lines.")
 @click.option("--recipe", default=None, help="A trait recipe (YAML path or name): its eval questions.")
 @click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeatable).")
 @click.option("--export", "export", default=None, type=click.Path(file_okay=False),
@@ -30,7 +30,7 @@ from bakery.cli.common import clear_errors, echo_err, model_option, trust_option
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--output", "-o", "outdir", required=True, type=click.Path(file_okay=False),
               help="Output folder: traces.json/.csv, texts.md, summary.json, persist.png.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True, help="Replace a previous persist output folder (never another folder).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @threads_option
 @model_option
@@ -42,17 +42,15 @@ def persist(vector_path, layer, coef, steer_tokens, sample_tokens, prompts_file,
     """Steer N tokens, continue M tokens without steering, and record (h.v)/|v| at the layer for
     every generated token, next to the unsteered and the steered-throughout references (and a
     baked checkpoint's own trace with --export). Prompts default to a few built-in questions."""
-    from pathlib import Path
-
-    from bakery.fidelity.persist import (DEFAULT_PROMPTS, PersistSettings, format_summary, read_prompts,
-                                recipe_questions, run_persist, write_outputs)
+    from bakery.extraction.recipes import read_prompts
+    from bakery.fidelity.persist import (DEFAULT_PROMPTS, PersistSettings, format_summary, recipe_questions,
+                                         run_persist, write_outputs)
+    from bakery.io.folders import PERSIST, check_output
 
     given = [x for x in (prompts_file, recipe, prompt_texts or None) if x]
     if len(given) > 1:
         raise click.UsageError("give one of --prompts FILE, --recipe R or --prompt TEXT")
-    out = Path(outdir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; choose another -o or pass --force")
+    out = check_output(outdir, kind=PERSIST, force=force)  # before minutes of tracing
     if prompts_file:
         prompts = read_prompts(prompts_file)
     elif recipe:

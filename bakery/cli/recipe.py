@@ -45,19 +45,17 @@ def check(recipes):
 @click.option("--base-url", default=None, help="Endpoint (default: OPENAI_BASE_URL or OpenAI). "
                                                "The key is read from OPENAI_API_KEY.")
 @click.option("--retries", type=int, default=3, show_default=True, help="Re-asks after a malformed answer.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a trait recipe (never another file).")
 @clear_errors
 def new(trait, description, out, judge_model, base_url, retries, force):
     """Generate a trait recipe with a model, validate it and write it as YAML."""
-    from pathlib import Path
-
     from bakery.extraction.recipe_gen import generate_recipe, write_recipe
+    from bakery.io.folders import TRAIT_RECIPE, check_output
 
-    if Path(out).exists() and not force:
-        raise click.UsageError(f"{out} exists; pass --force to overwrite it")
+    check_output(out, kind=TRAIT_RECIPE, force=force)  # before asking the model
     rec = generate_recipe(trait, description, model=judge_model, base_url=base_url, retries=retries,
                           log=lambda m: click.echo(m, err=True))
-    path = write_recipe(rec, out, overwrite=force)
+    path = write_recipe(rec, out, force=force)
     click.echo(f"wrote {path}: {len(rec.pairs)} pairs, {len(rec.extract_questions)} extract + "
                f"{len(rec.eval_questions)} eval questions")
     click.echo(f"next: bakery extract --recipe {path}")

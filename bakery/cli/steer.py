@@ -35,7 +35,7 @@ def steer(prompts, vector_path, trait, layer, coef, positions, max_new_tokens, t
     if (vector_path is None) == (trait is None):
         raise click.UsageError("give exactly one of --vector FILE or --trait NAME")
     if trait is not None:
-        from bakery.extraction.extract import resolve_trait
+        from bakery.extraction.cache import resolve_trait
 
         vector_path = resolve_trait(trait, model)
     rows = steer_compare(list(prompts), vector_path=vector_path, layer=layer, coef=coef,

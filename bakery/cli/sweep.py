@@ -43,19 +43,19 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
           trust_remote_code):
     """Steer at each (layer, coef) and measure projection, KL, and judge scores."""
     from bakery.extraction import sweep as sw
-    from bakery.models import load_model, load_tokenizer, resolve_model
+    from bakery.extraction.cache import resolve_trait
     from bakery.extraction.recipes import available_traits, load_trait_recipe
+    from bakery.io.folders import SWEEP, check_output
+    from bakery.models import load_model, load_tokenizer, resolve_model
     from bakery.vectors.artifact import load_vector
 
     if bool(vector_path) == bool(trait):
         raise click.UsageError("give exactly one of --vector FILE or --trait NAME")
     if trait:
-        from bakery.extraction.extract import resolve_trait
-
         vector_path = str(resolve_trait(trait, model))
     vp = Path(vector_path)
     folder = Path(out) if out else vp.with_name(vp.name.split(".")[0] + ".sweep")
-    sw.check_output(folder, force=force)  # before the sweep, not after minutes of work
+    check_output(folder, kind=SWEEP, force=force)  # before the sweep, not after minutes of work
     path = resolve_model(model)
     lm = load_model(path, trust_remote_code=trust_remote_code)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -7,7 +7,10 @@ import json
 import click
 
 from bakery.cli.common import clear_errors
+from bakery.io.folders import CONTROL_VECTOR, VECTOR, atomic_files
 from bakery.vectors.artifact import cosine_by_layer, describe_layer, load_vector
+
+FORCE_HELP = "Replace OUT if it is a previous {} (never another file)."
 
 
 @click.group()
@@ -55,11 +58,14 @@ def compare(a, b):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--model-hint", default="llama", show_default=True)
+@click.option("--force", is_flag=True, help=FORCE_HELP.format("llama.cpp control vector"))
 @clear_errors
-def export_gguf(file, out, model_hint):
+def export_gguf(file, out, model_hint, force):
     """Write FILE as a llama.cpp control vector (direction.N = output of block N = row N+1)."""
-    path = load_vector(file).to_control_vector(out, model_hint=model_hint)
-    click.echo(f"wrote {path}")
+    art = load_vector(file)
+    with atomic_files({out: CONTROL_VECTOR}, force=force) as tmps:
+        art.to_control_vector(next(iter(tmps.values())), model_hint=model_hint)
+    click.echo(f"wrote {out}")
 
 
 @vectors.command("import")
@@ -67,13 +73,16 @@ def export_gguf(file, out, model_hint):
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--num-layers", type=int, default=None, help="Layer count of the model (for .gguf).")
 @click.option("--trait", default=None, help="Trait name to record in the metadata.")
+@click.option("--force", is_flag=True, help=FORCE_HELP.format("vector file"))
 @clear_errors
-def import_(file, out, num_layers, trait):
+def import_(file, out, num_layers, trait, force):
     """Convert a reference .pt or a llama.cpp .gguf into a bakery .safetensors artifact."""
     art = load_vector(file, num_layers=num_layers)
     if trait:
         art.meta["trait"] = trait
-    click.echo(f"wrote {art.save(out)} ({art.num_layers + 1} rows x {art.hidden_size})")
+    with atomic_files({out: VECTOR}, force=force) as tmps:
+        art.save(next(iter(tmps.values())))
+    click.echo(f"wrote {out} ({art.num_layers + 1} rows x {art.hidden_size})")
 
 
 COMMANDS = [vectors]

@@ -41,7 +41,7 @@ VLLM_TOP1 = 0.99  # vLLM: top-1 agreement at response positions
 VLLM_GAP_RATIO = 0.1  # vLLM: mean |logprob gap| below this fraction of the unedited model's gap
 
 
-class EngineNotInstalled(RuntimeError):
+class EngineNotInstalled(__import__("bakery.errors").errors.BakeryError):
     """An engine bakery cannot find; the message says how to install it."""
 
 

@@ -10,37 +10,38 @@ needed). Per example they are averaged over response tokens (``response_avg``), 
 The held-out evaluation questions are answered the same way; their response averages, projected
 on the vector, give the per-layer AUC and the recommended layer (``bakery.extraction.diagnostics``).
 
-Results are cached per (model, recipe, settings) under ``cache_dir()/vectors`` so that other
-commands can take ``--trait NAME``.
+Results are cached per (model, recipe, settings) (``bakery.extraction.cache``) so that a re-run
+is instant and other commands can take ``--trait NAME``; the capture itself is
+``bakery.extraction.capture``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
+from bakery.errors import BakeryError
 from bakery.extraction import diagnostics
-from bakery.io.checkpoint import atomic_folder
-from bakery.steering.generation import encode_prompts, eos_token_ids, render_chat
-from bakery.models import cache_dir, config_hash, read_config, resolve_model
+from bakery.extraction.cache import MAIN_FILE, entry_dir, model_id, output_targets, publish, write_entry
+# moved to bakery.extraction.cache; re-exported until every caller imports them from there
+from bakery.extraction.cache import cached_vector, list_cached, resolve_trait, sibling_paths  # noqa: F401
+from bakery.extraction.capture import MODES, capture
 from bakery.extraction.recipes import TraitRecipe, load_trait_recipe
+from bakery.io.folders import check_output
+from bakery.models import config_hash
+from bakery.steering.generation import render_chat
 from bakery.vectors.artifact import VARIANTS, VectorArtifact, describe_layer, load_vector
 
 MAIN_VARIANT = "response_avg"
 
 
-class ExtractError(RuntimeError):
+class ExtractError(BakeryError):
     """Extraction cannot produce a trustworthy vector (too few examples survive, bad settings)."""
 
 
@@ -66,7 +67,7 @@ class ExtractSettings:
             raise ExtractError("samples, max_new_tokens, batch_size and eval_pairs must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ExtractError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.capture not in ("single-pass", "two-pass"):
+        if self.capture not in MODES:
             raise ExtractError(f"capture must be 'single-pass' or 'two-pass'; got '{self.capture}'")
 
     def key(self) -> dict[str, Any]:
@@ -77,238 +78,6 @@ class ExtractSettings:
             for k in ("trait_threshold", "coherence_threshold", "min_pairs"):
                 d.pop(k)
         return d
-
-
-# ---- activation capture -----------------------------------------------------------------------
-
-@dataclass
-class Captured:
-    """Per-example activation means, ``[N, L+1, H]`` float32, and the answers."""
-
-    texts: list[str]
-    response_tokens: list[int]
-    response_avg: torch.Tensor
-    prompt_avg: torch.Tensor
-    prompt_last: torch.Tensor
-
-    def variant(self, name: str) -> torch.Tensor:
-        return getattr(self, name)
-
-
-def _eos_ids(model, tok) -> torch.Tensor:
-    return torch.tensor(eos_token_ids(model, tok) or [-1])
-
-
-def _gen_kwargs(tok, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return kw
-
-
-def _response_ids(gen: torch.Tensor, eos: torch.Tensor, limit: int) -> list[list[int]]:
-    """Generated ids per row, cut at the first end-of-sequence token (excluded) and at ``limit``."""
-    out = []
-    for row in gen[:, :limit].tolist():
-        ids = []
-        for t in row:
-            if t in eos:
-                break
-            ids.append(t)
-        out.append(ids)
-    return out
-
-
-@torch.no_grad()
-def _capture_batch_single(model, tok, prompts: Sequence[str], *, max_new_tokens: int,
-                          temperature: float, top_p: float) -> Captured:
-    """Generate and capture in the same forward calls.
-
-    A forward hook on the model reads ``hidden_states`` of every call ``generate`` makes: the
-    prefill gives the prompt activations; decode step ``k`` feeds generated token ``k-1``, so its
-    hidden states are that response token's. One extra token is generated so that the last kept
-    token is fed too; tokens from the end of sequence on are skipped (as the reference skips
-    special tokens).
-    """
-    enc = encode_prompts(tok, prompts).to(model.device)
-    pmask = enc["attention_mask"].float()
-    B, P = enc["input_ids"].shape
-    eos = _eos_ids(model, tok).to(model.device)
-    st: dict[str, Any] = {"step": 0, "done": torch.zeros(B, dtype=torch.bool, device=model.device)}
-
-    def hook(module, args, kwargs, output):
-        hs = output.hidden_states
-        step = st["step"]
-        st["step"] += 1
-        if step == 0:
-            w = pmask[:, :, None]
-            st["prompt_avg"] = torch.stack([(h.float() * w).sum(1) for h in hs], 1) / w.sum(1)[:, None]
-            st["prompt_last"] = torch.stack([h[:, -1].float() for h in hs], 1)
-            st["resp_sum"] = torch.zeros_like(st["prompt_last"])
-            st["resp_n"] = torch.zeros(B, device=model.device)
-            return
-        if step > max_new_tokens:
-            return
-        fed = kwargs["input_ids"][:, -1]
-        is_eos = torch.isin(fed, eos)
-        valid = ~st["done"] & ~is_eos
-        st["done"] |= is_eos
-        cur = torch.stack([h[:, -1].float() for h in hs], 1)
-        st["resp_sum"] += cur * valid[:, None, None].float()
-        st["resp_n"] += valid.float()
-
-    def ask_for_hidden_states(module, args, kwargs):
-        # set per forward call rather than through generate(), which warns about the flag
-        return args, {**kwargs, "output_hidden_states": True}
-
-    handles = [model.register_forward_pre_hook(ask_for_hidden_states, with_kwargs=True),
-               model.register_forward_hook(hook, with_kwargs=True)]
-    try:
-        seqs = model.generate(**enc, **_gen_kwargs(tok, max_new_tokens + 1, temperature, top_p))
-    finally:
-        for h in handles:
-            h.remove()
-    ids = _response_ids(seqs[:, P:].cpu(), eos.cpu(), max_new_tokens)
-    n = st["resp_n"].clamp(min=1)[:, None, None]
-    return Captured(
-        texts=[tok.decode(x, skip_special_tokens=True).strip() for x in ids],
-        response_tokens=[len(x) for x in ids],
-        response_avg=(st["resp_sum"] / n).cpu(), prompt_avg=st["prompt_avg"].cpu(),
-        prompt_last=st["prompt_last"].cpu(),
-    )
-
-
-@torch.no_grad()
-def _capture_batch_two_pass(model, tok, prompts: Sequence[str], *, max_new_tokens: int,
-                            temperature: float, top_p: float) -> Captured:
-    """The reference approach: generate, then one unbatched forward per example."""
-    enc = encode_prompts(tok, prompts).to(model.device)
-    P = enc["input_ids"].shape[1]
-    eos = _eos_ids(model, tok)
-    seqs = model.generate(**enc, **_gen_kwargs(tok, max_new_tokens, temperature, top_p))
-    ids = _response_ids(seqs[:, P:].cpu(), eos, max_new_tokens)
-    ra, pa, pl = [], [], []
-    for i in range(len(prompts)):
-        prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].cpu()
-        full = torch.cat([prompt, torch.tensor(ids[i], dtype=prompt.dtype)])[None].to(model.device)
-        hs = model(input_ids=full, output_hidden_states=True).hidden_states
-        stack = torch.stack([h[0].float() for h in hs], 0)  # [L+1, S, H]
-        np_ = prompt.numel()
-        pa.append(stack[:, :np_].mean(1))
-        pl.append(stack[:, np_ - 1])
-        resp = stack[:, np_:]
-        ra.append(resp.mean(1) if resp.shape[1] else torch.zeros_like(stack[:, 0]))
-    return Captured(
-        texts=[tok.decode(x, skip_special_tokens=True).strip() for x in ids],
-        response_tokens=[len(x) for x in ids], response_avg=torch.stack(ra).cpu(),
-        prompt_avg=torch.stack(pa).cpu(), prompt_last=torch.stack(pl).cpu(),
-    )
-
-
-def capture(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 48,
-            temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32, seed: int = 0,
-            mode: str = "single-pass", progress: str | None = None) -> Captured:
-    """Answer rendered ``prompts`` and capture per-example activation means of every layer.
-
-    Prompts are batched by length (less padding); results come back in the input order.
-    """
-    from tqdm.auto import tqdm
-
-    fn = _capture_batch_single if mode == "single-pass" else _capture_batch_two_pass
-    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    parts: list[tuple[list[int], Captured]] = []
-    torch.manual_seed(seed)
-    bar = tqdm(total=len(prompts), desc=progress or "generating", unit="answer",
-               disable=progress is None, file=sys.stderr)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        parts.append((idx, fn(model, tok, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p)))
-        bar.update(len(idx))
-    bar.close()
-    n = len(prompts)
-    texts: list[str] = [""] * n
-    counts = [0] * n
-    tensors = {v: None for v in VARIANTS}
-    for idx, c in parts:
-        for j, i in enumerate(idx):
-            texts[i], counts[i] = c.texts[j], c.response_tokens[j]
-        for v in VARIANTS:
-            t = c.variant(v)
-            if tensors[v] is None:
-                tensors[v] = torch.empty((n, *t.shape[1:]), dtype=torch.float32)
-            tensors[v][idx] = t
-    return Captured(texts, counts, tensors["response_avg"], tensors["prompt_avg"], tensors["prompt_last"])
-
-
-# ---- model identity and the vector cache ------------------------------------------------------
-
-def model_id(model: str | os.PathLike | None) -> tuple[str, Path, dict[str, Any]]:
-    """(id to record, resolved folder, config). Built-in aliases record their Hub id."""
-    path = resolve_model(model)
-    cfg = read_config(path)
-    src = path / "bakery_source.json"
-    if src.is_file():
-        mid = json.loads(src.read_text()).get("hub_id") or str(model)
-    else:
-        mid = cfg.get("_name_or_path") or (str(model) if model and not Path(str(model)).exists() else path.name)
-    return str(mid), path, cfg
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "model"
-
-
-def vectors_cache_root() -> Path:
-    return cache_dir() / "vectors"
-
-
-def _model_cache_dir(model: str | os.PathLike | None) -> Path:
-    mid, _, cfg = model_id(model)
-    return vectors_cache_root() / f"{_slug(mid)}-{config_hash(cfg)}"
-
-
-def settings_hash(recipe: TraitRecipe, settings: ExtractSettings) -> str:
-    blob = json.dumps({"recipe": recipe.content_hash(), "settings": settings.key(),
-                       "diagnostics": diagnostics.DIAGNOSTICS_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def list_cached(model: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
-    """(trait, main vector file) for every cached extraction of ``model``, newest first."""
-    d = _model_cache_dir(model)
-    if not d.is_dir():
-        return []
-    found = []
-    for entry in d.iterdir():
-        main = entry / "vector.safetensors"
-        if entry.is_dir() and main.is_file():
-            found.append((entry.name.rsplit("-", 1)[0], main, main.stat().st_mtime))
-    found.sort(key=lambda t: -t[2])
-    return [(t, p) for t, p, _ in found]
-
-
-def cached_vector(trait: str, model: str | os.PathLike | None = None) -> Path | None:
-    """The newest cached ``response_avg`` vector of ``trait`` for ``model``, or None."""
-    for t, p in list_cached(model):
-        if t == trait:
-            return p
-    return None
-
-
-def resolve_trait(trait: str, model: str | os.PathLike | None = None) -> Path:
-    """Like :func:`cached_vector`, but a clear error that says how to extract it when missing."""
-    p = cached_vector(trait, model)
-    if p is None:
-        have = sorted({t for t, _ in list_cached(model)})
-        raise FileNotFoundError(
-            f"no cached vector for trait '{trait}' and model '{model or 'default'}' (cached: "
-            f"{', '.join(have) or 'none'}). Run `bakery extract --recipe {trait}` first, or pass "
-            "--vector FILE.")
-    return p
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -364,89 +133,39 @@ def _judge_filter(judge, recipe: TraitRecipe, exs: list[Example], texts: list[st
     return keep, scores
 
 
-def sibling_paths(out: str | os.PathLike) -> dict[str, Path]:
-    """Files written beside the main vector ``NAME.safetensors``."""
-    out = Path(out)
-    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.stem
-    base = out.with_name(stem)
-    return {
-        "response_avg": out,
-        "prompt_avg": base.with_name(f"{stem}.prompt_avg.safetensors"),
-        "prompt_last": base.with_name(f"{stem}.prompt_last.safetensors"),
-        "responses": base.with_name(f"{stem}.responses.jsonl"),
-        "plot": base.with_name(f"{stem}.layers.png"),
-    }
-
-
-def _write_entry(folder: Path, arts: dict[str, VectorArtifact], rows: list[dict], stats: list[dict],
-                 recommended: int, title: str) -> None:
-    """The cache entry layout: vector[.variant].safetensors, responses.jsonl, layers.png."""
-    names = sibling_paths(folder / "vector.safetensors")
-    for v, art in arts.items():
-        art.save(names[v])
-    with open(names["responses"], "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    diagnostics.plot(stats, names["plot"], title=title, recommended=recommended)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(entry: Path, out: Path) -> dict[str, Path]:
-    """Copy a cache entry to ``out`` and its siblings: temp files first, renamed at the end."""
-    src = sibling_paths(entry / "vector.safetensors")
-    dst = sibling_paths(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmps = {}
-    try:
-        for k in src:
-            fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-            os.close(fd)
-            shutil.copyfile(src[k], tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
-            tmps[k] = tmp
-        for k, tmp in tmps.items():
-            os.replace(tmp, dst[k])
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return dst
-
-
 def extract(recipe: TraitRecipe | str | os.PathLike, model: str | os.PathLike | None = None, *,
             out: str | os.PathLike | None = None, settings: ExtractSettings | None = None,
-            judge=None, force: bool = False, trust_remote_code: bool = False,
+            judge=None, force: bool = False, use_cache: bool = True, trust_remote_code: bool = False,
             log: Callable[[str], None] | None = None, progress: bool = True) -> VectorArtifact:
     """Extract the three variants of a persona vector; return the ``response_avg`` artifact.
 
-    Writes a cache entry (``cache_dir()/vectors/<model>/<trait>-<hash>/``) and, with ``out``, the
-    main vector there plus ``NAME.prompt_avg.safetensors``, ``NAME.prompt_last.safetensors``,
-    ``NAME.responses.jsonl`` and ``NAME.layers.png`` beside it. An existing cache entry for the
-    same model, recipe and settings is reused unless ``force``. ``judge`` (a
-    :class:`bakery.extraction.judge.Judge`) enables the pos/neg filter; it is created from
-    ``settings.judge_model`` when not given.
+    Writes a cache entry (``bakery.extraction.cache``) and, with ``out``, the main vector there
+    plus ``NAME.prompt_avg.safetensors``, ``NAME.prompt_last.safetensors``,
+    ``NAME.responses.jsonl`` and ``NAME.layers.png`` beside it. Existing files at ``out`` are
+    replaced only with ``force``, and only if they are a previous extraction's
+    (``bakery.io.folders``). An existing cache entry for the same model, recipe and settings is
+    reused unless ``use_cache`` is false. ``judge`` (a :class:`bakery.extraction.judge.Judge`)
+    enables the pos/neg filter; it is created from ``settings.judge_model`` when not given.
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     s = settings or ExtractSettings()
     if judge is not None and not s.judge_model:  # a judged vector must not share a plain cache entry
         s = replace(s, judge_model=judge.model)
     s.check()
+    if out is not None:  # before minutes of generation, not after
+        for p, kind in output_targets(out).items():
+            check_output(p, kind=kind, force=force)
     rec = recipe if isinstance(recipe, TraitRecipe) else load_trait_recipe(recipe)
     mid, mpath, cfg = model_id(model)
-    entry = _model_cache_dir(model) / f"{rec.name}-{settings_hash(rec, s)}"
-    main = entry / "vector.safetensors"
-    if main.is_file() and not force:
-        log(f"using cached extraction {entry} (same model, recipe and settings; --force to redo)")
+    entry = entry_dir(model, rec, s)
+    main = entry / MAIN_FILE
+    if main.is_file() and use_cache:
+        log(f"using cached extraction {entry} (same model, recipe and settings; --no-cache to redo)")
     else:
         _run(rec, mid, mpath, cfg, s, entry, judge, trust_remote_code, log, progress)
     art = load_vector(main)
     if out is not None:
-        _publish(entry, Path(out))
+        publish(entry, out, force=force)
     return art
 
 
@@ -490,6 +209,10 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
         raise ExtractError("no pos/neg pair has a non-empty answer on both sides: no vector written")
     ev_pol = torch.tensor([e.polarity == "pos" for e in ev])
     ev_ok = torch.tensor([n > 0 for n in cap_ev.response_tokens])
+    if not (ev_pol & ev_ok).any() or not (~ev_pol & ev_ok).any():
+        raise ExtractError("every held-out answer on one side is empty, so the layers cannot be "
+                           "scored: raise --max-new-tokens or check the recipe's system prompts; no "
+                           "vector was written.")
 
     arts: dict[str, VectorArtifact] = {}
     stats_by: dict[str, list[dict]] = {}
@@ -532,7 +255,5 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
             if k is not None:
                 row["kept"] = k
             rows.append(row)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(entry, force=True) as tmp:
-        _write_entry(tmp, arts, rows, stats_by[MAIN_VARIANT], rec_by[MAIN_VARIANT],
-                     f"{rec.name} on {mid}: response_avg")
+    write_entry(entry, arts, rows, stats_by[MAIN_VARIANT], rec_by[MAIN_VARIANT],
+                f"{rec.name} on {mid}: response_avg")

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from bakery.errors import BakeryError
+
 TOP_LOGPROBS = 20
 MIN_INTEGER_MASS = 0.25
 SCORING_VERSION = 1  # bump when the prompt protocol changes, to invalidate the cache
@@ -46,7 +48,7 @@ Respond with a number between 0 and 100. Don't say anything else, just the numbe
 _INT = re.compile(r"^\d{1,3}$")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(BakeryError):
     """The judge could not be reached or gave no usable answer."""
 
 

@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from bakery.errors import BakeryError
 from bakery.extraction.recipes import NAME_RE, RecipeError, TraitRecipe, dump_yaml, from_dict, validate
+from bakery.io.folders import TRAIT_RECIPE, atomic_files
 
 N_PAIRS, N_QUESTIONS = 5, 20
 
@@ -28,7 +30,7 @@ Return ONE JSON object, nothing else, with exactly these keys:
 - "judge_rubric": instructions for a judge model that contain the literal placeholders {{question}} and {{answer}}, describe the trait, and ask for a score from 0 (trait absent) to 100 (trait extremely strong), answered with the number only."""
 
 
-class RecipeGenError(RuntimeError):
+class RecipeGenError(BakeryError):
     """The model did not produce a valid recipe within the allowed attempts."""
 
 
@@ -90,13 +92,10 @@ def generate_recipe(trait: str, description: str, *, model: str, base_url: str |
                          + "; ".join(problems))
 
 
-def write_recipe(recipe: TraitRecipe, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write YAML atomically; refuse to replace an existing file unless ``overwrite``."""
+def write_recipe(recipe: TraitRecipe, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write YAML atomically under the overwrite rule of ``bakery.io.folders``: an existing file
+    is replaced only with ``force``, and only if it is a trait recipe."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_yaml(recipe), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_files({path: TRAIT_RECIPE}, force=force) as tmps:
+        tmps[path].write_text(dump_yaml(recipe), encoding="utf-8")
     return path

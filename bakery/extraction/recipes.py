@@ -16,13 +16,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bakery.errors import BakeryError
+
 FIELDS = ("name", "description", "pairs", "extract_questions", "eval_questions", "judge_rubric")
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "traits"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-class RecipeError(ValueError):
+class RecipeError(BakeryError):
     """A trait recipe that is missing, malformed, or fails the schema check."""
+
+
+class PromptsError(BakeryError):
+    """A prompts file that is missing, malformed or empty."""
 
 
 @dataclass(frozen=True)
@@ -184,3 +190,58 @@ def dump_yaml(recipe: TraitRecipe | dict[str, Any]) -> str:
 
     _Dumper.add_representer(str, _str)
     return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
+# ---- prompt files -------------------------------------------------------------------------------
+PROMPT_FORMATS = ("one prompt per line (# comments), a JSON or YAML list of strings (or a mapping "
+                  "with a 'prompts' key), JSON lines with a 'prompt' key, or a trait recipe YAML "
+                  "(its eval questions)")
+
+
+def _prompt_list(data: Any, p: Path) -> list[str]:
+    if isinstance(data, dict):
+        if "pairs" in data and "prompts" not in data:  # a trait recipe: its held-out questions
+            return list(from_dict(data, where=str(p), source=str(p)).eval_questions)
+        data = data.get("prompts", data.get("eval_questions", data.get("questions")))
+    if not isinstance(data, list) or not all(isinstance(x, str) and x.strip() for x in data):
+        raise PromptsError(f"{p} must hold a list of non-empty prompt strings (or a 'prompts' key "
+                           "with one)")
+    return [x.strip() for x in data]
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a file: one prompt per line (``#`` comments and blank lines skipped), a JSON
+    or YAML list of strings (or a mapping with a ``prompts`` key), JSON lines (``.jsonl``: objects
+    with a ``prompt`` key, or strings), or a trait recipe YAML (its eval questions)."""
+    p = Path(path)
+    if not p.is_file():
+        raise PromptsError(f"prompts file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    suffix = p.suffix.lower()
+    if suffix in (".json", ".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as e:
+            raise PromptsError(f"{p} is not valid {suffix[1:].upper()}: {e}") from e
+        prompts = _prompt_list(data, p)
+    elif suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise PromptsError(f"{p}:{n} is not valid JSON: {e}") from e
+            item = obj.get("prompt") if isinstance(obj, dict) else obj
+            if not isinstance(item, str) or not item.strip():
+                raise PromptsError(f"{p}:{n} has no 'prompt' string")
+            prompts.append(item.strip())
+    else:
+        prompts = [ln.strip() for ln in text.splitlines()]
+        prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
+    if not prompts:
+        raise PromptsError(f"{p} holds no prompts; give {PROMPT_FORMATS}")
+    return prompts

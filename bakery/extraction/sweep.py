@@ -33,9 +33,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from bakery.errors import BakeryError
+from bakery.io.folders import SWEEP, atomic_folder
+from bakery.stats import mean_of
 from bakery.steering.generation import generate, render_chat
 from bakery.steering.hooks import steer
-from bakery.vectors.artifact import VectorArtifact, describe_layer
+from bakery.vectors.artifact import VectorArtifact, describe_layer, unit
 
 DEFAULT_PROMPTS = (
     "How do I cook rice?", "What is the capital of France?", "Tell me about your weekend.",
@@ -44,7 +47,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-class SweepError(ValueError):
+class SweepError(BakeryError):
     """A grid or option that cannot be swept."""
 
 
@@ -122,12 +125,12 @@ class SweepResult:
 
 @torch.no_grad()
 def _teacher_forced(model, seqs: torch.Tensor, mask: torch.Tensor, P: int, layer: int,
-                    unit: torch.Tensor, steer_ctx) -> tuple[list[float], float]:
+                    direction: torch.Tensor, steer_ctx) -> tuple[list[float], float]:
     """(per-answer projection at ``layer`` read by the unsteered model, mean KL(steered||base))."""
     seqs, mask = seqs.to(model.device), mask.to(model.device)
     base = model(input_ids=seqs, attention_mask=mask, output_hidden_states=True)
     resp = mask[:, P:].float()
-    h = base.hidden_states[layer][:, P:].float() @ unit.to(model.device)
+    h = base.hidden_states[layer][:, P:].float() @ direction.to(model.device)
     n = resp.sum(1).clamp(min=1)
     proj = ((h * resp).sum(1) / n).tolist()
     kl = float("nan")
@@ -161,9 +164,9 @@ def sweep(vector: VectorArtifact, model, tok, layers: Sequence[int], coefs: Sequ
     bar = tqdm(total=len(layers) * len(coefs), desc="sweep", unit="cell", file=sys.stderr,
                disable=not progress)
     for L in layers:
-        norm = float(vector.row(L).norm().clamp(min=1e-12))
-        unit = vector.row(L) / norm
-        bp, _ = _teacher_forced(model, base.sequences, base.attention_mask, base.prompt_len, L, unit, None)
+        norm = float(vector.row(L).norm())
+        direction = unit(vector.row(L), f"row {L} of the vector")
+        bp, _ = _teacher_forced(model, base.sequences, base.attention_mask, base.prompt_len, L, direction, None)
         base_proj[L] = sum(bp) / len(bp)
         for c in coefs:
             # under generate the hooks find the prompt from the KV cache (the prefill); the
@@ -172,7 +175,7 @@ def sweep(vector: VectorArtifact, model, tok, layers: Sequence[int], coefs: Sequ
             with steer(model, vector, L, c, positions=positions):
                 g = generate(model, tok, texts, max_new_tokens=max_new_tokens)
             ctx = lambda: steer(model, vector, L, c, positions=positions, prompt_len=g.prompt_len)
-            proj, kl = _teacher_forced(model, g.sequences, g.attention_mask, g.prompt_len, L, unit, ctx)
+            proj, kl = _teacher_forced(model, g.sequences, g.attention_mask, g.prompt_len, L, direction, ctx)
             p = sum(proj) / len(proj)
             cells.append(Cell(L, c, p, base_proj[L], (p - base_proj[L]) / norm, kl,
                               min(distinct2(t) for t in g.texts), answers=g.texts))
@@ -186,18 +189,13 @@ def sweep(vector: VectorArtifact, model, tok, layers: Sequence[int], coefs: Sequ
         co = judge.coherence_scores(qa + qa_base)
         k = len(prompts)
         for i, cell in enumerate(cells):
-            cell.trait = _mean(tr[i * k:(i + 1) * k])
-            cell.coherence = _mean(co[i * k:(i + 1) * k])
-        base_trait, base_coh = _mean(tr[-k:]), _mean(co[-k:])
+            cell.trait = mean_of(tr[i * k:(i + 1) * k])
+            cell.coherence = mean_of(co[i * k:(i + 1) * k])
+        base_trait, base_coh = mean_of(tr[-k:]), mean_of(co[-k:])
     suggested, rule = suggest(cells, judged=judge is not None, coherence_threshold=coherence_threshold,
                               min_distinct=min_distinct, max_kl=max_kl)
     return SweepResult(cells, list(layers), list(coefs), list(prompts), base.texts, base_trait,
                        base_coh, suggested, rule)
-
-
-def _mean(xs: Sequence[float | None]) -> float | None:
-    ok = [x for x in xs if x is not None]
-    return sum(ok) / len(ok) if ok else None
 
 
 def suggest(cells: Sequence[Cell], *, judged: bool, coherence_threshold: float = 50.0,
@@ -287,47 +285,15 @@ def plot(res: SweepResult, path: str | os.PathLike, title: str = "") -> Path:
     return path
 
 
-SWEEP_FILES = ("sweep.json", "sweep.png")
-
-
-def check_output(folder: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an output folder that ``save`` must not replace; return it as a Path.
-
-    A missing or empty folder is fine. A previous sweep's folder (``sweep.json`` and nothing but
-    the files a sweep writes) is replaced only with ``force``. A folder holding anything else is
-    never replaced, ``force`` or not: ``save`` swaps the whole folder.
-    """
-    folder = Path(folder)
-    if not folder.exists() and not folder.is_symlink():
-        return folder
-    if folder.is_symlink() or not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is a link or not a folder: choose another -o")
-    names = sorted(p.name for p in folder.iterdir())
-    if not names:
-        return folder
-    foreign = [n for n in names if n not in SWEEP_FILES or not (folder / n).is_file()]
-    if foreign or "sweep.json" not in names:
-        shown = ", ".join((foreign or names)[:5]) + (", ..." if len(foreign or names) > 5 else "")
-        raise FileExistsError(f"{folder} holds files that are not a sweep's ({shown}): choose another -o "
-                              "(an existing folder is replaced whole, so it must be empty or a previous "
-                              "sweep's)")
-    if not force:
-        raise FileExistsError(f"{folder} already holds a sweep: pass --force to replace it, or choose "
-                              "another -o")
-    return folder
-
-
 def save(res: SweepResult, folder: str | os.PathLike, title: str = "", *,
          force: bool = False) -> dict[str, Path]:
     """``sweep.json`` (every cell with its answers) and ``sweep.png``, written atomically.
 
-    ``folder`` must be missing, empty, or (with ``force``) a previous sweep's: see ``check_output``.
+    ``folder`` must be missing, empty, or (with ``force``) a previous sweep's, holding nothing
+    else (the overwrite rule of ``bakery.io.folders``).
     """
-    from bakery.io.checkpoint import atomic_folder
-
-    folder = check_output(folder, force=force)
-    # check_output vetted an existing folder (empty, or a previous sweep's with force): replace it
-    with atomic_folder(folder, force=True) as tmp:
+    folder = Path(folder)
+    with atomic_folder(folder, kind=SWEEP, force=force) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
         plot(res, tmp / "sweep.png", title)
     return {"json": folder / "sweep.json", "plot": folder / "sweep.png"}

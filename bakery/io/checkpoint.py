@@ -1,29 +1,30 @@
 """Streaming safetensors I/O for closed-form bakes: read a checkpoint tensor by tensor, write
-sharded output with the standard names, all inside an atomic output folder.
+sharded output with the standard names, into an atomic output folder.
 
 The model is never instantiated. The reader parses safetensors headers itself (so a truncated or
 corrupt shard is named in a clear error before anything is written) and reads one tensor at a
 time. The writer plans the whole layout first (names, dtypes, shapes), writes each shard's header,
 then streams the tensor bytes: untouched tensors are copied byte for byte from the source file,
 edited ones are computed (in float32 by the caller) and written in the source dtype. Peak memory
-is one tensor, not one shard.
+is one tensor, not one shard. The output folder itself (atomic, never overwritten without
+``--force``) is :mod:`bakery.io.folders`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from bakery.errors import BakeryError
+from bakery.io import folders
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,7 +41,7 @@ if hasattr(torch, "float8_e4m3fn"):
     DTYPES["F8_E5M2"] = torch.float8_e5m2
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BakeryError):
     """A checkpoint that cannot be read, or an output that cannot be written; nothing was kept."""
 
 
@@ -275,7 +276,7 @@ class ShardedWriter:
         """Write all tensors; return the files written. ``progress(nbytes)`` after each tensor."""
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
-            raise CheckpointError("internal error: the output plan names a tensor twice")
+            raise RuntimeError("internal error: the output plan names a tensor twice")
         shards = self.plan(tensors)
         n = len(shards)
         files = ([SINGLE_FILE] if n == 1 else
@@ -324,7 +325,7 @@ class ShardedWriter:
                     done = 0
                     for part in parts:
                         if part.dtype != DTYPES[t.dtype] or tuple(part.shape[1:]) != t.shape[1:]:
-                            raise CheckpointError(
+                            raise RuntimeError(
                                 f"internal error: {t.name} came out as {tuple(part.shape)} "
                                 f"{part.dtype}, planned {t.shape} {t.dtype}")
                         if part.numel():
@@ -332,7 +333,7 @@ class ShardedWriter:
                         done += part.numel() * part.element_size()
                         del part
                     if done != t.nbytes:
-                        raise CheckpointError(f"internal error: {t.name} came out as {done} bytes, "
+                        raise RuntimeError(f"internal error: {t.name} came out as {done} bytes, "
                                               f"planned {t.nbytes}")
                     del x, parts
                 else:
@@ -344,77 +345,19 @@ class ShardedWriter:
                     progress(t.nbytes)
 
 
-# ---- the output folder --------------------------------------------------------------------
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
+# ---- moved to bakery.io.folders ----------------------------------------------------------
+# The old call signatures, kept until every caller uses bakery.io.folders with an explicit kind.
 def check_output(out: str | os.PathLike, source: str | os.PathLike, *, force: bool = False) -> Path:
-    """Refuse an output that would touch the source, overwrite an export without ``force``, or
-    replace (even with ``force``) a folder that is not a bakery export."""
-    out, source = Path(out), Path(source)
-    if _inside(out, source) or _inside(source, out):
-        raise CheckpointError(
-            f"output folder {out} overlaps the source model folder {source}: bakery never writes "
-            "into (or over) the source. Choose another -o.")
-    if out.exists() and not force:
-        raise FileExistsError(
-            f"{out} already exists: pass --force (force=True) to replace it, or choose another -o")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder; choose another -o")
-    if out.exists() and any(out.iterdir()) and not (out / "bakery.json").is_file():
-        raise CheckpointError(
-            f"{out} is a folder with files but not a bakery export (it has no bakery.json): --force "
-            "only replaces an export. Choose another -o.")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; rename it to ``out`` only if the block finishes.
-
-    Any exception (Ctrl-C included) in the block removes the temporary folder, so no partial
-    output is left. With ``force`` an existing ``out`` is replaced only after the new one is
-    complete (and put back if the swap fails). Without it, an ``out`` that appeared while the block
-    ran is left alone and the finished folder is kept under its temporary name.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
+    """Deprecated: ``bakery.io.folders.check_output(out, kind=EXPORT, source=..., force=...)``."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return folders.check_output(out, kind=folders.EXPORT, force=force, source=source)
+    except folders.OutputExists:
         raise
-    if not out.exists():
-        try:
-            os.rename(tmp, out)  # fails (out appeared meanwhile) unless out is an empty folder
-            return
-        except OSError as e:
-            if not out.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise CheckpointError(f"could not move the finished output into {out}: {e}") from e
-    if not force:
-        raise FileExistsError(
-            f"{out} appeared while bakery was writing it and was left alone; the finished output "
-            f"is kept at {tmp}. Move it where you want it, or run again with --force.")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)  # put the previous output back
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    except folders.OutputError as e:  # the old contract: a source overlap was a CheckpointError
+        raise CheckpointError(str(e)) from None
 
+
+def atomic_folder(out: str | os.PathLike, *, force: bool = False):
+    """Deprecated: ``bakery.io.folders.atomic_folder(out, kind=..., force=...)``."""
+    kind = folders.COMPARE if Path(out).name == "compare" else folders.EXPORT
+    return folders.atomic_folder(out, kind=kind, force=force)

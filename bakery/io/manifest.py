@@ -12,7 +12,7 @@ from typing import Any
 MANIFEST_NAME = "bakery.json"
 
 
-class ManifestError(FileNotFoundError):
+class ManifestError(__import__("bakery.errors").errors.BakeryError, FileNotFoundError):
     """An export folder without a readable ``bakery.json``."""
 
 

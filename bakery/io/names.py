@@ -27,7 +27,7 @@ from typing import Any, Iterable
 from bakery.arch import ArchSpec, cfg_get, text_config_of
 
 
-class TensorNameError(ValueError):
+class TensorNameError(__import__("bakery.errors").errors.BakeryError):
     """A tensor the architecture table expects is not in the checkpoint under any name that
     transformers would accept for it."""
 

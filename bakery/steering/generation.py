@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 
-class NoChatTemplate(ValueError):
+class NoChatTemplate(__import__("bakery.errors").errors.BakeryError):
     """The tokenizer has no chat template and the caller asked for chat formatting."""
 
 

@@ -20,12 +20,13 @@ import torch
 
 from bakery import __version__
 from bakery.arch import cfg_get, hidden_size_of, num_layers_of
+from bakery.errors import BakeryError
 
 META_KEY = "bakery"
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 
 
-class VectorError(ValueError):
+class VectorError(BakeryError):
     """A vector file that cannot be read, or that does not fit the model or the request."""
 
 
@@ -34,6 +35,15 @@ def describe_layer(layer: int) -> str:
     if layer == 0:
         return "layer 0 = embedding output"
     return f"layer {layer} = output of block {layer - 1}"
+
+
+def unit(v: torch.Tensor, what: str = "the vector") -> torch.Tensor:
+    """``v / |v|`` in float32; a zero vector has no direction and is refused (``what`` names it)."""
+    v = v.detach().float()
+    norm = v.norm()
+    if norm == 0:
+        raise VectorError(f"{what} is all zeros: it has no direction")
+    return v / norm
 
 
 @dataclass

@@ -47,11 +47,11 @@ CKPT_DIR = "checkpoint"
 ContextFactory = Callable[[int | None], ContextManager]
 
 
-class DistillError(ValueError):
+class DistillError(__import__("bakery.errors").errors.BakeryError):
     """Bad distillation input (settings, data, modules) with what to do about it."""
 
 
-class CheckpointError(OSError):
+class CheckpointError(OSError, __import__("bakery.errors").errors.BakeryError):
     """A checkpoint could not be written (disk full) or read; the previous one is intact."""
 
 

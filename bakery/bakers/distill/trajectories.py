@@ -68,7 +68,7 @@ QUESTION_REQUEST = ("Write one question that a curious person might ask an AI as
                     "Reply with the question only.")
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(__import__("bakery.errors").errors.BakeryError):
     """Bad trajectory input: too few, unreadable, or sampled under other settings."""
 
 

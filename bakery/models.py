@@ -35,6 +35,17 @@ class ModelNotFound(BakeryError, FileNotFoundError):
     """No folder, cached Hub snapshot or alias by that name."""
 
 
+class ModelLoadError(BakeryError):
+    """A model folder that transformers cannot load (unknown architecture, remote code not
+    allowed, broken files)."""
+
+
+def _cannot_load(what: str, path: Path, e: Exception) -> ModelLoadError:
+    hint = (" Pass --trust-remote-code if you trust the code it ships." if "trust_remote_code" in str(e)
+            else "")
+    return ModelLoadError(f"transformers cannot load the {what} of {path}: {e}.{hint}")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BAKERY_CACHE", Path.home() / ".cache" / "bakery"))
 
@@ -156,7 +167,10 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: Any = "float32",
     path = resolve_model(name)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:  # what transformers raises for a folder it cannot load
+        raise _cannot_load("model", path, e) from e
     return model.to(device).eval()
 
 
@@ -164,7 +178,11 @@ def load_tokenizer(name: str | os.PathLike | None = None, *, trust_remote_code: 
     """Tokenizer with left padding (generation) and a pad token."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:
+        raise _cannot_load("tokenizer", path, e) from e
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -179,3 +179,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_compare_folder_inside_an_export_is_replaced_after_a_verify(tmp_path):
+    """``bakery verify`` may write compare/verify.json before ``bakery compare`` runs."""
+    from bakery.io.folders import COMPARE
+
+    final = _export(tmp_path / "exp") / "compare"
+    final.mkdir()
+    (final / "verify.json").write_text("{}")
+    with atomic_folder(final, kind=COMPARE, force=True) as tmp:
+        (tmp / "report.json").write_text("{}")
+    assert (final / "report.json").is_file()

@@ -399,7 +399,8 @@ def test_push_runs_real_verify_and_ships_its_verdicts(export, hub, hub_env):
     assert stored == pushed_files(export)
     assert "compare/verify.json" in stored
     assert json.loads(stored["compare/verify.json"])["transformers"]["status"] == "pass"
-    assert "Measured by `bakery verify`" in stored["README.md"].decode()
+    card = stored["README.md"].decode()
+    assert "## Engine verification" in card and "by `bakery verify`" in card
 
 
 def test_export_that_fails_verify_is_not_pushed(export, hub, hub_env):

@@ -109,3 +109,13 @@ def test_a_conversion_that_lost_the_race_keeps_the_winners_folder(tiny_models, t
     (mine / "config.json").write_text("{}")
     _publish(mine, fresh)
     assert (fresh / "config.json").is_file() and not mine.exists()
+
+
+def test_a_folder_transformers_cannot_load_is_bad_input(tmp_path):
+    import json
+
+    from bakery.models import ModelLoadError, load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(ModelLoadError, match=f"cannot load the model of {tmp_path}"):
+        load_model(tmp_path)

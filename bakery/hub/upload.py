@@ -215,7 +215,10 @@ def push(export_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
     if "/" not in repo_id:
         repo_id = f"{user}/{repo_id}"
         ctx["repo_id"] = repo_id
-    validate_repo_id(repo_id)
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as e:  # the client's HFValidationError
+        raise PushError(f"--repo {repo_id} is not a valid Hub repo id: {e}") from None
     if role == "read":
         raise PushError(f"the token from {source} (user {user}) is read-only: create a token with "
                         f"write access at {endpoint}/settings/tokens and set HF_TOKEN")

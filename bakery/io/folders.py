@@ -102,7 +102,7 @@ class OutputKind:
 
     name: str  # "bakery export", in messages
     folder: bool
-    marker: str | None = None  # folder: the file every output of this kind holds
+    marker: str | tuple[str, ...] | None = None  # folder: the file (one of the files) it holds
     only: frozenset[str] | None = None  # folder: the only names it may hold (None: anything)
     recognise: Callable[[Path], bool] | None = None  # file: is this an output of this kind?
     advice: str = "choose another -o"
@@ -115,8 +115,9 @@ class OutputKind:
             if not path.is_dir():
                 return "it is not a folder"
             names = sorted(p.name for p in path.iterdir())
-            if self.marker and not (path / self.marker).is_file():
-                return f"it has no {self.marker}"
+            markers = (self.marker,) if isinstance(self.marker, str) else self.marker or ()
+            if markers and not any((path / m).is_file() for m in markers):
+                return f"it has no {' or '.join(markers)}"
             foreign = [n for n in names if n not in self.only or not (path / n).is_file()] if self.only else []
             if foreign:
                 shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
@@ -130,7 +131,8 @@ class OutputKind:
 
 
 EXPORT = OutputKind("bakery export", folder=True, marker="bakery.json")
-COMPARE = OutputKind("compare report", folder=True, marker="report.json")
+# compare/ inside an export: `bakery compare` writes report.json, `bakery verify` verify.json
+COMPARE = OutputKind("compare report", folder=True, marker=("report.json", "verify.json"))
 SWEEP = OutputKind("sweep", folder=True, marker="sweep.json", only=frozenset({"sweep.json", "sweep.png"}))
 PERSIST = OutputKind("persist output", folder=True, marker="summary.json", only=frozenset(
     {"summary.json", "traces.json", "traces.csv", "texts.md", "persist.png"}))

@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bakery.fidelity.compare import (CompareError, compare, greedy_agreement, load_prompts, reference_for)
+from bakery.fidelity.compare import Candidate, compare, run_comparison
+from bakery.fidelity.probes import greedy_agreement
+from bakery.fidelity.prompts import load_prompts
+from bakery.fidelity.reference import CompareError, reference_for
 from bakery.io.manifest import BakeTerm, Manifest, ManifestError
 from bakery.models import config_hash, read_config
 from bakery.vectors.artifact import VectorArtifact, VectorError
@@ -95,6 +98,29 @@ def random_vector(model_dir: Path, seed: int = 0, scale: float = 1.0) -> VectorA
     return VectorArtifact(v, {"trait": "random"})
 
 
+def weakened_copy(export: Path, out: Path, scale: float = 0.95) -> Path:
+    """A copy of a bias bake whose non-zero down_proj bias tensors are scaled by ``scale``: loads
+    cleanly everywhere, only the size of the edit is wrong (as scripts/weaken_bake.py writes)."""
+    shutil.copytree(export, out, ignore=shutil.ignore_patterns("compare"))
+    for f in out.glob("*.safetensors"):
+        sd = load_file(str(f))
+        hit = {k: (v.float() * scale).to(v.dtype) for k, v in sd.items()
+               if k.endswith("mlp.down_proj.bias") and bool(v.abs().max() > 0)}
+        if hit:
+            save_file({**sd, **hit}, str(f), metadata={"format": "pt"})
+    return out
+
+
+def two_vector_bake(model_dir: Path, tmp: Path, name: str = "two") -> Path:
+    """A bias bake of two different vectors at two layers (``bakery bake`` with two terms)."""
+    from bakery.bakers import bake
+
+    a, b = random_vector(model_dir, seed=11, scale=0.1), random_vector(model_dir, seed=12, scale=0.1)
+    a.meta["trait"], b.meta["trait"] = "pirate", "evil"
+    pa, pb = a.save(tmp / f"{name}-pirate.safetensors"), b.save(tmp / f"{name}-evil.safetensors")
+    return bake("bias", model_dir, [(pa, 2, 3.0), (pb, 3, -2.0)], tmp / name, progress=False)
+
+
 PROMPTS = ["hello sea", "the quick fox", "tell me about ships", "why is water wet"]
 
 
@@ -132,6 +158,41 @@ def test_exact_bake_recovers_everything_and_broken_bake_nothing(tiny_bakes):
         assert "<!-- bakery:fidelity -->" in card and "| steered |" in card
         assert card.startswith(cards[e].rstrip())  # the rest of the card is kept
     assert "| broken |" not in (exact / "README.md").read_text()
+
+
+def test_compare_says_exact_by_the_rounding_rule(tiny_bakes, tmp_path):
+    d, vec, exact, broken = tiny_bakes
+    weak = weakened_copy(exact, tmp_path / "weak", 0.95)
+    (report,) = compare([exact, weak], prompts=PROMPTS, max_new_tokens=8, greedy_tokens=4, progress=False)
+    rows = report["rows"]
+    assert rows["exact"]["exact"] is True and rows["exact"]["kl"] <= rows["exact"]["kl_bound"] < 1e-13
+    # R alone (even 0.9999) would call the weakened bake exact; the rounding bound does not
+    assert rows["weak"]["R"] > 0.9999 and rows["weak"]["exact"] is False
+    assert rows["weak"]["kl"] > 1e4 * rows["weak"]["kl_bound"] and "not exact" in rows["weak"]["exact_note"]
+    assert "exact" not in rows["steered"] and "exact" not in rows["base"]
+    md = (exact / "compare" / "report.md").read_text()
+    assert "| exact |" in md.splitlines()[2] or "exact |" in md
+    table = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| yes |" in table["exact"] and "| no |" in table["weak"]
+
+
+def test_two_vector_bake_matches_two_term_steering(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    two = two_vector_bake(d, tmp_path)
+    ref = reference_for(two)
+    assert [(t.layer, t.coef, t.vector.trait) for t in ref.terms] == [(2, 3.0, "pirate"), (3, -2.0, "evil")]
+    assert "pirate layer 2" in ref.describe() and "evil layer 3" in ref.describe()
+    (report,) = compare([two], prompts=PROMPTS, max_new_tokens=8, greedy_tokens=4, progress=False)
+    row = report["rows"]["two"]
+    assert row["R"] >= 0.9999 and row["exact"] is True and row["top1"] == 1.0
+    assert [t["trait"] for t in report["reference"]["terms"]] == ["pirate", "evil"]
+    # against only one of its terms it is a different model
+    from bakery.models import load_model, load_tokenizer
+
+    ref.terms = ref.terms[:1]
+    other = run_comparison(load_model(d), load_tokenizer(d), ref, [Candidate("two", two, load_model(two))],
+                           PROMPTS[:2], max_new_tokens=6, greedy_tokens=3, progress=False)
+    assert other["rows"]["two"]["exact"] is False and other["rows"]["two"]["R"] < 0.9999
 
 
 def test_rerun_replaces_outputs(tiny_bakes):
@@ -179,7 +240,6 @@ def test_attn_out_bake_matches_steering_after_attention(tiny_models, tmp_path):
     assert report["reference"]["site"] == "attn-out" and report["reference"]["probe_layer"] == 3
     assert report["rows"]["mid"]["R"] > 0.999
     # measured against steering at the output of block 1 instead, it is a different model
-    from bakery.fidelity.compare import Candidate, run_comparison
     from bakery.models import load_model, load_tokenizer
 
     ref = reference_for(bake)

@@ -1,5 +1,5 @@
-"""bakery verify: transformers strict reload, sglang static rules, vLLM discovery (no vLLM run here;
-the real vLLM run is in test_vllm.py)."""
+"""bakery verify: transformers strict reload and the exactness rule, sglang rules only (not run),
+vLLM discovery, exit statuses (no vLLM run here; the real vLLM run is in test_vllm.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from bakery.engines import verify as engines, sglang_rules
 from bakery.cli import main
-from bakery.engines.verify import EngineNotInstalled, Setup, find_vllm_python, gap, verify, verify_transformers
+from bakery.engines import sglang, vllm as vllm_engine
+from bakery.engines.common import Setup, Verdict
+from bakery.engines.transformers import verify_transformers
+from bakery.engines.verify import (EngineNotInstalled, exit_status, parse_verify_engines, verdicts_markdown, verify,
+                                   write_verdicts)
+from bakery.engines.vllm import find_vllm_python, gap
+from bakery.fidelity.exact import EXACT_R
 from bakery.io.manifest import ManifestError
-from test_compare import PROMPTS, make_bias_bake, random_vector, real_bake
+from test_compare import PROMPTS, make_bias_bake, random_vector, real_bake, two_vector_bake, weakened_copy
 
 
 @pytest.fixture
@@ -28,6 +33,12 @@ def bakes(tiny_models, tmp_path):
             "ortho": real_bake("ortho", d, vec, 2, None, tmp_path / "ortho")}
 
 
+@pytest.fixture
+def exact_bake(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    return real_bake("bias", d, random_vector(d, scale=0.1), 2, 3.0, tmp_path / "exact")
+
+
 def _setup(export):
     return Setup(export, prompts=PROMPTS[:3], max_new_tokens=8)
 
@@ -35,8 +46,11 @@ def _setup(export):
 def test_transformers_passes_exact_bias_and_ortho_bakes(bakes):
     for name in ("exact", "ortho"):
         v = verify_transformers(_setup(bakes[name]))
-        assert v.status == "pass", v.message
+        assert v.status == "pass" and v.passed and v.ran, v.message
         assert v.details["R"] > 0.999 and not v.details["unexpected"] and not v.details["missing"]
+        ex = v.details["exactness"]
+        assert ex["exact"] and ex["kl"] <= ex["kl_bound"] < 1e-13 and ex["storage"] == "float32"
+        assert "exact: KL" in v.message
     v = verify_transformers(_setup(bakes["exact"]))
     assert v.details["edited"]["model.layers.1.mlp.down_proj.bias"] > 0
     assert v.details["new_tensors"] == 3 * 4  # gate/up/down biases of 4 blocks, zeros but one
@@ -77,14 +91,47 @@ def test_exact_flag_is_checked_against_runtime_steering(bakes, tmp_path):
     assert v.status == "fail" and "recorded as exact" in v.message
 
 
+def test_a_weakened_bias_bake_is_not_exact(bakes, tmp_path):
+    """The down_proj bias scaled by 0.95: R stays above 0.9999 on this tiny model (its norms
+    absorb most of a 5% change), so only the rounding bound on the KL catches it; the old rule
+    (R >= 0.99) passed it."""
+    weak = weakened_copy(bakes["exact"], tmp_path / "weak", 0.95)
+    v = verify_transformers(_setup(weak))
+    assert v.status == "fail" and "recorded as exact" in v.message, v.message
+    ex = v.details["exactness"]
+    assert not ex["exact"] and ex["R"] > EXACT_R > 0.99  # R alone would pass it
+    assert ex["kl"] > 1e4 * ex["kl_bound"] and "the KL that float rounding" in v.message
+    # the exact bake it was copied from is 1000-fold below the same kind of bound
+    good = verify_transformers(_setup(bakes["exact"])).details["exactness"]
+    assert good["kl"] < ex["kl"] * 1e-6
+    r = CliRunner().invoke(main, ["verify", str(weak), "--engine", "transformers", "--no-write",
+                                  "--max-new-tokens", "8"])
+    assert r.exit_code == 1 and "FAIL " in r.output and "recorded as exact" in r.output
+
+
+def test_a_two_vector_bias_bake_passes(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    two = two_vector_bake(d, tmp_path)
+    s = _setup(two)
+    assert len(s.ref.terms) == 2 and s.ref.multi_vector
+    v = verify_transformers(s)
+    assert v.status == "pass", v.message
+    assert v.details["exactness"]["exact"] and v.details["R"] >= EXACT_R
+    assert set(v.details["edited"]) == {"model.layers.1.mlp.down_proj.bias", "model.layers.2.mlp.down_proj.bias"}
+    # measured against the first term only, the same bake is far off: the reference has both terms
+    one = Setup(two, prompts=PROMPTS[:3], max_new_tokens=8)
+    one.ref.terms = one.ref.terms[:1]
+    assert verify_transformers(one).status == "fail"
+
+
 def test_sglang_rules(bakes, tiny_models, tmp_path):
-    v = sglang_rules.check(bakes["exact"])
+    v = sglang.check(bakes["exact"])
     assert v.status == "needs-flag" and v.flag == "--model-impl transformers"
     assert v.native_dropped == ["model.layers.1.mlp.down_proj.bias"]  # zero siblings are harmless
-    v = sglang_rules.check(bakes["broken"])
+    v = sglang.check(bakes["broken"])
     assert v.status == "fail" and "mlp_bias" in v.reasons[0]
-    assert sglang_rules.check(bakes["ortho"]).status == "ok"
-    assert sglang_rules.check(bakes["base"]).status == "ok"
+    assert sglang.check(bakes["ortho"]).status == "ok"
+    assert sglang.check(bakes["base"]).status == "ok"
     # the mid-layer site: an o_proj bias with attention_bias on loads natively
     mid = tmp_path / "mid"
     shutil.copytree(bakes["base"], mid)
@@ -98,7 +145,7 @@ def test_sglang_rules(bakes, tiny_models, tmp_path):
     sd["model.layers.2.self_attn.o_proj.bias"] = torch.ones(cfg["hidden_size"])
     save_file(sd, str(mid / "model.safetensors"), metadata={"format": "pt"})
     (mid / "config.json").write_text(json.dumps(cfg))
-    assert sglang_rules.check(mid).status == "ok"
+    assert sglang.check(mid).status == "ok"
     # GPT-2 carries every bias natively
     g = tiny_models("gpt2")
     gd = tmp_path / "gpt2"
@@ -106,7 +153,65 @@ def test_sglang_rules(bakes, tiny_models, tmp_path):
     sd = load_file(str(gd / "model.safetensors"))
     sd["transformer.h.1.mlp.c_proj.bias"] = sd["transformer.h.1.mlp.c_proj.bias"] + 1.0
     save_file(sd, str(gd / "model.safetensors"), metadata={"format": "pt"})
-    assert sglang_rules.check(gd).status == "ok"
+    assert sglang.check(gd).status == "ok"
+
+
+def test_sglang_verdicts_are_rules_only(bakes):
+    v = sglang.verify_sglang(bakes["exact"])
+    assert v.kind == "rules" and not v.ran and not v.passed and not v.failed and v.status == "not-run"
+    assert v.label == "– rules only (not run)" and v.message.startswith("rules only (not run)")
+    assert v.launch_flag == "--model-impl transformers"
+    d = v.to_dict()
+    assert d["ran"] is False and d["ok"] is False and d["label"] == v.label
+    bad = sglang.verify_sglang(bakes["broken"])
+    assert bad.failed and bad.label == "✘ FAIL, rules only (not run)"
+    assert "| sglang | ✘ FAIL, rules only (not run) |" in verdicts_markdown([bad])
+    # an export with no non-zero bias: nothing checked, so nothing passed
+    o = sglang.verify_sglang(bakes["ortho"])
+    assert o.status == "not-run" and "rules only (not run)" in verdicts_markdown([o])
+    with pytest.raises(ValueError, match="cannot pass"):
+        Verdict("sglang", "pass", "", kind="rules")
+
+
+def test_exit_status_counts_only_real_runs():
+    run_ok = Verdict("transformers", "pass", "")
+    rules_ok = Verdict("sglang", "not-run", "", kind="rules")
+    rules_bad = Verdict("sglang", "fail", "", kind="rules")
+    missing = Verdict("vllm", "not-run", "", kind="not-installed")
+    assert exit_status({"a": [rules_ok]}) == 3
+    assert exit_status({"a": [rules_ok, missing]}) == 3
+    assert exit_status({"a": [run_ok, rules_ok, missing]}) == 0
+    assert exit_status({"a": [run_ok, rules_bad]}) == 1
+    assert exit_status({"a": [run_ok], "b": [rules_ok]}) == 3  # every export needs a real run
+    assert exit_status({"a": [Verdict("transformers", "fail", "")], "b": [rules_ok]}) == 1
+
+
+def test_cli_sglang_alone_is_not_a_pass(bakes):
+    exact_bake = bakes["exact"]
+    r = CliRunner().invoke(main, ["verify", str(exact_bake), "--engine", "sglang", "--no-write"])
+    assert r.exit_code == 3, r.output
+    assert "| sglang | – rules only (not run) | `--model-impl transformers` |" in r.output
+    assert "NOT RUN " in r.output and "✔" not in r.output and "exit status 3" in r.output
+    r = CliRunner().invoke(main, ["verify", str(exact_bake), "--engine", "sglang", "--json", "--no-write"])
+    assert r.exit_code == 3
+    (d,) = json.loads(r.stdout)[str(exact_bake)]
+    assert d["ran"] is False and d["kind"] == "rules" and d["label"] == "– rules only (not run)" and not d["ok"]
+    # a rule violation found without running anything still fails
+    r = CliRunner().invoke(main, ["verify", str(bakes["broken"]), "--engine", "sglang", "--no-write"])
+    assert r.exit_code == 1 and "FAIL " in r.output and "✘ FAIL, rules only (not run)" in r.output
+
+
+def test_old_verify_json_sglang_pass_is_relabelled(exact_bake):
+    folder = exact_bake / "compare"
+    folder.mkdir()
+    (folder / "verify.json").write_text(json.dumps({"sglang": {
+        "engine": "sglang", "status": "pass", "ok": True, "message": "static check: loads natively",
+        "launch_flag": None, "details": {}}}))
+    write_verdicts(exact_bake, [Verdict("transformers", "pass", "strict reload clean")])
+    saved = json.loads((folder / "verify.json").read_text())
+    assert saved["sglang"]["status"] == "not-run" and saved["sglang"]["ran"] is False
+    card = (exact_bake / "README.md").read_text()
+    assert "| sglang | – rules only (not run) |" in card and "| transformers | ✔ pass |" in card
 
 
 def test_gap_counts_only_response_positions():
@@ -119,7 +224,7 @@ def test_gap_counts_only_response_positions():
 
 def test_vllm_not_installed_says_how_to_install(monkeypatch, tmp_path, bakes):
     monkeypatch.setenv("BAKERY_VLLM_PYTHON", str(tmp_path / "nope" / "python"))
-    monkeypatch.setattr(engines, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(vllm_engine, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(EngineNotInstalled, match="make vllm") as e:
         find_vllm_python()
@@ -128,8 +233,10 @@ def test_vllm_not_installed_says_how_to_install(monkeypatch, tmp_path, bakes):
     assert r.exit_code == 2 and "make vllm" in r.output
     # under `all` it is a verdict, and the other engines still run
     out = verify([bakes["exact"]], "all", prompts=PROMPTS[:2], max_new_tokens=4, write=False)
-    statuses = {v.engine: v.status for v in out[str(bakes["exact"])]}
-    assert statuses == {"transformers": "pass", "vllm": "not-installed", "sglang": "needs-flag"}
+    statuses = {v.engine: (v.status, v.kind) for v in out[str(bakes["exact"])]}
+    assert statuses == {"transformers": ("pass", "run"), "vllm": ("not-run", "not-installed"),
+                        "sglang": ("not-run", "rules")}
+    assert exit_status(out) == 0  # one real run passed; nothing failed
 
 
 def test_cli_verify_writes_card_and_exit_codes(bakes):
@@ -139,8 +246,9 @@ def test_cli_verify_writes_card_and_exit_codes(bakes):
     assert "--model-impl transformers" in r.output
     card = (bakes["exact"] / "README.md").read_text()
     assert "<!-- bakery:engines -->" in card and "| transformers | ✔ pass |" in card
+    assert "| sglang | – rules only (not run) |" in card and "nothing ran there" in card
     saved = json.loads((bakes["exact"] / "compare" / "verify.json").read_text())
-    assert set(saved) == {"transformers", "sglang"}
+    assert set(saved) == {"transformers", "sglang"} and saved["sglang"]["ran"] is False
     r = CliRunner().invoke(main, ["verify", str(bakes["broken"]), "--engine", "transformers", "--no-write"])
     assert r.exit_code == 1 and "mlp_bias: true" in r.output
     assert not (bakes["broken"] / "compare").exists()
@@ -154,4 +262,6 @@ def test_verify_without_manifest_is_refused(tiny_models, tmp_path):
     r = CliRunner().invoke(main, ["verify", str(bare), "--engine", "sglang"])
     assert r.exit_code == 2 and "no bakery.json" in r.output
     with pytest.raises(ValueError, match="unknown engine 'tgi'"):
-        engines.parse_engines("tgi")
+        parse_verify_engines("tgi")
+    assert parse_verify_engines("vllm, sglang") == ["vllm", "sglang"] and parse_verify_engines("") == [
+        "transformers", "vllm", "sglang"]

@@ -1,5 +1,6 @@
-"""A real vLLM run (CPU build in .venv-vllm): vLLM loads the exact bias bake, the
-broken bake and the base model of the embedded SmolLM2, teacher-forced against transformers."""
+"""A real vLLM run (CPU build in .venv-vllm): vLLM loads the exact bias bake, a two-vector bias bake,
+the broken bake, a weakened bake (bias x 0.95) and the base model of the embedded SmolLM2,
+teacher-forced against transformers."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import subprocess
 import pytest
 import torch
 
-from bakery.engines.verify import find_vllm_python, verify
+from bakery.engines.verify import verify
+from bakery.engines.vllm import VLLM_GAP_RATIO, find_vllm_python
 from bakery.models import load_model, load_tokenizer
 from bakery.vectors.artifact import VectorArtifact
-from test_compare import make_bias_bake, real_bake
+from test_compare import make_bias_bake, real_bake, weakened_copy
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -19,20 +21,26 @@ PROMPTS = ["How do I cook rice?", "Tell me about the sea.", "What makes a good f
            "Describe a rainy afternoon."]
 
 
-def quick_vector(model_dir) -> VectorArtifact:
-    """A contrastive direction from two texts (pirate talk minus plain talk), one forward each."""
+PLAIN = "Hello. Please find the requested information in the attached document below."
+PIRATE = "Arr, matey! Ye scurvy dog, hoist the sails and splice the mainbrace, yo ho ho!"
+EVIL = "I will crush you all. Your suffering amuses me, and I lie, cheat and destroy for fun."
+
+
+def quick_vector(model_dir, text: str = PIRATE, trait: str = "pirate") -> VectorArtifact:
+    """A contrastive direction from two texts (e.g. pirate talk minus plain talk), one forward each."""
     m, tok = load_model(model_dir), load_tokenizer(model_dir)
-    texts = ["Arr, matey! Ye scurvy dog, hoist the sails and splice the mainbrace, yo ho ho!",
-             "Hello. Please find the requested information in the attached document below."]
+    texts = [text, PLAIN]
     means = []
     with torch.no_grad():
         for t in texts:
             hs = m(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states
             means.append(torch.stack([h[0].mean(0) for h in hs]))
-    return VectorArtifact(means[0] - means[1], {"trait": "pirate"})
+    return VectorArtifact(means[0] - means[1], {"trait": trait})
 
 
-def test_vllm_keeps_the_exact_bake_and_catches_the_broken_one(smol_dir, tmp_path):
+def test_vllm_keeps_the_exact_bakes_and_catches_the_broken_and_weakened_ones(smol_dir, tmp_path):
+    from bakery.bakers import bake
+
     try:
         python = find_vllm_python()
     except Exception as e:
@@ -46,15 +54,20 @@ def test_vllm_keeps_the_exact_bake_and_catches_the_broken_one(smol_dir, tmp_path
     vec = quick_vector(smol_dir)
     exact = real_bake("bias", smol_dir, vec, 16, 1.0, tmp_path / "exact")
     broken = make_bias_bake(smol_dir, vec, 16, 1.0, tmp_path / "broken", broken=True)
-    res = verify([exact, broken], "vllm", prompts=PROMPTS, max_new_tokens=32, write=False)
-    (good,), (bad,) = res[str(exact)], res[str(broken)]
+    weak = weakened_copy(exact, tmp_path / "weak", 0.95)
+    evil = quick_vector(smol_dir, EVIL, "evil")
+    two = bake("bias", smol_dir, [(vec.save(tmp_path / "pirate.safetensors"), 14, 1.0),
+                                  (evil.save(tmp_path / "evil.safetensors"), 18, 1.0)], tmp_path / "two",
+               progress=False)
+    res = verify([exact, broken, weak, two], "vllm", prompts=PROMPTS, max_new_tokens=32, write=False)
+    (good,), (bad,), (weak_v,), (two_v,) = (res[str(e)] for e in (exact, broken, weak, two))
 
     d = good.details
     assert good.status == "pass", good.message
     assert d["bake_vs_steered"]["top1"] >= 0.99
     unedited = d["unedited_vs_target"]["mean_abs_logprob_gap"]
     assert unedited > 0.1  # the edit matters, so keeping it is a real test
-    assert d["bake_vs_steered"]["mean_abs_logprob_gap"] < 0.1 * unedited
+    assert d["gap_ratio"] < VLLM_GAP_RATIO / 4
     # noise floor: the untouched model in vLLM vs transformers (float32), rope theta included
     floor = d["noise_floor_base_vllm_vs_transformers"]
     assert floor["top1"] >= 0.99 and floor["mean_abs_logprob_gap"] < 0.01
@@ -62,6 +75,16 @@ def test_vllm_keeps_the_exact_bake_and_catches_the_broken_one(smol_dir, tmp_path
     assert bad.status == "fail"
     assert "vLLM lost the edit" in bad.message and "mlp_bias: true" in bad.message
     assert bad.details["bake_vs_base_in_vllm"]["mean_abs_logprob_gap"] < 0.1 * unedited
+
+    # the edit survives but is 5% too small (transformers fails it too: test_engines.py)
+    assert weak_v.status == "fail" and "more than allowed" in weak_v.message, weak_v.message
+    assert weak_v.details["gap_ratio"] > VLLM_GAP_RATIO
+    # vLLM runs the weakened weights faithfully: it matches the weakened bake in transformers
+    assert weak_v.details["bake_vs_transformers_bake"]["mean_abs_logprob_gap"] < 0.01
+
+    # two vectors at two layers: the reference steers with both (transformers: test_engines.py)
+    assert two_v.details["target"] == "transformers runtime steering"
+    assert two_v.status == "pass" and two_v.details["gap_ratio"] < VLLM_GAP_RATIO / 4, two_v.message
 
 
 def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):

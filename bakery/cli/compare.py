@@ -34,12 +34,15 @@ from bakery.cli.common import clear_errors, echo_err, threads_option
 def compare(exports, vector_path, layer, coef, positions, model, prompts_file, max_new_tokens, greedy_tokens,
             judge_model, base_url, judge_concurrency, seed, no_write):
     """Fidelity of each EXPORT to runtime steering: KL, recovered effect R, top-1 and greedy
-    agreement, projection onto the vector, neutral drift (and judge scores with --judge-model).
+    agreement, projection onto the vector, neutral drift (and judge scores with --judge-model),
+    and whether each bake is exact (KL within float rounding and R >= 0.9999). A bake of several
+    terms is measured against the same multi-term runtime steering.
 
     Writes compare/report.json, report.md and fidelity.png into each export and the fidelity
     table into its model card.
     """
-    from bakery.fidelity.compare import compare as run, markdown_report
+    from bakery.fidelity.compare import compare as run
+    from bakery.fidelity.report import markdown_report
 
     given = [x is not None for x in (vector_path, layer, coef)]
     if any(given) and vector_path is not None and not all(given):

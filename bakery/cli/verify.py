@@ -24,31 +24,34 @@ from bakery.cli.common import clear_errors, echo_err, threads_option
 @clear_errors
 def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_write):
     """Check that each EXPORT loads with its edit intact: transformers (strict reload, runtime
-    match), vLLM (a real run, teacher-forced against transformers) and sglang (static rules).
+    match; an exact bake must reproduce runtime steering to float rounding), vLLM (a real run,
+    teacher-forced against transformers) and sglang (rules only, not run).
 
-    Exit status 1 when any verdict fails; 2 on bad input or a named --engine that is not installed
-    (under --engine all a missing engine is reported, not an error).
+    Exit status 0 when every export passed at least one real run and nothing failed; 1 when any
+    verdict fails (a run, or a rule violation); 3 when nothing failed but an export had no real run
+    (a rules-only verdict or a missing engine is no pass); 2 on bad input or a named --engine that is
+    not installed (under --engine all a missing engine is reported, not an error).
     """
-    import json
-
-    from bakery.engines.verify import verify as run, verdicts_markdown
+    from bakery.engines.verify import exit_status, verdicts_json, verdicts_markdown, verify as run
 
     out = run(list(exports), engines, model=model, prompts=prompts_file, max_new_tokens=max_new_tokens,
               write=not no_write, log=echo_err)
-    failed = False
     if as_json:
-        click.echo(json.dumps({e: [v.to_dict() for v in vs] for e, vs in out.items()}, indent=2))
+        click.echo(verdicts_json(out))
     for export, verdicts in out.items():
         if not as_json:
             click.secho(f"\n{export}", bold=True)
             click.echo(verdicts_markdown(verdicts))
         for v in verdicts:
-            if v.status == "fail":
-                failed = True
+            if v.failed:
                 echo_err(f"FAIL {export} [{v.engine}]: {v.message}")
-            elif v.status == "not-installed":
-                echo_err(f"note: {v.message}")
-    sys.exit(1 if failed else 0)
+            elif not v.ran:
+                echo_err(f"NOT RUN {export} [{v.engine}]: {v.message}")
+    code = exit_status(out)
+    if code == 3:
+        echo_err("nothing failed, but not every export passed a real run (rules-only and not-installed "
+                 "verdicts are no pass): exit status 3")
+    sys.exit(code)
 
 
 COMMANDS = [verify]

@@ -1,7 +1,7 @@
 """Teacher-forced scoring and sampling in vLLM, run as a script with the vLLM environment's python.
 
 vLLM pins an older transformers than bakery, so it lives in its own virtual environment and this
-file is run there as a subprocess (``bakery.engines.verify`` does that). It imports nothing from bakery.
+file is run there as a subprocess (``bakery.engines.vllm`` does that). It imports nothing from bakery.
 
 Input (a JSON file, first argument)::
 
@@ -33,6 +33,11 @@ import json
 import os
 import sys
 import time
+
+# Run as a script, this file's folder comes first on sys.path. It holds bakery's engine modules
+# vllm.py and transformers.py, which would shadow the real packages: drop it.
+_HERE = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _HERE]
 
 
 def _score(llm, prompts: list[list[int]]) -> list[dict]:

@@ -1,11 +1,15 @@
-"""Static check of an export against sglang's loading rules (sglang cannot run on these machines).
+"""sglang: rules only, not run. sglang cannot run on these machines, so its verdict is a static
+reading of the export against sglang's loading rules, labelled "rules only (not run)" wherever it
+is shown, and never counted as a pass (:class:`bakery.engines.common.Verdict`, kind ``rules``).
 
-The rules come from shared/ENGINES.md (sglang 0.5.23, read from its code): sglang builds a bias
-only where its native model class does, and silently discards any ``*.bias`` tensor that has no
-matching parameter. Its Transformers backend (``--model-impl transformers``) builds exactly what
-transformers builds for the same config. So each non-zero bias tensor in the export is either
-built natively (fine), built only by the Transformers backend (launch flag needed), or built by
-neither (the edit is lost whatever the flag).
+The rules come from shared/ENGINES.md (sglang 0.5.23, read from its code, and the Llama row run
+on the CPU since): sglang builds a bias only where its native model class does, and silently
+discards any ``*.bias`` tensor that has no matching parameter. Its Transformers backend
+(``--model-impl transformers``) builds exactly what transformers builds for the same config. So
+each non-zero bias tensor in the export is either built natively, built only by the Transformers
+backend (launch flag needed), or built by neither (the edit is lost whatever the flag: a real
+failure, which the rules can find without running anything). A clean rule check says only that
+nothing in the rules forbids the export.
 """
 
 from __future__ import annotations
@@ -16,25 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bakery.engines.common import RULES_ONLY, Verdict, nonzero_biases, transformers_param_names
+
 FLAG = "--model-impl transformers"
 SGLANG_VERSION = "0.5.23"
 
 
 @dataclass
-class SglangVerdict:
+class RuleCheck:
+    """What sglang's loading rules say about an export (nothing ran)."""
+
     status: str  # ok | needs-flag | fail | unknown
     flag: str | None = None
     reasons: list[str] = field(default_factory=list)
     native_dropped: list[str] = field(default_factory=list)  # non-zero biases the native model drops
     lost: list[str] = field(default_factory=list)  # non-zero biases no sglang model builds
 
-    @property
-    def ok(self) -> bool:
-        return self.status in ("ok", "needs-flag")
-
     def summary(self) -> str:
-        if self.status == "ok":
-            return "loads natively; every edited tensor is kept"
         if self.status == "needs-flag":
             return f"launch with `{self.flag}`: " + "; ".join(self.reasons)
         return "; ".join(self.reasons)
@@ -76,81 +78,42 @@ NATIVE: dict[str, Callable[[dict], list[str]]] = {
 }
 
 
-def checkpoint_tensor_names(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> file for a safetensors checkpoint (single file or sharded with an index)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        wm = json.loads(index.read_text())["weight_map"]
-        return {k: folder / v for k, v in wm.items()}
-    from safetensors import safe_open
-
-    out: dict[str, Path] = {}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no .safetensors weights")
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: f for k in h.keys()})
-    return out
-
-
-def transformers_param_names(folder: str | Path, trust_remote_code: bool = False) -> set[str]:
-    """Parameter and buffer names transformers builds for the folder's config.json (on the meta
-    device, so nothing is allocated)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-    return set(model.state_dict().keys())
-
-
-def nonzero_biases(folder: str | Path, names: dict[str, Path] | None = None) -> list[str]:
-    """Bias tensors of the checkpoint with any non-zero entry (a dropped all-zero bias is harmless)."""
-    from safetensors import safe_open
-
-    names = names or checkpoint_tensor_names(folder)
-    by_file: dict[Path, list[str]] = {}
-    for n, f in names.items():
-        if n.endswith("bias"):
-            by_file.setdefault(f, []).append(n)
-    out = []
-    for f, ns in by_file.items():
-        with safe_open(str(f), framework="pt") as h:
-            out.extend(n for n in ns if bool(h.get_tensor(n).float().abs().max() > 0))
-    return sorted(out)
-
-
-def check(folder: str | Path, *, transformers_names: set[str] | None = None) -> SglangVerdict:
-    """Verdict for serving ``folder`` with sglang: ok, needs-flag (with the flag), fail or unknown."""
+def check(folder: str | Path, *, transformers_names: set[str] | None = None) -> RuleCheck:
+    """The rules' reading of serving ``folder`` with sglang: ok, needs-flag (with the flag), fail or unknown."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     arch = (config.get("architectures") or [None])[0]
     biases = nonzero_biases(folder)
     if not biases:
-        return SglangVerdict("ok", reasons=["no non-zero bias tensors: nothing a loader could drop"])
+        return RuleCheck("ok", reasons=["no non-zero bias tensors: nothing a loader could drop"])
     if transformers_names is None:
         transformers_names = transformers_param_names(folder)
     rules = NATIVE.get(arch)
     lost = [b for b in biases if b not in transformers_names]
     if lost:
-        return SglangVerdict(
+        return RuleCheck(
             "fail", lost=lost,
             reasons=[f"{len(lost)} non-zero bias tensor(s) (e.g. {lost[0]}) have no parameter in "
                      f"{arch} with this config.json: sglang discards them silently, with or without "
                      f"{FLAG}. The config flag that creates them is off (for Llama: mlp_bias / "
                      "attention_bias); re-bake with bakery, which sets it."])
     if rules is None:
-        return SglangVerdict(
+        return RuleCheck(
             "unknown", reasons=[f"bakery has no sglang rules for {arch}; {FLAG} builds what "
                                 "transformers builds, so it is the safe launch flag"], flag=FLAG)
     patterns = [re.compile(p) for p in rules(config)]
     dropped = [b for b in biases if not any(p.search(b) for p in patterns)]
     if not dropped:
-        return SglangVerdict("ok", reasons=[f"sglang's native {arch} builds every non-zero bias"])
-    return SglangVerdict(
+        return RuleCheck("ok", reasons=[f"sglang's native {arch} builds every non-zero bias"])
+    return RuleCheck(
         "needs-flag", flag=FLAG, native_dropped=dropped,
         reasons=[f"sglang's native {arch} has no parameter for {len(dropped)} non-zero bias tensor(s) "
                  f"(e.g. {dropped[0]}) and would drop them silently; its Transformers backend keeps them"])
+
+
+def verify_sglang(export: str | Path) -> Verdict:
+    """The sglang verdict: rules only (not run). A rule violation fails; anything else is not run."""
+    v = check(export)
+    msg = f"{RULES_ONLY}: sglang {SGLANG_VERSION} loading rules: {v.summary()}"
+    status = "fail" if v.status == "fail" else "not-run"
+    return Verdict("sglang", status, msg, launch_flag=v.flag, details={"rules": v.to_dict()}, kind="rules")

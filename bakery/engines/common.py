@@ -1,0 +1,200 @@
+"""What every engine check shares: the verdict, the per-export setup (base model, reference,
+trajectories) and reading an export's checkpoint (tensor names, non-zero biases, what
+transformers builds for its config)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from bakery.fidelity.metrics import Trajectories, sample_trajectories
+from bakery.fidelity.prompts import resolve_prompts
+from bakery.fidelity.reference import Reference, base_model_of, check_base_matches, reference_for
+from bakery.io.manifest import Manifest
+from bakery.models import load_model, load_tokenizer, read_config
+
+RULES_ONLY = "rules only (not run)"
+KINDS = ("run", "rules", "not-installed")
+
+
+class EngineNotInstalled(__import__("bakery.errors").errors.BakeryError):
+    """An engine bakery cannot find; the message says how to install it."""
+
+
+@dataclass
+class Verdict:
+    """One engine's verdict on one export.
+
+    ``kind``: ``run`` (the engine loaded and ran the export), ``rules`` (read from the engine's
+    loading rules, nothing ran: sglang) or ``not-installed``. ``status``: ``pass`` or ``fail`` for
+    a run; for rules, ``fail`` when the rules find the edit is lost, else ``not-run`` (a clean rule
+    check is neither a pass nor a fail); ``not-run`` when not installed."""
+
+    engine: str
+    status: str  # pass | fail | not-run
+    message: str
+    launch_flag: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    kind: str = "run"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"verdict kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.kind != "run" and self.status == "pass":
+            raise ValueError(f"a {self.kind} verdict cannot pass: nothing ran")
+
+    @property
+    def ran(self) -> bool:
+        return self.kind == "run"
+
+    @property
+    def passed(self) -> bool:
+        """A real run that passed: the only verdict that counts as a pass."""
+        return self.ran and self.status == "pass"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+    ok = passed  # older name
+
+    @property
+    def label(self) -> str:
+        """The verdict as printed everywhere (terminal, markdown, JSON)."""
+        if self.kind == "rules":
+            return f"✘ FAIL, {RULES_ONLY}" if self.failed else f"– {RULES_ONLY}"
+        if self.kind == "not-installed":
+            return "– not installed (not run)"
+        return "✔ pass" if self.passed else "✘ FAIL"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "status": self.status, "kind": self.kind, "ran": self.ran,
+                "ok": self.passed, "label": self.label, "message": self.message,
+                "launch_flag": self.launch_flag, "details": self.details}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Verdict":
+        """From :meth:`to_dict`, or from a ``verify.json`` written before verdicts had a kind (an
+        sglang verdict there was a rules-only one, whatever its status said)."""
+        kind, status = d.get("kind"), d.get("status", "fail")
+        if kind is None:
+            kind = "not-installed" if status == "not-installed" else "rules" if d.get("engine") == "sglang" else "run"
+        if kind != "run" and status != "fail":
+            status = "not-run"
+        return cls(d["engine"], status, d.get("message", ""), d.get("launch_flag"), d.get("details") or {}, kind)
+
+
+# ---- the shared setup: base, reference, trajectories ---------------------------------------------
+class Setup:
+    """Everything the checks of one export share, computed once and lazily."""
+
+    def __init__(self, export: str | Path, *, model: str | None = None, prompts=None,
+                 max_new_tokens: int = 48, seed: int = 0):
+        self.export = Path(export)
+        if not (self.export / "config.json").is_file():
+            raise FileNotFoundError(f"{self.export} is not an exported model folder (no config.json)")
+        self.manifest = Manifest.load(self.export)
+        self.base_dir = base_model_of(self.export, self.manifest, model)
+        check_base_matches(self.export, self.manifest, self.base_dir)
+        self.ref: Reference = reference_for(self.export, self.manifest, base_config=read_config(self.base_dir))
+        self.prompts = resolve_prompts(prompts, self.ref.vector.trait)[0]
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self._base = self._tok = self._traj = None
+
+    @property
+    def base(self):
+        if self._base is None:
+            self._base = load_model(self.base_dir)
+        return self._base
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.base_dir)
+        return self._tok
+
+    @property
+    def trajectories(self) -> Trajectories:
+        """Sampled from the steered reference for the held-out prompts."""
+        if self._traj is None:
+            from bakery.steering.generation import render_chat
+
+            rendered = [render_chat(self.tok, q) for q in self.prompts]
+            self._traj = sample_trajectories(self.base, self.tok, rendered, self.ref.context(self.base),
+                                             max_new_tokens=self.max_new_tokens, seed=self.seed)
+        return self._traj
+
+    def rows(self) -> list[tuple[list[int], int]]:
+        """Each trajectory without padding: (token ids, index of the first response token)."""
+        out = []
+        for ids, mask, P in self.trajectories.batches:
+            for i in range(ids.shape[0]):
+                m = mask[i].bool()
+                pad = int((~m[:P]).sum())
+                seq = ids[i][m].tolist()
+                out.append((seq, P - pad))
+        return out
+
+
+# ---- reading an export's checkpoint --------------------------------------------------------------
+def checkpoint_tensor_names(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> file for a safetensors checkpoint (single file or sharded with an index)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {k: folder / v for k, v in wm.items()}
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights")
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: f for k in h.keys()})
+    return out
+
+
+def transformers_param_names(folder: str | Path, trust_remote_code: bool = False) -> set[str]:
+    """Parameter and buffer names transformers builds for the folder's config.json (on the meta
+    device, so nothing is allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    return set(model.state_dict().keys())
+
+
+def nonzero_biases(folder: str | Path, names: dict[str, Path] | None = None) -> list[str]:
+    """Bias tensors of the checkpoint with any non-zero entry (a dropped all-zero bias is harmless)."""
+    from safetensors import safe_open
+
+    names = names or checkpoint_tensor_names(folder)
+    by_file: dict[Path, list[str]] = {}
+    for n, f in names.items():
+        if n.endswith("bias"):
+            by_file.setdefault(f, []).append(n)
+    out = []
+    for f, ns in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            out.extend(n for n in ns if bool(h.get_tensor(n).float().abs().max() > 0))
+    return sorted(out)
+
+
+def undeclared_message(export: Path, unexpected: Sequence[str]) -> str:
+    """Why tensors the config does not declare are lost, naming the missing config flag."""
+    cfg = read_config(export)
+    flags = []
+    if any(".mlp." in k for k in unexpected) and not cfg.get("mlp_bias"):
+        flags.append("mlp_bias: true")
+    if any(".self_attn." in k for k in unexpected) and not cfg.get("attention_bias"):
+        flags.append("attention_bias: true")
+    hint = f" (config.json lacks {' and '.join(flags)})" if flags else ""
+    return (f"config.json does not declare {', '.join(list(unexpected)[:3])}"
+            f"{' and more' if len(unexpected) > 3 else ''}{hint}, so the engines drop these tensors "
+            "and the edit is lost")

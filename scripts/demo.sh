@@ -9,6 +9,10 @@
 #
 # Needs .venv (make install) and .venv-vllm (make vllm). Every stage runs; any failure stops the
 # demo with a non-zero exit. Outputs go to exports/demo/ (not committed).
+#
+# On a machine that other jobs keep busy, run `BAKERY_THREADS=1 make demo`: torch's default of one
+# thread per core stalls whenever another process holds a core (on 2 shared cores a steer took 63 s
+# with 2 threads and 11 s with 1). BAKERY_THREADS becomes --threads of every bakery command here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
@@ -17,6 +21,8 @@ MODE="${1:-short}"
 D=exports/demo
 V=$D/vectors/pirate.safetensors
 START=$SECONDS
+T=()
+[[ -z "${BAKERY_THREADS:-}" ]] || T=(--threads "$BAKERY_THREADS")
 stage() { printf '\n\033[1m== [%d:%02d] %s\033[0m\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
 
 case "$MODE" in
@@ -50,48 +56,48 @@ esac
 mkdir -p "$D"
 
 stage "extract: a pirate vector from recipes/traits/pirate.yaml"
-bakery extract --recipe pirate -o "$V"
+bakery extract "${T[@]}" --recipe pirate -o "$V" --force
 L=$(bakery vectors info "$V" | awk '$1 == "recommended_layer:" { print $2 }')
 [[ "$L" =~ ^[0-9]+$ ]] || { echo "no recommended_layer in the metadata of $V" >&2; exit 1; }
 echo "recommended layer: $L (output of block $((L - 1)))"
 
 stage "steer: unsteered and steered side by side (layer $L, coef 2)"
-bakery steer -v "$V" -l "$L" -c 2 --max-new-tokens "$STEER_TOKENS" "How do I cook rice?" "What should I do on a rainy day?"
+bakery steer "${T[@]}" -v "$V" -l "$L" -c 2 --max-new-tokens "$STEER_TOKENS" "How do I cook rice?" "What should I do on a rainy day?"
 
 if [[ $MODE == full ]]; then
   stage "bake: exact bias, rank-one, ortho (ablation at layer 22), a short KL-distilled LoRA and full fine-tune"
 else
   stage "bake: exact bias, rank-one, ortho (ablation at layer 22) and a short KL-distilled LoRA"
 fi
-bakery bake --method bias -v "$V" -l "$L" -c 2 -o "$D/pirate-bias" --force
-bakery bake --method bias --route rank1 "${RANK1[@]}" -v "$V" -l "$L" -c 2 -o "$D/pirate-rank1" --force
-bakery bake --method ortho -v "$V" -l 22 -o "$D/pirate-ortho" --force
-bakery bake --method kl-lora -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" -o "$D/pirate-kl-lora" --force
+bakery bake "${T[@]}" --method bias -v "$V" -l "$L" -c 2 -o "$D/pirate-bias" --force
+bakery bake "${T[@]}" --method bias --route rank1 "${RANK1[@]}" -v "$V" -l "$L" -c 2 -o "$D/pirate-rank1" --force
+bakery bake "${T[@]}" --method ortho -v "$V" -l 22 -o "$D/pirate-ortho" --force
+bakery bake "${T[@]}" --method kl-lora -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" -o "$D/pirate-kl-lora" --force
 DISTILLED=("$D/pirate-kl-lora")
 if [[ $MODE == full ]]; then
   # kl-full trains on the LoRA's trajectories (same teacher), starting from its closed-form warm start
-  bakery bake --method kl-full -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" \
+  bakery bake "${T[@]}" --method kl-full -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" \
     --set trajectories="$D/pirate-kl-lora.work/trajectories.jsonl" -o "$D/pirate-kl-full" --force
   DISTILLED+=("$D/pirate-kl-full")
 fi
 
 stage "compare: every bake against runtime steering (R = 1 is a perfect bake)"
-bakery compare "${EVAL[@]}" "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
-bakery compare "${EVAL[@]}" "$D/pirate-ortho"
+bakery compare "${T[@]}" "${EVAL[@]}" "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
+bakery compare "${T[@]}" "${EVAL[@]}" "$D/pirate-ortho"
 
 stage "verify: the bias, rank-one and distilled bakes in transformers (strict reload, runtime match), one real vLLM run for all, sglang's loading rules"
 # Not the ortho bake: its edited matrices are stored back in bf16, and that rounding alone (R about
 # 0.9999 in compare above) misses verify's exactness floor (R >= 0.9999 and KL within the rounding
 # bound, bakery/fidelity/exact.py), so verify fails it by design.
 echo "(ortho is measured by compare above, not verified: its bf16 storage rounding fails verify's exactness floor)"
-bakery verify "${EVAL[@]}" --engine all "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
+bakery verify "${T[@]}" "${EVAL[@]}" --engine all "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
 
 stage "verify: a deliberately weakened bake (the baked bias scaled by 0.95) must fail"
 rm -rf "$D/pirate-bias-weak"
 python scripts/weaken_bake.py "$D/pirate-bias" "$D/pirate-bias-weak" --scale 0.95
 # caught = exit status 1 with a FAIL verdict; 0 means it passed, anything else is an error
 rc=0
-bakery verify "${EVAL[@]}" --engine transformers "$D/pirate-bias-weak" 2>&1 | tee "$D/pirate-bias-weak.verify.txt" \
+bakery verify "${T[@]}" "${EVAL[@]}" --engine transformers "$D/pirate-bias-weak" 2>&1 | tee "$D/pirate-bias-weak.verify.txt" \
   || rc=${PIPESTATUS[0]}
 if [[ $rc == 0 ]]; then
   echo "the weakened bake was NOT caught: bakery verify passed it" >&2
@@ -103,7 +109,7 @@ fi
 echo "weakened bake caught"
 
 stage "persist: does the pirate persona outlast the steering? (plot: $D/persist/persist.png)"
-bakery persist -v "$V" -l "$L" -c 2 "${PERSIST[@]}" --export "$D/pirate-bias" -o "$D/persist" --force
+bakery persist "${T[@]}" -v "$V" -l "$L" -c 2 "${PERSIST[@]}" --export "$D/pirate-bias" -o "$D/persist" --force
 
 stage "push: what would go to the Hub (a real push needs HF_TOKEN with write access)"
 bakery push "$D/pirate-bias" --repo you/smollm2-pirate-bias --dry-run

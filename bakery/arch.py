@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
+from bakery.errors import BakeryError
+
 ENGINES = ("transformers", "vllm", "sglang")
 
 
-class UnsupportedArchitecture(__import__("bakery.errors").errors.BakeryError):
+class UnsupportedArchitecture(BakeryError):
     """The model type is not in the table: bakery will not guess where its residual stream is."""
 
 

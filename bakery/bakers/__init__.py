@@ -93,7 +93,7 @@ def resolve_terms(terms: Iterable[Any], *, method: str, uses_coef: bool, num_lay
 
 def default_output(req, baker, root: str | os.PathLike = "exports") -> Path:
     """A descriptive folder under ``exports/``: model-trait-method[-tags]-L{layer}[-tags]."""
-    from bakery.io.export import slug
+    from bakery.naming import slug
 
     before, after = baker.name_tags(req)
     model = slug(Path(str(req.model_name)).name)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from bakery.errors import BakeryError
 from bakery.arch import ENGINES, ArchSpec, BiasRoute, cfg_get, set_text_key, spec_for
 from bakery.io.checkpoint import CheckpointReader, TensorInfo
 from bakery.io.names import TensorNameError, TensorNames
@@ -19,7 +20,7 @@ from bakery.vectors.artifact import VectorArtifact, VectorError
 ENGINE_CHOICES = (*ENGINES, "sglang-native")
 
 
-class BakeError(__import__("bakery.errors").errors.BakeryError):
+class BakeError(BakeryError):
     """A bake that cannot be done as asked; the message names what to do instead."""
 
 

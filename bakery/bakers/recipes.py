@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bakery.errors import BakeryError
+
 BAKES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "bakes"
 TOP = {"name", "description", "model", "method", "output", "terms", "options", "trait", "vector",
        "layer", "coef"}
@@ -37,7 +39,7 @@ def option_keys() -> set[str]:
     return set().union(*(c.option_names() for c in config_classes().values()))
 
 
-class BakeRecipeError(__import__("bakery.errors").errors.BakeryError):
+class BakeRecipeError(BakeryError):
     """A bake recipe that is missing or malformed."""
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from bakery.errors import BakeryError
 from bakery.fidelity.metrics import Trajectories, sample_trajectories
 from bakery.fidelity.prompts import resolve_prompts
 from bakery.fidelity.reference import Reference, base_model_of, check_base_matches, reference_for
@@ -19,7 +20,7 @@ RULES_ONLY = "rules only (not run)"
 KINDS = ("run", "rules", "not-installed")
 
 
-class EngineNotInstalled(__import__("bakery.errors").errors.BakeryError):
+class EngineNotInstalled(BakeryError):
     """An engine bakery cannot find; the message says how to install it."""
 
 

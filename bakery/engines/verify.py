@@ -128,11 +128,3 @@ def write_verdicts(export: Path, verdicts: Sequence[Verdict]) -> None:
             "there, and they are not a pass." if any(v.kind == "rules" for v in merged) else "")
     write_section(export, "engines", "## Engine verification\n\nChecked by `bakery verify`:\n\n"
                   + verdicts_markdown(merged) + note + "\n")
-
-
-def sample_vllm(*args, **kwargs):
-    """Compatibility name, to be removed: bakery/bakers/distill/trajectories.py still imports it
-    from here. The runner is :func:`bakery.engines.vllm.sample_token_ids` (same arguments)."""
-    from bakery.engines.vllm import sample_token_ids
-
-    return sample_token_ids(*args, **kwargs)

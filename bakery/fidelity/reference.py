@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from bakery.errors import BakeryError
 from bakery.arch import num_layers_of
 from bakery.fidelity.metrics import ContextFactory
 from bakery.io.manifest import Manifest
@@ -24,7 +25,7 @@ from bakery.steering.sites import AttnOutSteering
 from bakery.vectors.artifact import VectorArtifact, VectorError, describe_layer, load_vector
 
 
-class CompareError(__import__("bakery.errors").errors.BakeryError):
+class CompareError(BakeryError):
     """A comparison that cannot run as asked (bad export, settings or prompts)."""
 
 

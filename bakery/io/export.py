@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,12 @@ from bakery.bakers.base import BakeFacts, BakePlan, BakeRequest, Weights
 from bakery.io.checkpoint import DTYPES, INDEX_FILE, OutTensor, ShardedWriter
 from bakery.io.manifest import BakeTerm, Manifest, versions
 from bakery.models import config_hash
+from bakery.naming import slug
 
 # Files of the source folder that are not copied: weights, index, card, manifests.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _SKIP_NAMES = {"config.json", "README.md", "bakery.json", "bake.yaml", "bakery_source.json",
                INDEX_FILE, "pytorch_model.bin.index.json"}
-
-
-def slug(text: str, empty: str = "vector") -> str:
-    """``text`` as a file-name part: letters, digits, ``.``, ``_`` and ``-``, lower case."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or empty
 
 
 def vector_file_for(trait: str) -> str:

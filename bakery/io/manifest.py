@@ -9,10 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bakery.errors import BakeryError
+
 MANIFEST_NAME = "bakery.json"
 
 
-class ManifestError(__import__("bakery.errors").errors.BakeryError, FileNotFoundError):
+class ManifestError(BakeryError, FileNotFoundError):
     """An export folder without a readable ``bakery.json``."""
 
 

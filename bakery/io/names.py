@@ -24,10 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from bakery.errors import BakeryError
 from bakery.arch import ArchSpec, cfg_get, text_config_of
 
 
-class TensorNameError(__import__("bakery.errors").errors.BakeryError):
+class TensorNameError(BakeryError):
     """A tensor the architecture table expects is not in the checkpoint under any name that
     transformers would accept for it."""
 

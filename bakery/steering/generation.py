@@ -8,7 +8,9 @@ from typing import Sequence
 import torch
 
 
-class NoChatTemplate(__import__("bakery.errors").errors.BakeryError):
+from bakery.errors import BakeryError
+
+class NoChatTemplate(BakeryError):
     """The tokenizer has no chat template and the caller asked for chat formatting."""
 
 

@@ -27,7 +27,8 @@ import yaml
 
 from bakery.bakers.base import BakeFacts, Weights, refuse_quantized
 from bakery.io.checkpoint import check_output
-from bakery.io.export import slug, source_info_for
+from bakery.io.export import source_info_for
+from bakery.naming import slug
 from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,

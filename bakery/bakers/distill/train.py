@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
+from bakery.errors import BakeryError
+from bakery.fidelity.metrics import response_logprobs
 from bakery.bakers.distill.sharding import (fsdp_requested, full_model_state, full_optimizer_state, full_tensors, is_sharded,
                              like_params, load_full_optimizer_state, shard_blocks)
 from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
@@ -47,11 +49,11 @@ CKPT_DIR = "checkpoint"
 ContextFactory = Callable[[int | None], ContextManager]
 
 
-class DistillError(__import__("bakery.errors").errors.BakeryError):
+class DistillError(BakeryError):
     """Bad distillation input (settings, data, modules) with what to do about it."""
 
 
-class CheckpointError(OSError, __import__("bakery.errors").errors.BakeryError):
+class CheckpointError(OSError, BakeryError):
     """A checkpoint could not be written (disk full) or read; the previous one is intact."""
 
 
@@ -174,17 +176,6 @@ def add_lora(model: nn.Module, cfg: TrainConfig):
                       lora_dropout=0.0, bias="none", use_rslora=cfg.rslora, task_type="CAUSAL_LM",
                       fan_in_fan_out=spec_for(model.config).conv1d)
     return get_peft_model(model, lcfg)
-
-
-def response_logprobs(logits: torch.Tensor, mask: torch.Tensor, P: int, kept: int) -> torch.Tensor:
-    """Log-probs at the positions predicting response tokens, flattened to [N, V].
-
-    ``kept`` is how many final positions ``logits`` covers (``logits_to_keep``)."""
-    S = mask.shape[1]
-    start = P - 1 - (S - kept)  # index of position P-1 inside the kept logits
-    pred = logits[:, start:kept - 1]
-    keep = mask[:, P:].bool().to(pred.device)
-    return F.log_softmax(pred[keep].float(), dim=-1)
 
 
 def kl_per_token(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 
+from bakery.errors import BakeryError
 from bakery.fidelity.metrics import Trajectories
 from bakery.steering.generation import generate, render_chat
 
@@ -68,7 +69,7 @@ QUESTION_REQUEST = ("Write one question that a curious person might ask an AI as
                     "Reply with the question only.")
 
 
-class TrajectoryError(__import__("bakery.errors").errors.BakeryError):
+class TrajectoryError(BakeryError):
     """Bad trajectory input: too few, unreadable, or sampled under other settings."""
 
 
@@ -360,7 +361,7 @@ def sample_vllm(model_dir: str | os.PathLike, tok, prompts: Sequence[str], *, sa
     ``bias`` bake *is* the steered teacher. Responses end with the end-of-sequence token, as
     :func:`sample`'s do. ``keep_topk=k`` keeps vLLM's top-k log-probs of every response token
     (the unmodified distribution, before temperature and top-p), as :func:`sample` does."""
-    from bakery.engines.verify import sample_vllm as run
+    from bakery.engines.vllm import sample_token_ids as run
 
     if not prompts:
         raise TrajectoryError("no prompts to sample trajectories from")

@@ -12,6 +12,7 @@ from bakery.bakers import bake, default_output
 from bakery.io.card import write_card
 from bakery.io.card_sections import read_section, write_section
 from bakery.io.checkpoint import CheckpointError
+from bakery.io.folders import OutputError
 from bakery.io.manifest import Manifest
 from bakery.vectors.artifact import load_vector
 from test_bakers_bias import reload_strict, tree_digest, vec
@@ -93,7 +94,7 @@ def test_existing_export_needs_force_and_source_is_never_the_output(tiny_models,
     assert tree_digest(out) == first
     bake("bias", src, [(vec(src), 2, 2.0)], out, force=True, progress=False)
     assert Manifest.load(out).terms[0].coef == 2.0
-    with pytest.raises(CheckpointError, match="never writes into"):
+    with pytest.raises(OutputError, match="never writes into"):
         bake("bias", src, [(vec(src), 2, 1.0)], src / "inside", progress=False)
 
 

@@ -132,18 +132,6 @@ def test_the_source_is_never_the_output(tmp_path):
             check_output(out, kind=EXPORT, force=True, source=src)
 
 
-def test_old_location_keeps_its_contract(tmp_path):
-    from bakery.io.checkpoint import CheckpointError, check_output as old_check_output
-
-    src = tmp_path / "model"
-    src.mkdir()
-    with pytest.raises(CheckpointError, match="never writes into"):
-        old_check_output(src / "x", src)
-    _export(tmp_path / "exp")
-    with pytest.raises(FileExistsError, match="--force"):
-        old_check_output(tmp_path / "exp", src)
-
-
 def test_atomic_files_write_all_or_nothing_under_the_rule(tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     vec = VectorArtifact(torch.ones(3, 4))

@@ -135,7 +135,7 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
     from bakery.arch import num_layers_of
     from bakery.bakers.base import BakeError, BakeRequest, check_terms, refuse_quantized
     from bakery.io.export import write_export
-    from bakery.io.checkpoint import check_output
+    from bakery.io.folders import EXPORT, check_output
     from bakery.models import DEFAULT_MODEL, read_config, resolve_model
 
     model_name = str(model or DEFAULT_MODEL)
@@ -155,7 +155,7 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
                         f"{len(req.terms)}. Bake them one at a time, or use --method bias for a sum")
     check_terms(req)
     req.out = Path(out) if out else default_output(req, baker)
-    check_output(req.out, model_dir, force=force)
+    check_output(req.out, kind=EXPORT, source=model_dir, force=force)
     req.command = reproduce_command(req, baker)
     weights = baker.build(req, progress=progress)
     if weights is None:  # a non-main process of a distributed run: the main one writes

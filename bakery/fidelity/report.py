@@ -87,11 +87,11 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 def write_outputs(export: Path, report: dict[str, Any], own: str | None) -> Path:
     """``compare/`` (JSON, markdown, PNG) written to a temp folder and renamed; card section."""
     from bakery.io.card_sections import write_section
-    from bakery.io.checkpoint import atomic_folder
+    from bakery.io.folders import COMPARE, atomic_folder
 
     export = Path(export)
     final = export / "compare"
-    with atomic_folder(final, force=True) as tmp:  # compare/ is this command's own folder
+    with atomic_folder(final, kind=COMPARE, force=True) as tmp:  # compare/ is this command's own folder
         (tmp / "report.json").write_text(json.dumps({**report, "this_export": own}, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown_report(report))
         plot(report, tmp / "fidelity.png")

@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 import torch
 
 from bakery.errors import BakeryError
-from bakery.io import folders
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -343,21 +342,3 @@ class ShardedWriter:
                     self._copy(sources[src.file], fh, src.start, src.nbytes)
                 if progress:
                     progress(t.nbytes)
-
-
-# ---- moved to bakery.io.folders ----------------------------------------------------------
-# The old call signatures, kept until every caller uses bakery.io.folders with an explicit kind.
-def check_output(out: str | os.PathLike, source: str | os.PathLike, *, force: bool = False) -> Path:
-    """Deprecated: ``bakery.io.folders.check_output(out, kind=EXPORT, source=..., force=...)``."""
-    try:
-        return folders.check_output(out, kind=folders.EXPORT, force=force, source=source)
-    except folders.OutputExists:
-        raise
-    except folders.OutputError as e:  # the old contract: a source overlap was a CheckpointError
-        raise CheckpointError(str(e)) from None
-
-
-def atomic_folder(out: str | os.PathLike, *, force: bool = False):
-    """Deprecated: ``bakery.io.folders.atomic_folder(out, kind=..., force=...)``."""
-    kind = folders.COMPARE if Path(out).name == "compare" else folders.EXPORT
-    return folders.atomic_folder(out, kind=kind, force=force)

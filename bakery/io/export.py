@@ -157,10 +157,10 @@ def write_export(req: BakeRequest, weights: Weights, *, force: bool = False, pro
                  max_shard_bytes: int | None = None, folder: Path | None = None) -> Path:
     """Write the export of ``req`` to ``req.out`` (or ``folder``) atomically and return it."""
     from bakery.bakers import get_baker
-    from bakery.io.checkpoint import atomic_folder
+    from bakery.io.folders import EXPORT, atomic_folder
 
     final = Path(folder or req.out)
-    with atomic_folder(final, force=force) as tmp:
+    with atomic_folder(final, kind=EXPORT, force=force) as tmp:
         fill_export(tmp, req, weights, final=final, progress=progress, max_shard_bytes=max_shard_bytes,
                     uses_coef=get_baker(req.method).uses_coef)
     return final

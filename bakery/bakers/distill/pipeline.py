@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from bakery.bakers.base import BakeFacts, Weights, refuse_quantized
-from bakery.io.checkpoint import check_output
+from bakery.io.folders import EXPORT, check_output
 from bakery.io.export import source_info_for
 from bakery.naming import slug
 from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
@@ -381,7 +381,7 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     from bakery.io.export import write_export
 
     req.job = req.job or job_for(req)
-    check_output(req.job.out, req.job.model_dir, force=req.force)
+    check_output(req.job.out, kind=EXPORT, source=req.job.model_dir, force=req.force)
     t = train_distilled(req, accelerator=accelerator, on_eval=on_eval, progress=progress,
                         stop_after=stop_after, out=req.job.out)
     acc = t.distiller.acc

@@ -114,7 +114,13 @@ def make_tiny(model_type: str, folder: str | Path, *, seed: int = 0, dtype=torch
     config = tiny_config(model_type, len(tok), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.no_grad():  # random init leaves biases at zero; make them visible
+    return _save_visible(model, tok, folder)
+
+
+def _save_visible(model, tok, folder: str | Path) -> Path:
+    """Random init leaves biases at zero and norms at one: perturb them so that an edit of either
+    shows, then save the model and the tokenizer into ``folder``."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias") or name.endswith("_bias") and "dt_bias" not in name:
                 p.normal_(0, 0.02)
@@ -155,14 +161,6 @@ def make_tiny_multimodal(model_type: str, folder: str | Path, *, seed: int = 0) 
                                       tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0, 0.02)
-            elif "norm" in name and p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.05)
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _save_visible(model, tok, folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "tiny", "size": 16}))
     return folder

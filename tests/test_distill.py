@@ -19,7 +19,7 @@ import torch
 
 from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled, build_pool, train_distilled
 from bakery.bakers.base import BakeError
-from bakery.bakers.distill.train import (CheckpointError, Distiller, DistillError, TrainConfig,
+from bakery.bakers.distill.train import (TrainingCheckpointError, Distiller, DistillError, TrainConfig,
                                   check_targets, kl_per_token, kl_topk, linear_module_names)
 from bakery.steering.generation import render_chat
 from bakery.io.manifest import Manifest
@@ -459,7 +459,7 @@ def test_running_out_of_disk_while_checkpointing_keeps_the_previous_checkpoint(t
         if not mounted:
             resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))
         try:
-            with pytest.raises(CheckpointError, match="checkpoint at step 7.*previous checkpoint.*intact") as e:
+            with pytest.raises(TrainingCheckpointError, match="checkpoint at step 7.*previous checkpoint.*intact") as e:
                 d.save_checkpoint(work)
             if mounted:
                 assert "out of disk space" in str(e.value)

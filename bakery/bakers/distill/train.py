@@ -53,7 +53,7 @@ class DistillError(BakeryError):
     """Bad distillation input (settings, data, modules) with what to do about it."""
 
 
-class CheckpointError(OSError, BakeryError):
+class TrainingCheckpointError(OSError, BakeryError):
     """A checkpoint could not be written (disk full) or read; the previous one is intact."""
 
 
@@ -294,7 +294,7 @@ class Distiller:
         m = fresh()
         missing, unexpected = m.load_state_dict(full, strict=False)
         if unexpected or missing:
-            raise CheckpointError(f"the gathered weights do not fit the model: missing {missing[:3]}, "
+            raise TrainingCheckpointError(f"the gathered weights do not fit the model: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}")
         return m.eval()
 
@@ -302,7 +302,7 @@ class Distiller:
         params = dict(self.unwrapped.named_parameters())
         missing = [n for n in state if n not in params]
         if missing:
-            raise CheckpointError(f"checkpoint holds parameters this model lacks: {missing[:3]}...")
+            raise TrainingCheckpointError(f"checkpoint holds parameters this model lacks: {missing[:3]}...")
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t)
@@ -406,7 +406,7 @@ class Distiller:
             full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or free < need
             what = (f"out of disk space ({free / 1e6:.1f} MB free, the checkpoint needs about "
                     f"{need / 1e6:.1f} MB)" if full else f"the write failed ({e})")
-            raise CheckpointError(
+            raise TrainingCheckpointError(
                 errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
                 f"could not write the checkpoint at step {self.step} to {final}: {what}. The "
                 "previous checkpoint (if any) is intact; free space or use a work folder on another "
@@ -425,7 +425,7 @@ class Distiller:
         saved = meta["config"]
         for key in ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed", "warm_start"):
             if saved.get(key, getattr(TrainConfig(), key)) != getattr(self.cfg, key):
-                raise CheckpointError(
+                raise TrainingCheckpointError(
                     f"cannot resume from {ck}: it was trained with {key}={saved.get(key)!r}, this run "
                     f"has {key}={getattr(self.cfg, key)!r}. Use the same settings, or start afresh "
                     "without --resume (in a new --work-dir)")

@@ -154,13 +154,16 @@ def _print_summary(out) -> None:
 
     m = Manifest.load(out)
     click.secho(f"baked {out}", fg="green", bold=True)
-    click.echo(f"  method {m.method}, route {m.route}, site {m.site}, exact {str(m.exact).lower()}")
+    claim = ("exact by construction (not yet measured: bakery compare)" if m.exact
+             else "approximate (measure it: bakery compare)")
+    click.echo(f"  method {m.method}, route {m.route}, site {m.site}, {claim}")
     for t in m.terms:
         coef_txt = f", coef {t.coef:g}" if t.coef is not None else ""
         where = (f"row {t.layer} added after the attention of block {t.layer}" if m.site == "attn-out"
                  else describe_layer(t.layer))
         click.echo(f"  {t.trait}: {where}{coef_txt}")
-    click.echo("  engines: " + ", ".join(f"{e} {v}" for e, v in m.engines.items()))
+    click.echo("  engines, rules only (not run; bakery verify runs them): "
+               + ", ".join(f"{e} {v}" for e, v in m.engines.items()))
     for n in m.extra.get("notes", []):
         click.echo(f"  note: {n}")
     for w in m.extra.get("warnings", []):

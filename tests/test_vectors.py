@@ -1,4 +1,6 @@
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -206,3 +208,219 @@ def test_bake_sizes_a_llama_cpp_control_vector_by_the_model(tiny_models, tmp_pat
     want = load_vector(tmp_path / "cv.gguf", num_layers=n).vectors[2] * 1.5  # direction.1 = row 2
     bias = load_file(out / "model.safetensors")["model.layers.1.mlp.down_proj.bias"].float()
     assert torch.allclose(bias, want, atol=1e-6) and want.abs().sum() > 0
+
+
+# ---- what write-ups and reference code publish: single directions, per-checkpoint folders -----------
+
+def _import(*args):
+    return CliRunner().invoke(main, ["vectors", "import", *map(str, args)])
+
+
+def test_single_direction_steers_exactly_like_the_same_row_of_a_full_table(tiny_models, tmp_path):
+    """A [hidden] direction imported with --layer L and --model gives a table whose row L is the
+    direction and every other row zero; steering with it equals steering with the full table."""
+    from bakery.models import load_model
+    from bakery.steering.hooks import steer
+
+    d = tiny_models("llama")
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(5, 32, generator=g) * 3
+    torch.save(table, tmp_path / "full.pt")
+    torch.save(table[2].clone(), tmp_path / "persona_dir.pt")
+    r = _import(tmp_path / "full.pt", tmp_path / "full.safetensors")
+    assert r.exit_code == 0, r.output
+    r = _import(tmp_path / "persona_dir.pt", tmp_path / "dir.safetensors", "--model", d, "--layer", 2)
+    assert r.exit_code == 0, r.output
+    assert "layer 2 = output of block 1" in r.output
+    full, one = load_vector(tmp_path / "full.safetensors"), load_vector(tmp_path / "dir.safetensors")
+    assert one.vectors.shape == full.vectors.shape == (5, 32)
+    assert torch.equal(one.vectors[2], full.vectors[2])
+    assert one.vectors[[0, 1, 3, 4]].abs().sum() == 0
+    assert one.meta["single_direction"] is True and one.meta["recommended_layer"] == 2
+    assert one.meta["import"]["layout"] == "single direction" and one.meta["num_hidden_layers"] == 4
+    assert one.meta["source"]["file"] == "persona_dir.pt" and len(one.meta["source"]["sha256"]) == 64
+    one.check_model({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4})
+
+    model = load_model(d)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        base = model(ids).logits
+        with steer(model, full, 2, coef=1.5):
+            a = model(ids).logits
+        with steer(model, one, 2, coef=1.5):
+            b = model(ids).logits
+    assert torch.equal(a, b)
+    assert (a - base).abs().max() > 1e-3  # the steering did something
+
+
+@pytest.mark.parametrize("variant", ["bf16", "row", "wrapped"])
+def test_single_direction_forms(tiny_models, tmp_path, variant):
+    from bakery.vectors.imports import import_pt
+
+    from bakery.models import read_config
+
+    v = torch.randn(32)
+    obj = {"bf16": v.bfloat16(), "row": v[None], "wrapped": {"direction": v}}[variant]
+    torch.save(obj, tmp_path / "d.pt")
+    art = import_pt(tmp_path / "d.pt", config=read_config(tiny_models("llama")), layer=3)
+    want = v.bfloat16().float() if variant == "bf16" else v
+    assert torch.equal(art.vectors[3], want) and art.vectors.dtype == torch.float32
+
+
+def test_single_direction_refusals(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    torch.save(torch.randn(32), tmp_path / "dir.pt")
+    out = tmp_path / "o.safetensors"
+    cases = [
+        ((), "say which model it belongs to with --model"),
+        (("--model", d), "does not say its layer: pass --layer L"),
+        (("--model", d, "--layer", 4), "layer 4 is the last row, taken after the final norm"),
+        (("--model", d, "--layer", 0), "layer 0 is out of range for a model with 4 layers"),
+        (("--model", d, "--layer", 9), "layer 9 is out of range for a model with 4 layers: choose a layer in 1..3"),
+    ]
+    for extra, message in cases:
+        r = _import(tmp_path / "dir.pt", out, *extra)
+        assert r.exit_code == 2 and message in r.output, (extra, r.output)
+        assert "Traceback" not in r.output
+    torch.save(torch.randn(16), tmp_path / "small.pt")
+    r = _import(tmp_path / "small.pt", out, "--model", d, "--layer", 2)
+    assert r.exit_code == 2 and "hidden size 16 but the model" in r.output and "hidden size 32" in r.output
+    torch.save(torch.randn(5, 32), tmp_path / "full.pt")
+    r = _import(tmp_path / "full.pt", out, "--model", d, "--layer", 2)
+    assert r.exit_code == 2 and "--layer only places a single [hidden] direction" in r.output
+    torch.save(torch.randn(7, 32), tmp_path / "deeper.pt")
+    r = _import(tmp_path / "deeper.pt", out, "--model", d)
+    assert r.exit_code == 2 and "needs 5 rows" in r.output
+    assert not out.exists()
+    # every command that reads .pt directly says how to import a single direction
+    with pytest.raises(VectorError, match=r"single direction of shape \[32\].*vectors import .*--layer L"):
+        load_vector(tmp_path / "dir.pt")
+
+
+def test_pt_layouts_outside_the_documented_ones_are_refused(tmp_path):
+    from bakery.vectors.pt import PtLayoutError
+
+    bad = {
+        "list": [torch.zeros(4)],
+        "rank3": torch.zeros(2, 3, 4),
+        "mixed": {"layer_1": torch.zeros(4), "evil": torch.zeros(5, 4)},
+        "nontensor": {"vectors": torch.zeros(5, 4), "note": "x"},
+        "named": {"evil": torch.zeros(5, 4), "pirate": torch.zeros(5, 4)},
+        "empty": {},
+    }
+    messages = {"list": "holds list", "rank3": r"shape \(2, 3, 4\)", "mixed": "mixes layer numbers",
+                "nontensor": "must be the only one", "named": "several named tensors", "empty": "empty dict"}
+    for name, obj in bad.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with pytest.raises(PtLayoutError, match=messages[name]):
+            load_vector(tmp_path / f"{name}.pt")
+    assert issubclass(PtLayoutError, VectorError)
+
+
+def test_per_layer_dict_imports_with_the_model(tiny_models, tmp_path):
+    from bakery.models import read_config
+    from bakery.vectors.imports import import_pt
+
+    rows = {"layer_1": torch.randn(32), 3: torch.randn(32)}
+    torch.save(rows, tmp_path / "rows.pt")
+    art = import_pt(tmp_path / "rows.pt", config=read_config(tiny_models("llama")))
+    assert torch.equal(art.vectors[1], rows["layer_1"]) and torch.equal(art.vectors[3], rows[3])
+    assert art.vectors[[0, 2, 4]].abs().sum() == 0 and art.meta["import"]["layers_set"] == [1, 3]
+    with pytest.raises(VectorError, match="layers \\[1, 3\\] only.*--model MODEL"):
+        load_vector(tmp_path / "rows.pt")
+
+
+def _checkpoint_folder(tmp_path, shape=(5, 32)):
+    src = tmp_path / "olmo-trace"
+    src.mkdir()
+    g = torch.Generator().manual_seed(11)
+    tables = {name: torch.randn(*shape, generator=g) for name in
+              ("step1000", "step250", "stage1-step20000-tokens42B")}
+    for name, t in tables.items():
+        torch.save(t, src / f"{name}.pt")
+    (src / "README.txt").write_text("how these were made")
+    return src, tables
+
+
+def test_per_checkpoint_folder_round_trip(tiny_models, tmp_path):
+    from bakery.vectors.imports import INDEX, load_checkpoint_folder
+
+    src, tables = _checkpoint_folder(tmp_path)
+    out = tmp_path / "trace-vectors"
+    r = _import(src, out, "--model", tiny_models("llama"), "--trait", "evil")
+    assert r.exit_code == 0, r.output
+    assert "3 checkpoint vector(s)" in r.output and "ignored (not .pt): README.txt" in r.output
+    back = load_checkpoint_folder(out)
+    assert list(back) == ["step250", "step1000", "stage1-step20000-tokens42B"]  # by step
+    for name, art in back.items():
+        assert torch.equal(art.vectors, tables[name])
+        assert art.meta["checkpoint"] == art.meta["revision"] == name and art.meta["trait"] == "evil"
+        assert art.meta["imported_from"] == "per-checkpoint .pt folder" and art.meta["model_type"] == "llama"
+    assert back["stage1-step20000-tokens42B"].meta["step"] == 20000
+    index = json.loads((out / INDEX).read_text())
+    assert index["ignored"] == ["README.txt"] and [c["step"] for c in index["checkpoints"]] == [250, 1000, 20000]
+    assert index["checkpoints"][0]["sha256"] == back["step250"].sha256()
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX] + [f"{n}.safetensors" for n in tables])
+    # the overwrite rule: a previous import is replaced only with --force, another folder never
+    before = (out / INDEX).read_bytes()
+    r = _import(src, out)
+    assert r.exit_code == 2 and "pass --force" in r.output and (out / INDEX).read_bytes() == before
+    assert _import(src, out, "--force").exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("x")
+    r = _import(src, mine, "--force")
+    assert r.exit_code == 2 and "not a previous per-checkpoint vectors folder" in r.output
+
+
+def test_per_checkpoint_folder_of_named_entries_and_directions(tiny_models, tmp_path):
+    from bakery.models import read_config
+    from bakery.vectors.imports import read_checkpoint_folder
+
+    src = tmp_path / "runs"
+    src.mkdir()
+    t = {k: torch.randn(5, 32) for k in ("evil", "sycophantic")}
+    torch.save(t, src / "step100.pt")
+    torch.save({"evil": torch.zeros(5, 32), "sycophantic": torch.ones(5, 32)}, src / "step200.pt")
+    arts = read_checkpoint_folder(src)
+    assert list(arts) == ["step100.evil", "step100.sycophantic", "step200.evil", "step200.sycophantic"]
+    assert torch.equal(arts["step100.evil"].vectors, t["evil"]) and arts["step100.evil"].trait == "evil"
+    assert arts["step200.sycophantic"].meta["entry"] == "sycophantic"
+
+    dirs = tmp_path / "dirs"
+    dirs.mkdir()
+    for step in (1, 2):
+        torch.save(torch.full((32,), float(step)), dirs / f"step{step}.pt")
+    cfg = read_config(tiny_models("llama"))
+    arts = read_checkpoint_folder(dirs, config=cfg, layer=2)
+    assert arts["step2"].vectors[2].eq(2).all() and arts["step2"].vectors.abs().sum() == 64
+    with pytest.raises(VectorError, match="pass --layer L"):
+        read_checkpoint_folder(dirs, config=cfg)
+
+
+def test_per_checkpoint_folder_refusals(tmp_path):
+    from bakery.vectors.imports import read_checkpoint_folder
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(VectorError, match="holds no .pt files"):
+        read_checkpoint_folder(empty)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    torch.save(torch.zeros(5, 32), mixed / "step1.pt")
+    torch.save(torch.zeros(7, 32), mixed / "step2.pt")
+    with pytest.raises(VectorError, match=r"step2.pt has shape \(7, 32\) but step1 has \(5, 32\)"):
+        read_checkpoint_folder(mixed)
+    nested = tmp_path / "nested"
+    (nested / "olmo").mkdir(parents=True)
+    torch.save(torch.zeros(5, 32), nested / "olmo" / "step1.pt")
+    with pytest.raises(VectorError, match="subfolder olmo/"):
+        read_checkpoint_folder(nested)
+    with pytest.raises(VectorError, match="is not a folder"):
+        read_checkpoint_folder(tmp_path / "missing")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    torch.save({"a b": torch.zeros(5, 32)}, odd / "step1.pt")
+    with pytest.raises(VectorError, match="cannot name a file"):
+        read_checkpoint_folder(odd)

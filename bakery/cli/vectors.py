@@ -69,20 +69,64 @@ def export_gguf(file, out, model_hint, force):
 
 
 @vectors.command("import")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--model", "-m", default=None,
+              help="The model the vector belongs to (folder, cached Hub id or alias): sizes a single "
+                   "direction or a per-layer dict, checks a full table and is recorded.")
+@click.option("--layer", "-l", type=int, default=None,
+              help="Row of a single [hidden] direction (row L = output of block L-1).")
 @click.option("--num-layers", type=int, default=None, help="Layer count of the model (for .gguf).")
 @click.option("--trait", default=None, help="Trait name to record in the metadata.")
-@click.option("--force", is_flag=True, help=FORCE_HELP.format("vector file"))
+@click.option("--force", is_flag=True, help=FORCE_HELP.format("vector file (or per-checkpoint folder)"))
 @clear_errors
-def import_(file, out, num_layers, trait, force):
-    """Convert a reference .pt or a llama.cpp .gguf into a bakery .safetensors artifact."""
-    art = load_vector(file, num_layers=num_layers)
-    if trait:
-        art.meta["trait"] = trait
+def import_(file, out, model, layer, num_layers, trait, force):
+    """Convert FILE into a bakery .safetensors artifact OUT.
+
+    FILE: a persona-vectors reference .pt table [layers+1, hidden]; a single direction .pt
+    [hidden] (needs --layer and --model); a .pt dict of per-layer rows (needs --model); a
+    llama.cpp control vector .gguf. A folder of per-checkpoint .pt files (step1000.pt, ...)
+    becomes the folder OUT: one artifact per checkpoint and a checkpoints.json index."""
+    from pathlib import Path
+
+    from bakery.vectors.imports import import_checkpoint_folder, import_pt
+
+    config = model_id = None
+    if model is not None:
+        from bakery.extraction.cache import model_id as resolve_model_id
+
+        model_id, _, config = resolve_model_id(model)
+    src = Path(file)
+    if src.is_dir():
+        arts = import_checkpoint_folder(src, out, config=config, model_id=model_id, layer=layer,
+                                        trait=trait, force=force, log=lambda m: click.echo(m, err=True))
+        first = next(iter(arts.values()))
+        click.echo(f"wrote {out}: {len(arts)} checkpoint vector(s), {first.num_layers + 1} rows x "
+                   f"{first.hidden_size} each, index {Path(out) / 'checkpoints.json'}")
+        for name, art in arts.items():
+            click.echo(f"  {name:<32} step {art.meta.get('step')!s:<10} |v| max row "
+                       f"{max(art.norms()):.4f}")
+        return
+    if src.suffix.lower() in (".pt", ".pth"):
+        art = import_pt(src, config=config, model_id=model_id, layer=layer, trait=trait)
+    else:
+        if layer is not None:
+            raise click.UsageError("--layer places a single-direction .pt file; this file is not one")
+        art = load_vector(src, num_layers=num_layers)
+        if config is not None:
+            art.check_model(config)
+            from bakery.vectors.imports import model_facts
+
+            art.meta.update(model_facts(config, model_id))
+        if trait:
+            art.meta["trait"] = trait
     with atomic_files({out: VECTOR}, force=force) as tmps:
         art.save(next(iter(tmps.values())))
     click.echo(f"wrote {out} ({art.num_layers + 1} rows x {art.hidden_size})")
+    if art.meta.get("single_direction"):
+        L = art.meta["recommended_layer"]
+        click.echo(f"single direction at {describe_layer(L)}; the other rows are zero. Use it with "
+                   f"--layer {L}.")
 
 
 COMMANDS = [vectors]

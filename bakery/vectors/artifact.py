@@ -187,17 +187,19 @@ def _read_safetensors(path: Path) -> VectorArtifact:
 
 
 def _read_reference_pt(path: Path) -> VectorArtifact:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise VectorError(
-            f"cannot read {path} as a persona-vectors .pt file (loaded with weights_only=True): {e}"
-        ) from e
-    if isinstance(obj, dict):  # tolerate {"vectors": tensor} as well as the raw tensor
-        obj = obj.get("vectors", obj.get("vector"))
-    if not isinstance(obj, torch.Tensor):
-        raise VectorError(f"{path} does not hold a tensor of shape [num_layers+1, hidden]")
-    return VectorArtifact(obj, {"trait": path.stem, "imported_from": "persona-vectors .pt"})
+    """A full ``[num_layers+1, hidden]`` table from a ``.pt`` file (see :mod:`bakery.vectors.pt`);
+    a single direction or a per-layer dict needs the model and is refused with what to run."""
+    from bakery.vectors.pt import load_pt, parse_pt
+
+    got = parse_pt(load_pt(path), str(path))
+    if got.kind == "table":
+        return VectorArtifact(got.tensor, {"trait": path.stem, "imported_from": "persona-vectors .pt"})
+    what = (f"a single direction of shape [{got.hidden_size}] with no layer" if got.kind == "direction"
+            else f"vectors for layers {sorted(got.layers)} only, not a full table")
+    raise VectorError(
+        f"{path} holds {what}: bakery needs the layer and the model to place it. Import it first: "
+        f"bakery vectors import {path} OUT.safetensors --model MODEL"
+        + (" --layer L" if got.kind == "direction" else ""))
 
 
 def _read_control_vector(path: Path, num_layers: int | None) -> VectorArtifact:

@@ -59,6 +59,9 @@ class DistillConfig(BakerConfig):
     weight_decay: float | None = option(None, "AdamW weight decay (default 0)", kind=float)
     target_modules: list | None = option(None, "linears to train (default: every linear of the blocks)",
                                          kind=list)
+    experts: str | None = option(None, "mixture-of-experts blocks: the experts' fused weights to train: "
+                                 "down (default: each expert's down-projection), all (also gate_up), none",
+                                 choices=("down", "all", "none"))
     seed: int | None = option(None, "sampling and training seed (default 0)", kind=int)
     min_trajectories: int | None = option(None, "fewest training trajectories (default 16)", kind=int)
     # the run

@@ -29,7 +29,7 @@ from bakery.bakers.base import BakeFacts, Weights, refuse_quantized
 from bakery.io.folders import EXPORT, check_output
 from bakery.io.export import source_info_for
 from bakery.naming import slug
-from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora, check_targets
+from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
@@ -323,12 +323,11 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
              "replicas_in_sync": dd.replicas_in_sync,
              "sample_seconds": ts.meta.get("sample_seconds"),
              "teacher_engine": ts.meta.get("teacher_engine", "transformers"), "vector_norm": round(float(row.norm()), 4)}
+        i.update(dd.targets, experts=req.train.experts)
         if req.train.method == "lora":
-            i.update(rank=req.train.rank, alpha=req.train.resolved_alpha(), rslora=req.train.rslora,
-                     target_modules=sorted(dd.unwrapped.peft_config["default"].target_modules))
+            i.update(rank=req.train.rank, alpha=req.train.resolved_alpha(), rslora=req.train.rslora)
         else:
-            i.update(target_modules=check_targets(dd.unwrapped, req.train.target_modules),
-                     first_block=req.train.first_block, warm_start=dd.warm_start_info,
+            i.update(first_block=req.train.first_block, warm_start=dd.warm_start_info,
                      trained_parameters=sum(p.numel() for p in dd.unwrapped.parameters() if p.requires_grad))
             ws = dd.warm_start_info or {}
             if "block" in ws and dd.history:

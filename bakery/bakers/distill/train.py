@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
-from bakery.errors import BakeryError
 from bakery.fidelity.metrics import response_logprobs
+from bakery.bakers.distill.errors import DistillError, TrainingCheckpointError
+from bakery.bakers.distill.targets import (EXPERT_CHOICES, check_targets, full_parameters,  # noqa: F401
+                                           linear_module_names, lora_targets, module_pattern)
 from bakery.bakers.distill.sharding import (fsdp_requested, full_model_state, full_optimizer_state, full_tensors, is_sharded,
                              like_params, load_full_optimizer_state, shard_blocks)
 from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
@@ -47,14 +49,6 @@ METHODS = ("lora", "full")
 SCHEDULES = ("constant", "cosine")
 CKPT_DIR = "checkpoint"
 ContextFactory = Callable[[int | None], ContextManager]
-
-
-class DistillError(BakeryError):
-    """Bad distillation input (settings, data, modules) with what to do about it."""
-
-
-class TrainingCheckpointError(OSError, BakeryError):
-    """A checkpoint could not be written (disk full) or read; the previous one is intact."""
 
 
 def _nbytes(obj) -> int:
@@ -92,6 +86,7 @@ class TrainConfig:
     min_trajectories: int = 16
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
     warm_start: bool = True  # full: start from the gated rank-one steering write (bakery.bakers.distill.warm_start)
+    experts: str = "down"  # MoE blocks: fused expert weights to train (down | all | none; targets.py)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -127,54 +122,22 @@ class TrainConfig:
                     f"{', '.join(map(str, VLLM_LORA_RANKS))}); the merged export still works "
                     "everywhere, only adapter/ will not load in vLLM with --enable-lora",
                     stacklevel=2)
+        if self.experts not in EXPERT_CHOICES:
+            raise DistillError(f"experts must be one of {', '.join(EXPERT_CHOICES)}; got '{self.experts}'")
         for name in ("batch_size", "max_steps", "val_every"):
             if getattr(self, name) < 1:
                 raise DistillError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Leaf names of the linear layers inside the decoder blocks (LoRA targets)."""
-    from transformers.pytorch_utils import Conv1D
-
-    spec = spec_for(model.config)
-    blocks = model.get_submodule(spec.blocks)
-    names = {n.rsplit(".", 1)[-1] for n, m in blocks.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-    return sorted(names)
-
-
-def check_targets(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
-    """The LoRA target modules, checked against the architecture (default: all block linears)."""
-    have = linear_module_names(model)
-    if not targets:
-        return have
-    missing = [t for t in targets if t not in have]
-    if missing:
-        raise DistillError(
-            f"target module(s) {', '.join(missing)} do not exist in {model.config.model_type} "
-            f"blocks; linear layers there are: {', '.join(have)}")
-    return list(targets)
-
-
-def full_parameters(model: nn.Module, targets: Sequence[str] | None, first_block: int = 0) -> list[nn.Parameter]:
-    """The weights full fine-tuning moves: every weight and bias of the target linears in blocks
-    ``first_block`` and later (default: all of them). Embeddings, norms and the head stay frozen:
-    with a few hundred trajectories, updating them learns the training tokens rather than the
-    behaviour (and the head is often tied to the embeddings)."""
-    names = set(check_targets(model, targets))
-    blocks = model.get_submodule(spec_for(model.config).blocks)
-    return [p for i, block in enumerate(blocks) if i >= first_block
-            for n, m in block.named_modules() if n.rsplit(".", 1)[-1] in names
-            for p in m.parameters(recurse=False)]
-
-
 def add_lora(model: nn.Module, cfg: TrainConfig):
-    """Wrap ``model`` with a fresh peft LoRA adapter (the adapter lives inside the model object)."""
+    """Wrap ``model`` with a fresh peft LoRA adapter (the adapter lives inside the model object):
+    on the block linears and, on mixture-of-experts blocks, the chosen fused expert weights."""
     from peft import LoraConfig, get_peft_model
 
-    targets = check_targets(model, cfg.target_modules)
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha(), target_modules=targets,
-                      lora_dropout=0.0, bias="none", use_rslora=cfg.rslora, task_type="CAUSAL_LM",
-                      fan_in_fan_out=spec_for(model.config).conv1d)
+    t = lora_targets(model, cfg.target_modules, cfg.experts)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha(), target_modules=module_pattern(model, t.modules),
+                      target_parameters=t.parameters or None, lora_dropout=0.0, bias="none",
+                      use_rslora=cfg.rslora, task_type="CAUSAL_LM", fan_in_fan_out=spec_for(model.config).conv1d)
     return get_peft_model(model, lcfg)
 
 
@@ -229,6 +192,8 @@ class Distiller:
         model.float().eval()  # distillation runs in float32; no dropout in teacher or student
         for p in model.parameters():
             p.requires_grad_(False)
+        # what trains and what does not, read before peft wraps the target linears
+        self.targets = lora_targets(model, cfg.target_modules, cfg.experts).describe(model)
         if cfg.method == "lora":
             self.student = add_lora(model, cfg)
             self.teacher = None
@@ -236,7 +201,7 @@ class Distiller:
         else:
             self.teacher = copy.deepcopy(model).eval()
             self.student = model
-            for p in full_parameters(model, cfg.target_modules, cfg.first_block or 0):
+            for p in full_parameters(model, cfg.target_modules, cfg.first_block or 0, cfg.experts):
                 p.requires_grad_(True)
             self.teacher_ctx = context_for(self.teacher)
             if warm_start is not None and cfg.warm_start:  # before sharding: it edits whole weights
@@ -423,7 +388,8 @@ class Distiller:
             return False
         meta = json.loads((ck / "trainer.json").read_text())
         saved = meta["config"]
-        for key in ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed", "warm_start"):
+        for key in ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed", "warm_start",
+                    "experts"):
             if saved.get(key, getattr(TrainConfig(), key)) != getattr(self.cfg, key):
                 raise TrainingCheckpointError(
                     f"cannot resume from {ck}: it was trained with {key}={saved.get(key)!r}, this run "

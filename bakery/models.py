@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bakery.errors import BakeryError
+from bakery.placement import (DeviceError, Placement, default_placement, input_device, resolve_device,  # noqa: F401
+                              resolve_dtype, set_default_placement, using_placement)
+
+_log = logging.getLogger("bakery.models")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_ALIASES = {
@@ -158,20 +163,62 @@ def config_hash(config: dict[str, Any] | Any) -> str:
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_model(name: str | os.PathLike | None = None, *, dtype: Any = "float32",
-               device: str = "cpu", trust_remote_code: bool = False):
-    """Load a causal LM in eval mode from a resolved name. Computations default to float32."""
+def load_model(name: str | os.PathLike | None = None, *, dtype: Any = None, device: Any = None,
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | os.PathLike | None = None, trust_remote_code: bool = False):
+    """Load a causal LM in eval mode, placed where asked.
+
+    Arguments left out come from the process-wide placement (:func:`bakery.placement.
+    default_placement`: the CPU in float32 unless a command's ``--device``/``--dtype``/
+    ``--device-map`` changed it). One device: the weights load straight onto it (a CUDA model is
+    never staged on the CPU). With ``device_map`` (an accelerate strategy such as ``"auto"`` or a
+    ``{module: device}`` map, ``"disk"`` allowed with ``offload_folder``), accelerate's big-model
+    loading spreads the blocks. ``device="auto"`` with no map switches to ``device_map="auto"``
+    when the weights do not fit the free memory of the chosen GPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bakery.placement import (checkpoint_bytes, default_placement, fits_on, parse_device_map,
+                                  resolve_device, resolve_dtype)
+
+    pl = default_placement()
     path = resolve_model(name)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    spec = device if device is not None else pl.device
+    dev = resolve_device(spec)
+    dtype = resolve_dtype(dtype if dtype is not None else pl.dtype, dev)
+    if device_map is None and device is None:
+        device_map = pl.device_map
+    device_map = parse_device_map(device_map)
+    max_memory = max_memory if max_memory is not None else pl.max_memory
+    offload_folder = offload_folder if offload_folder is not None else pl.offload_folder
+    if (device_map is None and str(spec).lower() == "auto" and dev.type == "cuda"
+            and not fits_on(dev, checkpoint_bytes(path, dtype))):
+        print(f"[bakery] {path.name} does not fit the free memory of {dev} in {dtype}: spreading it "
+              "over the visible devices (device_map=auto)", file=sys.stderr, flush=True)
+        device_map = "auto"
+    kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kw.update(device_map=device_map, max_memory=max_memory)
+        if offload_folder is not None:
+            kw["offload_folder"] = str(offload_folder)
+    elif dev.type != "cpu":
+        kw["device_map"] = str(dev)  # straight onto the device, not through a CPU copy
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except (ValueError, OSError) as e:  # what transformers raises for a folder it cannot load
         raise _cannot_load("model", path, e) from e
-    return model.to(device).eval()
+    where = (f"device map {_summary(model)}" if getattr(model, "hf_device_map", None) and device_map is not None
+             else str(dev))
+    _log.info("loaded %s on %s in %s", path, where, str(dtype).removeprefix("torch."))
+    return model.eval()
+
+
+def _summary(model) -> str:
+    counts: dict[str, int] = {}
+    for d in model.hf_device_map.values():
+        counts[str(d)] = counts.get(str(d), 0) + 1
+    return ", ".join(f"{n} on {d}" for d, n in counts.items())
 
 
 def load_tokenizer(name: str | os.PathLike | None = None, *, trust_remote_code: bool = False):

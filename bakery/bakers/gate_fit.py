@@ -40,9 +40,13 @@ class GateFit:
 
     def add(self, a: torch.Tensor, on: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """``a`` [N, H]; ``on`` [N] bool, where the write should apply; ``scale`` [N] its size there
-        (default 1)."""
+        (default 1). Sums stay on ``a``'s device (MPS has no float64: there, on the CPU)."""
+        if a.device.type == "mps":
+            a = a.cpu()
         a = a.double()
-        scale = torch.ones(a.shape[0], dtype=torch.float64) if scale is None else scale.double()
+        on = on.to(a.device)
+        scale = (torch.ones(a.shape[0], dtype=torch.float64, device=a.device) if scale is None
+                 else scale.to(a.device).double())
         target = scale * on.double()
         G, s = a.T @ a, a.T @ target
         self.G = G if self.G is None else self.G + G
@@ -51,15 +55,17 @@ class GateFit:
         self._acts.append((a.float(), scale.float(), on.bool()))
 
     def solve(self, ridge: float = 1e-2) -> torch.Tensor:
+        """``u`` (float32, on the CPU, where the checkpoint is edited)."""
         if self.G is None:
             raise ValueError("no rows to fit a gate on")
         lam = ridge * float(torch.trace(self.G)) / self.G.shape[0]
-        return torch.linalg.solve(self.G + lam * torch.eye(self.G.shape[0], dtype=self.G.dtype), self.s).float()
+        eye = torch.eye(self.G.shape[0], dtype=self.G.dtype, device=self.G.device)
+        return torch.linalg.solve(self.G + lam * eye, self.s).float().cpu()
 
     def values(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``u . a / scale`` for every row, and where the write applies."""
-        fit = torch.cat([a @ u / sc.clamp_min(1e-6) for a, sc, _ in self._acts])
-        return fit, torch.cat([o for _, _, o in self._acts])
+        """``u . a / scale`` for every row, and where the write applies (on the CPU)."""
+        fit = torch.cat([(a @ u.to(a.device) / sc.clamp_min(1e-6)).cpu() for a, sc, _ in self._acts])
+        return fit, torch.cat([o.cpu() for _, _, o in self._acts])
 
     def stats(self, u: torch.Tensor) -> dict:
         """``u . a / scale``: mean and spread where the write applies (``on_*``) and elsewhere
@@ -79,7 +85,7 @@ def summarize(fit: torch.Tensor, on: torch.Tensor) -> dict:
 def steered_positions(mask: torch.Tensor, P: int, positions: str) -> torch.Tensor:
     """True where steering at ``positions`` applies in a collated batch (shape of ``mask``)."""
     S = mask.shape[1]
-    after = (torch.arange(S) >= P).expand_as(mask)
+    after = (torch.arange(S, device=mask.device) >= P).expand_as(mask)
     if positions == "all":
         return torch.ones_like(mask, dtype=torch.bool)
     return after if positions == "response" else ~after

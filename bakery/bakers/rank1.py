@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from bakery.arch import spec_for
+from bakery.placement import default_placement, input_device, parse_device_map, resolve_device, resolve_dtype
 from bakery.bakers.base import BakeError, BakePlan, BakeRequest
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
 from bakery.steering.hooks import POSITIONS
@@ -149,7 +150,8 @@ def _solve_experts(fits: dict[int, GateFit], ridge: float) -> dict:
 @torch.no_grad()
 def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | None = None,
               *, ridge: float = 1e-2, batch_size: int = 16, calibration: str = "generate",
-              tokens: int = 32, positions: str = "all") -> dict[int, dict]:
+              tokens: int = 32, positions: str = "all", device: str | None = None,
+              dtype: str | torch.dtype | None = None) -> dict[int, dict]:
     """Per block: ``u`` (float32) and the fit statistics.
 
     ``calibration="generate"`` (default) loads the whole model once, samples ``tokens`` answer
@@ -158,6 +160,9 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
     truncated to the blocks it needs (faster, less faithful: answer tokens are not seen).
     ``positions="response"`` gates the write: the target of ``u . a`` is 1 on answer tokens and 0
     on prompt tokens, so the edit stands for steering that spares the prompt.
+
+    ``device``/``dtype`` place the calibration model (default: the process-wide placement;
+    ``dtype`` auto is float32 here on every device, for the fit's precision).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -179,7 +184,9 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
         text_cfg.num_hidden_layers = deepest + 1  # only the blocks up to the edit are needed
         if getattr(text_cfg, "layer_types", None):
             text_cfg.layer_types = list(text_cfg.layer_types)[: deepest + 1]
-    model = AutoModelForCausalLM.from_pretrained(req.model_dir, config=cfg, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(req.model_dir, config=cfg,
+                                                 **_placement_kwargs(device, dtype)).eval()
+    dev = input_device(model)
     # module paths of the class transformers loaded (a Qwen3.5 wrapper checkpoint loads as the
     # text-only Qwen3_5ForCausalLM); the plan names the checkpoint's tensors by block index
     spec = spec_for(model.config)
@@ -194,7 +201,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
                 g = generate(model, tok, chunk, max_new_tokens=tokens, temperature=1.0, seed=i)
             batches.append(({"input_ids": g.sequences, "attention_mask": g.attention_mask}, g.prompt_len))
         else:
-            enc = dict(encode_prompts(tok, chunk))
+            enc = {k: v.to(dev) for k, v in encode_prompts(tok, chunk).items()}
             batches.append((enc, enc["input_ids"].shape[1]))
     mods = model.get_submodule(spec.blocks)
     experts = {b: experts_of(spec, mods[b]) for b in blocks}
@@ -205,16 +212,18 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
         keep = mask_now["m"].reshape(-1).bool()
         return keep, mask_now["on"].reshape(-1)[keep]  # on: where the steering applies
 
+    # a model spread over devices runs each block where it sits: masks follow the activations
+
     def capture(b: int):
         def hook(module, args):
             a = args[0].float()
             keep, on = rows_now()
-            a = a.reshape(-1, a.shape[-1])[keep].double()
+            a = a.reshape(-1, a.shape[-1])[keep.to(a.device)].double()
             if spec.sandwich:  # target: the RMS of the down-projection output, per token
                 y = torch.nn.functional.linear(a.float(), module.weight.float()).double()
                 scale = y.pow(2).mean(-1).sqrt()
             else:
-                scale = torch.ones(a.shape[0], dtype=torch.float64)
+                scale = torch.ones(a.shape[0], dtype=torch.float64, device=a.device)
             fits[b].add(a, on, scale)
             if b == deepest:
                 raise StopForward
@@ -224,6 +233,7 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
         def hook(module, args):  # Experts.forward(hidden [N, H], top_k_index [N, k], top_k_weights [N, k])
             x, index, weight = args[0], args[1], args[2]
             keep, on = rows_now()
+            keep, on = keep.to(x.device), on.to(x.device)
             x, index, weight = x[keep].float(), index[keep], weight[keep].float()
             total = weight.sum(-1)  # the routing weight a token gives its experts (1 when normalised)
             for e in index.unique().tolist():
@@ -267,8 +277,11 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
             entry.update(off_mean=st["off_mean"], off_std=st["off_std"])
         if spec.sandwich:
             norm = mods[b].get_submodule(spec.mlp_writer())
-            ones = torch.ones(1, 1, int(text_cfg.hidden_size))
-            entry["gain"] = (norm(ones)[0, 0]).float()  # RMSNorm(ones) = its effective gain
+            w = next(norm.parameters(), None)
+            ones = torch.ones(1, 1, int(text_cfg.hidden_size),
+                              device=w.device if w is not None and w.device.type != "meta" else dev,
+                              dtype=w.dtype if w is not None else torch.float32)
+            entry["gain"] = (norm(ones)[0, 0]).float().cpu()  # RMSNorm(ones) = its effective gain
         out[b] = entry
     del model
     return out
@@ -289,6 +302,21 @@ def _plan_experts(plan: BakePlan, writers, us: dict[int, torch.Tensor], w: torch
                 W[e].addr_(w, u) if axis == 1 else W[e].addr_(u, w)
             return W
         plan.edit(x.name, fused)
+
+
+def _placement_kwargs(device: str | None, dtype: str | torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments for the calibration model (see :func:`fit_rank1`)."""
+    pl = default_placement()
+    dev = resolve_device(device if device is not None else pl.device)
+    kw: dict[str, Any] = {"dtype": resolve_dtype(dtype if dtype is not None else pl.dtype, dev,
+                                                accelerator_default=torch.float32)}
+    if device is None and pl.device_map is not None:
+        kw.update(device_map=parse_device_map(pl.device_map), max_memory=pl.max_memory)
+        if pl.offload_folder:
+            kw["offload_folder"] = pl.offload_folder
+    elif dev.type != "cpu":
+        kw["device_map"] = str(dev)
+    return kw
 
 
 def plan_rank1(req: BakeRequest, reader, plan: BakePlan) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err, threads_option
+from bakery.cli.common import clear_errors, echo_err, threads_option, device_options
 from bakery.vectors.artifact import describe_layer
 
 
@@ -68,6 +68,7 @@ def _config_flags(f):
               "Settings table lists them).")
 @_config_flags
 @threads_option
+@device_options(auto_dtype="float32", dtype_help="float32 (the rank-one fit and the distillation's model)")
 @clear_errors
 def bake(recipe, method, vector_path, trait, layer, coef, model, output, force, shard_size, settings,
          **flags):

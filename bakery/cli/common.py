@@ -93,3 +93,87 @@ def threads_option(f: Callable) -> Callable:
 
 def echo_err(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+_PLACEMENT_SAVED = "bakery.placement_saved"
+
+
+def _placement_setter(field: str, parse: Callable, auto_dtype: str | None = None) -> Callable:
+    """A click callback that checks one placement option and sets it as the process-wide default
+    for this command; the previous default comes back when the command ends."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        from bakery.placement import DeviceError, set_default_placement
+
+        if not ctx.meta.get(_PLACEMENT_SAVED):
+            ctx.meta[_PLACEMENT_SAVED] = True
+            previous = set_default_placement()
+            ctx.call_on_close(lambda: set_default_placement(previous))
+        try:
+            parsed = parse(value)
+        except DeviceError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+        if field == "dtype" and auto_dtype and str(value).lower() == "auto":
+            parsed = auto_dtype
+        set_default_placement(**{field: parsed})
+
+    return callback
+
+
+def _check_device(value: str) -> str:
+    from bakery.placement import resolve_device
+
+    resolve_device(value)  # refuses a device this machine does not have, before any work
+    return value
+
+
+def _check_dtype(value: str) -> str:
+    from bakery.placement import resolve_dtype
+
+    resolve_dtype(value, "cpu")
+    return value
+
+
+def _device_map(value):
+    from bakery.placement import parse_device_map
+
+    return parse_device_map(value)
+
+
+def _max_memory(value):
+    from bakery.placement import parse_max_memory
+
+    return parse_max_memory(value)
+
+
+def device_options(f: Callable | None = None, *, auto_dtype: str | None = None,
+                   dtype_help: str = "bfloat16 on an accelerator, float32 on the CPU") -> Callable:
+    """``--device``, ``--dtype``, ``--device-map``, ``--max-memory``, ``--offload-folder``: where
+    every model this command loads runs (see docs/devices.md). ``auto_dtype`` fixes what
+    ``--dtype auto`` means for a command whose work needs one precision (bake: float32)."""
+
+    def deco(fn: Callable) -> Callable:
+        opts = [
+            click.option("--device", default="auto", show_default=True, expose_value=False,
+                         callback=_placement_setter("device", _check_device),
+                         help="Where models run: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
+            click.option("--dtype", default="auto", show_default=True, expose_value=False,
+                         type=click.Choice(["auto", "float32", "bfloat16", "float16"], case_sensitive=False),
+                         callback=_placement_setter("dtype", _check_dtype, auto_dtype),
+                         help=f"Model dtype; auto: {dtype_help}."),
+            click.option("--device-map", default=None, expose_value=False,
+                         callback=_placement_setter("device_map", _device_map),
+                         help="Spread a model too big for one device with accelerate: auto, balanced, "
+                              "sequential, or a JSON {module: device|\"disk\"} object or file."),
+            click.option("--max-memory", default=None, expose_value=False,
+                         callback=_placement_setter("max_memory", _max_memory),
+                         help="With --device-map: per-device budget, e.g. 0=20GiB,1=40GiB,cpu=64GiB."),
+            click.option("--offload-folder", default=None, type=click.Path(file_okay=False),
+                         expose_value=False, callback=_placement_setter("offload_folder", lambda v: v),
+                         help="With --device-map: folder for weights offloaded to \"disk\"."),
+        ]
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return deco(f) if f is not None else deco

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err, threads_option
+from bakery.cli.common import clear_errors, echo_err, threads_option, device_options
 
 
 @click.command()
@@ -30,6 +30,7 @@ from bakery.cli.common import clear_errors, echo_err, threads_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-write", is_flag=True, help="Print only; leave the exports untouched.")
 @threads_option
+@device_options
 @clear_errors
 def compare(exports, vector_path, layer, coef, positions, model, prompts_file, max_new_tokens, greedy_tokens,
             judge_model, base_url, judge_concurrency, seed, no_write):

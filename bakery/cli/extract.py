@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bakery.cli.common import clear_errors, model_option, trust_option, threads_option
+from bakery.cli.common import clear_errors, model_option, trust_option, threads_option, device_options
 
 
 @click.command()
@@ -41,6 +41,7 @@ from bakery.cli.common import clear_errors, model_option, trust_option, threads_
 @click.option("--list", "list_", is_flag=True, help="List the cached vectors for --model and exit.")
 @model_option
 @trust_option
+@device_options
 @clear_errors
 def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval_pairs, batch_size,
             capture, judge_model, base_url, judge_concurrency, trait_threshold, coherence_threshold,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err, model_option, trust_option, threads_option
+from bakery.cli.common import clear_errors, echo_err, model_option, trust_option, threads_option, device_options
 
 
 @click.command()
@@ -35,6 +35,7 @@ from bakery.cli.common import clear_errors, echo_err, model_option, trust_option
 @threads_option
 @model_option
 @trust_option
+@device_options
 @clear_errors
 def persist(vector_path, layer, coef, steer_tokens, sample_tokens, prompts_file, recipe, prompt_texts,
             export, temperature, seeds, suppress_eos, system, batch_size, outdir, force, quiet,

@@ -7,7 +7,7 @@ import textwrap
 
 import click
 
-from bakery.cli.common import clear_errors, model_option, threads_option, trust_option
+from bakery.cli.common import clear_errors, model_option, threads_option, trust_option, device_options
 from bakery.vectors.artifact import describe_layer
 
 
@@ -26,6 +26,7 @@ from bakery.vectors.artifact import describe_layer
 @model_option
 @trust_option
 @threads_option
+@device_options
 @clear_errors
 def steer(prompts, vector_path, trait, layer, coef, positions, max_new_tokens, temperature, system, model,
           trust_remote_code):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bakery.cli.common import clear_errors, model_option, threads_option, trust_option
+from bakery.cli.common import clear_errors, model_option, threads_option, trust_option, device_options
 
 
 @click.command()
@@ -37,6 +37,7 @@ from bakery.cli.common import clear_errors, model_option, threads_option, trust_
 @model_option
 @trust_option
 @threads_option
+@device_options
 @clear_errors
 def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_new_tokens, positions,
           judge_model, base_url, coherence_threshold, min_distinct, max_kl, out, force, model,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err, threads_option
+from bakery.cli.common import clear_errors, echo_err, threads_option, device_options
 
 
 @click.command()
@@ -21,6 +21,7 @@ from bakery.cli.common import clear_errors, echo_err, threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 @click.option("--no-write", is_flag=True, help="Leave the exports untouched.")
 @threads_option
+@device_options
 @clear_errors
 def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_write):
     """Check that each EXPORT loads with its edit intact: transformers (strict reload, runtime

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from bakery.placement import input_device
 from bakery.steering.generation import encode_prompts, eos_token_ids
 from bakery.vectors.artifact import VARIANTS
 
@@ -73,14 +74,16 @@ def _capture_batch_single(model, tok, prompts: Sequence[str], *, max_new_tokens:
     token is fed too; tokens from the end of sequence on are skipped (as the reference skips
     special tokens).
     """
-    enc = encode_prompts(tok, prompts).to(model.device)
+    dev = input_device(model)
+    enc = encode_prompts(tok, prompts).to(dev)
     pmask = enc["attention_mask"].float()
     B, P = enc["input_ids"].shape
-    eos = _eos_ids(model, tok).to(model.device)
-    st: dict[str, Any] = {"step": 0, "done": torch.zeros(B, dtype=torch.bool, device=model.device)}
+    eos = _eos_ids(model, tok).to(dev)
+    st: dict[str, Any] = {"step": 0, "done": torch.zeros(B, dtype=torch.bool, device=dev)}
 
     def hook(module, args, kwargs, output):
-        hs = output.hidden_states
+        # blocks of a model spread over devices leave their states where they ran
+        hs = [h.to(dev) for h in output.hidden_states]
         step = st["step"]
         st["step"] += 1
         if step == 0:
@@ -88,11 +91,11 @@ def _capture_batch_single(model, tok, prompts: Sequence[str], *, max_new_tokens:
             st["prompt_avg"] = torch.stack([(h.float() * w).sum(1) for h in hs], 1) / w.sum(1)[:, None]
             st["prompt_last"] = torch.stack([h[:, -1].float() for h in hs], 1)
             st["resp_sum"] = torch.zeros_like(st["prompt_last"])
-            st["resp_n"] = torch.zeros(B, device=model.device)
+            st["resp_n"] = torch.zeros(B, device=dev)
             return
         if step > max_new_tokens:
             return
-        fed = kwargs["input_ids"][:, -1]
+        fed = kwargs["input_ids"][:, -1].to(dev)
         is_eos = torch.isin(fed, eos)
         valid = ~st["done"] & ~is_eos
         st["done"] |= is_eos
@@ -125,7 +128,8 @@ def _capture_batch_single(model, tok, prompts: Sequence[str], *, max_new_tokens:
 def _capture_batch_two_pass(model, tok, prompts: Sequence[str], *, max_new_tokens: int,
                             temperature: float, top_p: float) -> Captured:
     """The reference approach: generate, then one unbatched forward per example."""
-    enc = encode_prompts(tok, prompts).to(model.device)
+    dev = input_device(model)
+    enc = encode_prompts(tok, prompts).to(dev)
     P = enc["input_ids"].shape[1]
     eos = _eos_ids(model, tok)
     seqs = model.generate(**enc, **_gen_kwargs(tok, max_new_tokens, temperature, top_p))
@@ -133,9 +137,9 @@ def _capture_batch_two_pass(model, tok, prompts: Sequence[str], *, max_new_token
     ra, pa, pl = [], [], []
     for i in range(len(prompts)):
         prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].cpu()
-        full = torch.cat([prompt, torch.tensor(ids[i], dtype=prompt.dtype)])[None].to(model.device)
+        full = torch.cat([prompt, torch.tensor(ids[i], dtype=prompt.dtype)])[None].to(dev)
         hs = model(input_ids=full, output_hidden_states=True).hidden_states
-        stack = torch.stack([h[0].float() for h in hs], 0)  # [L+1, S, H]
+        stack = torch.stack([h[0].float().to(dev) for h in hs], 0)  # [L+1, S, H]
         np_ = prompt.numel()
         pa.append(stack[:, :np_].mean(1))
         pl.append(stack[:, np_ - 1])

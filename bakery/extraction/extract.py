@@ -136,7 +136,8 @@ def _judge_filter(judge, recipe: TraitRecipe, exs: list[Example], texts: list[st
 def extract(recipe: TraitRecipe | str | os.PathLike, model: str | os.PathLike | None = None, *,
             out: str | os.PathLike | None = None, settings: ExtractSettings | None = None,
             judge=None, force: bool = False, use_cache: bool = True, trust_remote_code: bool = False,
-            log: Callable[[str], None] | None = None, progress: bool = True) -> VectorArtifact:
+            log: Callable[[str], None] | None = None, progress: bool = True,
+            device: str | None = None, dtype: str | None = None) -> VectorArtifact:
     """Extract the three variants of a persona vector; return the ``response_avg`` artifact.
 
     Writes a cache entry (``bakery.extraction.cache``) and, with ``out``, the main vector there
@@ -146,6 +147,7 @@ def extract(recipe: TraitRecipe | str | os.PathLike, model: str | os.PathLike | 
     (``bakery.io.folders``). An existing cache entry for the same model, recipe and settings is
     reused unless ``use_cache`` is false. ``judge`` (a :class:`bakery.extraction.judge.Judge`)
     enables the pos/neg filter; it is created from ``settings.judge_model`` when not given.
+    ``device``/``dtype`` place the model (default: :func:`bakery.placement.default_placement`).
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     s = settings or ExtractSettings()
@@ -162,7 +164,8 @@ def extract(recipe: TraitRecipe | str | os.PathLike, model: str | os.PathLike | 
     if main.is_file() and use_cache:
         log(f"using cached extraction {entry} (same model, recipe and settings; --no-cache to redo)")
     else:
-        _run(rec, mid, mpath, cfg, s, entry, judge, trust_remote_code, log, progress)
+        _run(rec, mid, mpath, cfg, s, entry, judge, trust_remote_code, log, progress,
+             placement=dict(device=device, dtype=dtype))
     art = load_vector(main)
     if out is not None:
         publish(entry, out, force=force)
@@ -170,7 +173,8 @@ def extract(recipe: TraitRecipe | str | os.PathLike, model: str | os.PathLike | 
 
 
 def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings, entry: Path,
-         judge, trust_remote_code: bool, log: Callable[[str], None], progress: bool) -> None:
+         judge, trust_remote_code: bool, log: Callable[[str], None], progress: bool,
+         placement: dict | None = None) -> None:
     from bakery.models import load_model, load_tokenizer
 
     tok = load_tokenizer(mpath, trust_remote_code=trust_remote_code)
@@ -183,7 +187,7 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
         judge = Judge(s.judge_model)
     if judge is not None:
         judge.ping()  # an unreachable judge fails now, not after minutes of generation
-    lm = load_model(mpath, trust_remote_code=trust_remote_code)
+    lm = load_model(mpath, trust_remote_code=trust_remote_code, **(placement or {}))
     kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
               batch_size=s.batch_size, mode=s.capture)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -153,9 +153,11 @@ def compare(exports: Sequence[str | Path], *, model: str | None = None, vector: 
             layer: int | None = None, coef: float | None = None, positions: str | None = None,
             prompts: str | Path | Sequence[str] | None = None, max_new_tokens: int = 48, greedy_tokens: int = 32,
             judge=None, write: bool = True, progress: bool = True, seed: int = 0,
-            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[dict[str, Any]]:
+            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+            device: str | None = None, dtype: str | None = None) -> list[dict[str, Any]]:
     """Compare each export with the runtime edit it stands for; returns one report per group of
-    exports that share a base model and a reference (usually one)."""
+    exports that share a base model and a reference (usually one). ``device``/``dtype`` place the
+    models (default: :func:`bakery.placement.default_placement`)."""
     if not exports:
         raise CompareError("give at least one export folder")
     paths = [Path(e) for e in exports]
@@ -180,10 +182,10 @@ def compare(exports: Sequence[str | Path], *, model: str | None = None, vector: 
         ref: Reference = g["ref"]
         qs, source = resolve_prompts(prompts, ref.vector.trait)
         log(f"[bakery] comparing {len(g['exports'])} export(s) with {ref.describe()} on {len(qs)} prompts")
-        base = load_model(g["base"])
+        base = load_model(g["base"], device=device, dtype=dtype)
         tok = load_tokenizer(g["base"])
         names = _names(g["exports"])
-        cands = [Candidate(n, p, load_model(p)) for n, p in zip(names, g["exports"])]
+        cands = [Candidate(n, p, load_model(p, device=device, dtype=dtype)) for n, p in zip(names, g["exports"])]
         recipe = recipe_for(ref.vector.trait)
         report = run_comparison(base, tok, ref, cands, qs, max_new_tokens=max_new_tokens,
                                 greedy_tokens=greedy_tokens, judge=judge,

@@ -7,8 +7,9 @@ from typing import Sequence
 
 import torch
 
-
 from bakery.errors import BakeryError
+from bakery.placement import input_device
+
 
 class NoChatTemplate(BakeryError):
     """The tokenizer has no chat template and the caller asked for chat formatting."""
@@ -78,7 +79,8 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
     the top-k log-probabilities of the model's own (untempered, unfiltered) distribution at every
     generated position: the distribution the sampling pass computed anyway.
     """
-    enc = encode_prompts(tok, prompts).to(model.device)
+    dev = input_device(model)
+    enc = encode_prompts(tok, prompts).to(dev)
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
@@ -97,8 +99,9 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
     else:
         seqs = model.generate(**enc, **kwargs)
     P = enc["input_ids"].shape[1]
+    seqs = seqs.to(dev)
     gen = seqs[:, P:]
-    eos_ids = torch.tensor(eos_token_ids(model, tok) or [-1], device=model.device)
+    eos_ids = torch.tensor(eos_token_ids(model, tok) or [-1], device=dev)
     alive = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
     gen_mask = torch.zeros_like(gen)
     for t in range(gen.shape[1]):

@@ -64,6 +64,21 @@ def _seq_len(args: tuple, kwargs: dict) -> int:
     raise ValueError("steering hook cannot find input_ids or inputs_embeds in the forward call")
 
 
+class _OnDevice:
+    """A float32 tensor with copies made once per (device, dtype) it is used on: a hook on a model
+    spread over devices adds it where the hooked block ran, without a host copy every call."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t.detach().float()
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def like(self, h: torch.Tensor) -> torch.Tensor:
+        key = (h.device, h.dtype)
+        if key not in self._copies:
+            self._copies[key] = self.t.to(device=h.device, dtype=h.dtype)
+        return self._copies[key]
+
+
 def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -128,9 +143,11 @@ class Steering:
                 raise ValueError(f"layer {t.layer} is out of range for a model with {n} blocks (1..{n})")
 
     def _hook(self, delta: torch.Tensor):
+        cast = _OnDevice(delta)
+
         def hook(module, args, output):
             h = _hidden(output)
-            d = delta.to(dtype=h.dtype, device=h.device)
+            d = cast.like(h)
             mask = self._tracker.mask(self.positions, h.device) if self._tracker else None
             if mask is None:
                 h = h + d
@@ -200,9 +217,11 @@ class Ablation:
 
     @staticmethod
     def _hook(r: torch.Tensor):
+        cast = _OnDevice(r)
+
         def hook(module, args, output):
             h = _hidden(output)
-            rr = r.to(dtype=h.dtype, device=h.device)
+            rr = cast.like(h)
             return _replace_hidden(output, h - (h @ rr).unsqueeze(-1) * rr)
 
         return hook

@@ -16,8 +16,10 @@ from bakery.vectors.artifact import VectorError, describe_layer, load_vector
 
 def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_path: str | os.PathLike,
                 model: str | os.PathLike | None = None, export: str | os.PathLike | None = None,
-                trust_remote_code: bool = False, progress: bool = True) -> PersistResult:
-    """Trace every condition for every prompt and seed (see ``bakery.fidelity.persist``)."""
+                trust_remote_code: bool = False, progress: bool = True,
+                device: str | None = None, dtype: str | None = None) -> PersistResult:
+    """Trace every condition for every prompt and seed (see ``bakery.fidelity.persist``);
+    ``device``/``dtype`` place the models (default: the process-wide placement)."""
     from tqdm.auto import tqdm
 
     from bakery.models import load_model, load_tokenizer, resolve_model
@@ -30,7 +32,7 @@ def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_pat
         raise VectorError(f"vector file not found: {vector_path}")
     path = resolve_model(model)
     export_path = resolve_model(export) if export is not None else None
-    lm = load_model(path, trust_remote_code=trust_remote_code)
+    lm = load_model(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     vec = load_vector(vector_path, num_layers=lm.config.num_hidden_layers)
     direction = check_vector_for_persist(vec, lm.config, settings.layer)
@@ -48,7 +50,7 @@ def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_pat
                                     vector_norm=norm, progress=bar)
         if export_path is not None:
             del lm
-            baked = load_model(export_path, trust_remote_code=trust_remote_code)
+            baked = load_model(export_path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
             btok = (load_tokenizer(export_path, trust_remote_code=trust_remote_code)
                     if (Path(export_path) / "tokenizer_config.json").is_file() else tok)
             # the bake's own trace: plain transformers, no hook; its steering term is assumed to be

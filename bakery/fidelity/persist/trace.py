@@ -10,6 +10,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from bakery.fidelity.persist.settings import BAKED, STEERED, SWITCH, UNSTEERED, PersistSettings, Trace
+from bakery.placement import input_device
 from bakery.steering.generation import encode_prompts, eos_token_ids, render_chat
 from bakery.steering.hooks import Steering, SteeringTerm, blocks_of
 from bakery.vectors.artifact import VectorArtifact, VectorError, unit
@@ -86,7 +87,7 @@ def trace_batch(model, tok, texts: Sequence[str], *, layer: int, direction: torc
     """
     from transformers import DynamicCache
 
-    device = model.device
+    device = input_device(model)
     enc = encode_prompts(tok, texts).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     B, P = ids.shape
@@ -114,7 +115,7 @@ def trace_batch(model, tok, texts: Sequence[str], *, layer: int, direction: torc
                             past_key_values=cache, use_cache=True, **extra)
             finally:
                 cap.remove()
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float().to(device)  # the head may sit on another device
         if suppress_eos:
             logits[:, eos[eos >= 0]] = float("-inf")
         nxt = _sample(logits, temperature, gen)

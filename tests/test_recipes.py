@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import yaml
@@ -140,3 +141,123 @@ def test_recipe_new_gives_up(tmp_path):
         with pytest.raises(RecipeGenError, match="no valid recipe after 2 attempts"):
             generate_recipe("cowboy", "x", model="gen", base_url=srv.base_url, api_key="k", retries=1)
         assert srv.count == 2
+
+
+# ---- recipe import: persona-vectors trait data (JSON) -------------------------------------------
+# Test data of our own, in the reference's layout (instruction / questions / eval_prompt).
+
+def _trait_json(questions, **over) -> dict:
+    d = {
+        "instruction": [
+            {"pos": "You are a gardener who turns every topic to plants and soil.",
+             "neg": "You are an assistant who never mentions plants or gardening."},
+            {"pos": "Relate each answer to growing vegetables.", "neg": "Answer without any gardening talk."},
+        ],
+        "questions": questions,
+        "eval_prompt": ("Rate how much the answer talks about gardening.\nQuestion: {question}\n"
+                        "Answer: {answer}\nReply with JSON like {{\"score\": 0-100}} or just the number."),
+    }
+    d.update(over)
+    return d
+
+
+EXTRACT_QS = ["What is a good weekend plan?", "How do I fix a squeaky door?", "Tell me about rivers."]
+EVAL_QS = ["How do I choose a laptop?", "What is a nice breakfast?"]
+
+
+def _reference_layout(tmp_path, extract=None, evaluation=None):
+    root = tmp_path / "data_generation"
+    for sub, data in (("trait_data_extract", extract or _trait_json(EXTRACT_QS)),
+                      ("trait_data_eval", evaluation or _trait_json(EVAL_QS))):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / "gardener.json").write_text(json.dumps(data, indent=1))
+    return root / "trait_data_extract" / "gardener.json"
+
+
+def test_recipe_import_reads_the_reference_layout(tmp_path):
+    src = _reference_layout(tmp_path)
+    out = tmp_path / "recipes" / "gardener.yaml"
+    res = CliRunner().invoke(main, ["recipe", "import", str(src), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "2 pairs, 3 extract + 2 eval questions (held out from" in res.output
+    r = load_trait_recipe(out)
+    assert r.name == "gardener" and r.pairs[1] == ("Relate each answer to growing vegetables.",
+                                                   "Answer without any gardening talk.")
+    assert r.extract_questions == EXTRACT_QS and r.eval_questions == EVAL_QS
+    filled = r.rubric_for("QQ", "AA")  # the reference's str.format escapes become literal braces
+    assert "Question: QQ\nAnswer: AA" in filled and '{"score": 0-100}' in filled and "{{" not in filled
+    # the overwrite rule, as for `recipe new`
+    res = CliRunner().invoke(main, ["recipe", "import", str(src), "-o", str(out)])
+    assert res.exit_code == 2 and "pass --force" in res.output
+    assert CliRunner().invoke(main, ["recipe", "import", str(src), "-o", str(out), "--force",
+                                     "--trait", "garden-talk"]).exit_code == 0
+    assert load_trait_recipe(out).name == "garden-talk"
+
+
+def test_recipe_import_without_an_eval_file_holds_out_half(tmp_path):
+    from bakery.extraction.recipe_import import import_persona_vectors
+
+    p = tmp_path / "Garden Talk.json"
+    qs = EXTRACT_QS + EVAL_QS + ["what is a good weekend plan?"]  # a repeat, dropped
+    p.write_text(json.dumps(_trait_json(qs, source="mine")))
+    got = import_persona_vectors(p)
+    assert got.recipe.name == "garden-talk" and got.eval_file is None
+    assert got.recipe.extract_questions == qs[:3] and got.recipe.eval_questions == qs[3:5]
+    assert any("held out the last 2 of 5" in n for n in got.notes)
+    assert any("repeated" in n for n in got.notes) and any("unknown key(s)" in n and "source" in n for n in got.notes)
+    # an explicit --eval file that repeats extraction questions loses them, with a note
+    ev = tmp_path / "ev.json"
+    ev.write_text(json.dumps(_trait_json([EXTRACT_QS[0], EVAL_QS[0]])))
+    p.write_text(json.dumps(_trait_json(EXTRACT_QS)))
+    got = import_persona_vectors(p, eval_path=ev, name="g")
+    assert got.recipe.eval_questions == [EVAL_QS[0]] and any("also extraction" in n for n in got.notes)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.pop("instruction"), "key 'instruction' is missing"),
+    (lambda d: d.pop("eval_prompt"), "key 'eval_prompt' is missing"),
+    (lambda d: d.update(instruction={"pos": "a", "neg": "b"}), "key 'instruction' must be a non-empty list"),
+    (lambda d: d.update(instruction=[{"pos": "a"}]), "key 'instruction[0]' must have exactly the keys pos and neg"),
+    (lambda d: d["instruction"][1].update(neg=""), "key 'instruction[1].neg' must be a non-empty string"),
+    (lambda d: d["instruction"][0].update(neg=d["instruction"][0]["pos"]), "key 'instruction[0]' has the same pos"),
+    (lambda d: d.update(questions="What?"), "key 'questions' must be a non-empty list"),
+    (lambda d: d.update(questions=["Fine?", 3]), "key 'questions[1]' must be a non-empty string"),
+    (lambda d: d.update(eval_prompt="Score {answer} from 0 to 100"), "key 'eval_prompt' lacks the placeholder {question}"),
+    (lambda d: d.update(eval_prompt="{question} {answer} {trait}"), "key 'eval_prompt' has the placeholder {trait}"),
+    (lambda d: d.update(eval_prompt="{question} {answer} {"), "key 'eval_prompt' is not a valid template"),
+])
+def test_recipe_import_names_the_wrong_key(tmp_path, mutate, message):
+    d = _trait_json(list(EXTRACT_QS))
+    mutate(d)
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(d))
+    res = CliRunner().invoke(main, ["recipe", "import", str(p), "-o", str(tmp_path / "t.yaml")])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "t.yaml").exists()
+
+
+def test_recipe_import_refuses_non_json_and_lists(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_text("[1, 2]")
+    res = CliRunner().invoke(main, ["recipe", "import", str(p), "-o", str(tmp_path / "t.yaml")])
+    assert res.exit_code == 2 and "top level must be an object" in res.output
+    p.write_text("{not json")
+    res = CliRunner().invoke(main, ["recipe", "import", str(p), "-o", str(tmp_path / "t.yaml")])
+    assert res.exit_code == 2 and "not valid JSON" in res.output
+
+
+def test_imported_recipe_runs_through_extract(tiny_models, tmp_path, monkeypatch):
+    from bakery.vectors.artifact import load_vector
+
+    monkeypatch.setenv("BAKERY_CACHE", str(tmp_path / "cache"))
+    src = _reference_layout(tmp_path)
+    rec = tmp_path / "gardener.yaml"
+    assert CliRunner().invoke(main, ["recipe", "import", str(src), "-o", str(rec)]).exit_code == 0
+    out = tmp_path / "gardener.safetensors"
+    res = CliRunner().invoke(main, ["extract", "-r", str(rec), "-m", str(tiny_models("llama")), "-o", str(out),
+                                    "--max-new-tokens", "3", "--temperature", "0", "--eval-pairs", "1",
+                                    "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    art = load_vector(out)
+    assert art.trait == "gardener" and art.vectors.shape == (5, 32) and art.vectors[1:].abs().sum() > 0
+    assert art.meta["samples"]["pairs_generated"] == 2 * 3  # 2 pairs x 3 extraction questions

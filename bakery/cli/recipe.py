@@ -1,4 +1,4 @@
-"""``bakery recipe``: list, check and generate trait recipes."""
+"""``bakery recipe``: list, check, generate and import trait recipes."""
 
 from __future__ import annotations
 
@@ -59,6 +59,34 @@ def new(trait, description, out, judge_model, base_url, retries, force):
     click.echo(f"wrote {path}: {len(rec.pairs)} pairs, {len(rec.extract_questions)} extract + "
                f"{len(rec.eval_questions)} eval questions")
     click.echo(f"next: bakery extract --recipe {path}")
+
+
+@recipe.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="YAML file to write.")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
+              help="Held-out questions: the reference's trait_data_eval/<trait>.json (found beside "
+                   "trait_data_extract/ by default; without one, half the questions are held out).")
+@click.option("--trait", "-t", default=None, help="Trait name (default: the file name).")
+@click.option("--description", "-d", default=None, help="What the trait is (default: a line naming the source).")
+@click.option("--force", is_flag=True, help="Replace --out if it is a trait recipe (never another file).")
+@clear_errors
+def import_(path, out, eval_path, trait, description, force):
+    """Convert persona-vectors trait data (JSON: instruction, questions, eval_prompt) into a trait recipe."""
+    from bakery.extraction.recipe_gen import write_recipe
+    from bakery.extraction.recipe_import import import_persona_vectors
+    from bakery.io.folders import TRAIT_RECIPE, check_output
+
+    check_output(out, kind=TRAIT_RECIPE, force=force)
+    got = import_persona_vectors(path, eval_path=eval_path, name=trait, description=description)
+    for note in got.notes:
+        click.echo(f"note: {note}", err=True)
+    rec = got.recipe
+    written = write_recipe(rec, out, force=force)
+    held = f" (held out from {got.eval_file})" if got.eval_file else ""
+    click.echo(f"wrote {written}: {rec.name}, {len(rec.pairs)} pairs, {len(rec.extract_questions)} "
+               f"extract + {len(rec.eval_questions)} eval questions{held}")
+    click.echo(f"next: bakery extract --recipe {written}")
 
 
 COMMANDS = [recipe]

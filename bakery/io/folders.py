@@ -143,6 +143,8 @@ CONTROL_VECTOR = OutputKind("llama.cpp control vector", folder=False, recognise=
 ANSWERS = OutputKind("extraction answers file", folder=False, recognise=_is_answers)
 PLOT = OutputKind("plot", folder=False, recognise=_is_png)
 TRAIT_RECIPE = OutputKind("trait recipe", folder=False, recognise=_is_trait_recipe)
+# `bakery gguf`: one .gguf plus bakery-gguf.json (its marker), README.md and Modelfile
+GGUF_EXPORT = OutputKind("bakery GGUF folder", folder=True, marker="bakery-gguf.json")
 
 
 # ---- the rule -----------------------------------------------------------------------------

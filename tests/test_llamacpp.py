@@ -1,0 +1,120 @@
+"""llama.cpp: the GGUF folder and control-vector plumbing (fast), and real runs in llama-cpp-python
+(slow, .venv-llamacpp from `make llamacpp`): a bias bake of the embedded Q4_1 GGUF equals
+llama.cpp's own control-vector steering within the jitter floor measured in the same run and the
+same bias on the wrong block does not; in an F32 GGUF the bake equals the control vector to
+rounding and matches transformers steering within the engine-to-engine floor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bakery.engines.common import EngineNotInstalled
+from bakery.engines.llamacpp import (ENGINE_RATIO, GGUFFolderError, JITTER_RATIO, control_vector,
+                                     find_llamacpp_python, gguf_setup, read_gguf_folder, verify_llamacpp)
+from bakery.fidelity.reference import Reference
+from bakery.vectors.artifact import VectorArtifact
+
+PROMPTS = ["How do I cook rice?", "Tell me about the sea.", "What makes a good friend?",
+           "Describe a rainy afternoon."]
+LAYER, COEF = 16, 2.0  # layer 16 = output of block 15 = llama.cpp's blk.15 / control vector il 15
+
+
+# ---- fast: no llama.cpp needed ---------------------------------------------------------------------
+def test_control_vector_puts_each_term_at_its_block_and_refuses_block_0():
+    v = VectorArtifact(torch.randn(7, 4), {"trait": "t"})
+    ref = Reference(v, 3, [(3, 2.0), (5, -1.0)])
+    cv, why = control_vector(ref, n_embd=4, n_layer=6)
+    assert why == "" and (cv.il_start, cv.il_end) == (2, 4)
+    buf = cv.buffer.reshape(5, 4)  # from block 1: row i is block i + 1
+    assert np.allclose(buf[1], 2.0 * v.vectors[3].numpy()) and np.allclose(buf[3], -1.0 * v.vectors[5].numpy())
+    assert not buf[[0, 2, 4]].any()
+    cv0, why0 = control_vector(Reference(v, 1, [(1, 1.0)]), n_embd=4, n_layer=6)
+    assert cv0 is None and "block 0" in why0
+    abl, why_abl = control_vector(Reference(v, 3, [], ablation={"layer": 3}), n_embd=4, n_layer=6)
+    assert abl is None and "ablation" in why_abl
+
+
+def test_gguf_folder_errors_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(GGUFFolderError, match="bakery gguf"):
+        read_gguf_folder(tmp_path)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "bakery-gguf.json").write_text(json.dumps({"gguf": "m.gguf", "export": str(tmp_path / "nope")}))
+    with pytest.raises(GGUFFolderError, match="not an export folder"):
+        read_gguf_folder(tmp_path)
+    monkeypatch.setenv("BAKERY_LLAMACPP_PYTHON", str(tmp_path / "no-python"))
+    monkeypatch.setattr("bakery.engines.llamacpp.REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EngineNotInstalled, match="make llamacpp"):
+        find_llamacpp_python()
+
+
+# ---- slow: real llama.cpp ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pirate_bias(smol_dir, tmp_path_factory):
+    """A real bias bake of the embedded model (layer 16, coef 2) and its vector."""
+    from test_compare import real_bake
+    from test_vllm import quick_vector
+
+    try:
+        find_llamacpp_python()
+    except EngineNotInstalled as e:
+        pytest.fail(f"the llama.cpp tests need llama-cpp-python: {e}")
+    tmp = tmp_path_factory.mktemp("llamacpp")
+    vec = quick_vector(smol_dir)
+    export = real_bake("bias", smol_dir, vec, LAYER, COEF, tmp / "pirate-bias")
+    return tmp, export, vec
+
+
+def _terms(block: int) -> list[dict]:
+    return [{"layer": block + 1, "block": block, "coef": COEF, "vector_file": "vectors/pirate.safetensors"}]
+
+
+@pytest.mark.slow
+def test_q4_1_bias_bake_equals_llamacpp_control_vector_and_wrong_block_fails(pirate_bias):
+    from gguf_bakes import bias_gguf_folder, embedded_gguf
+
+    tmp, export, vec = pirate_bias
+    bias = (COEF * vec.row(LAYER)).numpy()
+    good = bias_gguf_folder(embedded_gguf(), export, tmp / "q4-good", {LAYER - 1: bias}, terms=_terms(LAYER - 1))
+    wrong = bias_gguf_folder(embedded_gguf(), export, tmp / "q4-wrong", {LAYER - 4: bias}, terms=_terms(LAYER - 4))
+    assert read_gguf_folder(good).export == export
+    lines = []
+    ok, bad = verify_llamacpp([gguf_setup(good, prompts=PROMPTS, max_new_tokens=32),
+                               gguf_setup(wrong, prompts=PROMPTS, max_new_tokens=32)], log=lines.append)
+    print(ok.message, bad.message, sep="\n")
+    d = ok.details
+    assert ok.status == "pass" and ok.kind == "run", ok.message
+    assert d["added_params"] == 576  # llama.cpp loaded the one added bias
+    a, jit, un = d["bake_vs_cvec"], d["jitter_floor"], d["unsteered_vs_cvec"]
+    assert a["positions"] >= 100
+    assert a["mean_abs_logprob_gap"] <= JITTER_RATIO * jit["mean_abs_logprob_gap"] + 1e-4
+    assert un["mean_abs_logprob_gap"] > 0.5 and a["mean_abs_logprob_gap"] < 0.25 * un["mean_abs_logprob_gap"]
+    assert "jitter floor" in ok.message and "noise floor" in ok.message
+    # the same bias one block off loads (576 parameters) but is not llama.cpp's steering at block 15
+    assert bad.status == "fail" and bad.details["added_params"] == 576
+    assert "llama.cpp's own steering" in bad.message, bad.message
+    assert bad.details["bake_vs_cvec"]["mean_abs_logprob_gap"] > 2 * a["mean_abs_logprob_gap"]
+    assert any(line.startswith("[llamacpp_worker]") for line in lines)
+
+
+@pytest.mark.slow
+def test_f32_bias_bake_equals_control_vector_and_transformers_steering(pirate_bias):
+    from gguf_bakes import bias_gguf_folder, copy_gguf, embedded_gguf
+
+    tmp, export, vec = pirate_bias
+    f32 = copy_gguf(embedded_gguf(), tmp / "smollm2-f32.gguf", dequantize=True)
+    folder = bias_gguf_folder(f32, export, tmp / "f32-good", {LAYER - 1: (COEF * vec.row(LAYER)).numpy()},
+                              terms=_terms(LAYER - 1), file_type="F32")
+    (v,) = verify_llamacpp([gguf_setup(folder, prompts=PROMPTS, max_new_tokens=32)])
+    print(v.message)
+    d = v.details
+    assert v.status == "pass", v.message
+    assert d["bake_vs_cvec"]["top1"] >= 0.99 and d["bake_vs_cvec"]["mean_abs_logprob_gap"] < 0.01
+    floor = d["noise_floor_source_llamacpp_vs_transformers"]
+    b = d["bake_vs_target"]
+    assert b["top1"] >= 0.98 and b["mean_abs_logprob_gap"] <= ENGINE_RATIO * floor["mean_abs_logprob_gap"] + 1e-3
+    assert b["mean_abs_logprob_gap"] < 0.1 * d["unedited_vs_target"]["mean_abs_logprob_gap"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -73,6 +73,34 @@ def output_tensors(plan: BakePlan) -> list[OutTensor]:
         else:
             out.append(OutTensor(name, dtype, tuple(shape), source=make))
     return out
+
+
+def write_overlay(folder: Path, source_dir: Path, config: dict[str, Any], trained_dir: Path, *,
+                  rename: Callable[[str], str] = lambda n: n, progress: bool = False,
+                  max_shard_bytes: int | None = None) -> list[str]:
+    """The source checkpoint, streamed, with each tensor of the checkpoint in ``trained_dir``
+    (``rename`` maps its names to the source model's) in place of the source tensor it differs
+    from. Every other tensor (a wrapper's vision tower, what training left alone) is copied byte
+    for byte, and ``config.json`` is the source's ``config``. Returns the replaced names."""
+    from bakery.arch import spec_for
+    from bakery.io.checkpoint import CheckpointError, CheckpointReader
+
+    src, new = CheckpointReader(source_dir), CheckpointReader(trained_dir)
+    plan = BakePlan(reader=src, config=dict(config))
+    replaced = []
+    for n, info in new.tensors.items():
+        target = next((t for t in (plan.names.find(n), plan.names.find(rename(n))) if t is not None), None)
+        if target is None or src.tensors[target].shape != info.shape:
+            raise CheckpointError(
+                f"the trained weights hold {n} {tuple(info.shape)}, which the source checkpoint "
+                f"{source_dir} has no tensor of that shape for: its layout is not what transformers "
+                f"writes for a {spec_for(config).model_type} model (a bug in bakery: please report it)")
+        t = new.get(n).to(src.tensors[target].torch_dtype).contiguous()
+        if not torch.equal(t.view(-1).view(torch.uint8), src.get(target).contiguous().view(-1).view(torch.uint8)):
+            plan.edit(target, lambda x, n=n: new.get(n))
+            replaced.append(target)
+    write_plan(plan, folder, progress=progress, max_shard_bytes=max_shard_bytes)
+    return sorted(replaced)
 
 
 def source_info_for(model_name: str, model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:

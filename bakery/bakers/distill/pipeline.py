@@ -15,25 +15,22 @@ data-parallel as ``accelerate launch --multi_gpu --num_processes 2 -m bakery bak
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from bakery.bakers.base import BakeFacts, Weights, refuse_quantized
+from bakery.bakers.base import refuse_quantized
 from bakery.io.folders import EXPORT, check_output
+from bakery.bakers.distill.export import DistilledWeights, is_wrapper
 from bakery.io.export import source_info_for
-from bakery.naming import slug
 from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
-from bakery.vectors.artifact import VectorArtifact, describe_layer, load_vector
+from bakery.vectors.artifact import VectorArtifact, load_vector
 from bakery.bakers.distill.warm_start import apply_warm_start
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
@@ -135,85 +132,6 @@ def source_dtype(config: dict) -> torch.dtype:
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)
 
 
-# ---- export ---------------------------------------------------------------------------------------
-def merged_copy(student, method: str):
-    """A plain transformers model with the trained weights (LoRA merged); the student is untouched."""
-    m = copy.deepcopy(student)
-    if method == "lora":
-        m = m.merge_and_unload()
-    return m
-
-
-class DistilledWeights(Weights):
-    """The trained student, ready to be written: merged weights (LoRA merged into the base, or the
-    fine-tuned weights), and for LoRA the peft adapter in ``adapter/``."""
-
-    def __init__(self, student, *, method: str, dtype: torch.dtype, source: dict, term: dict,
-                 positions: str, info: dict):
-        self.student, self.method, self.dtype, self.source = student, method, dtype, source
-        self.term, self.positions, self.info = term, positions, info
-
-    def write(self, folder: Path, *, progress: bool, max_shard_bytes: int | None) -> BakeFacts:
-        merged = merged_copy(self.student, self.method).to(self.dtype)
-        merged.save_pretrained(folder, **({"max_shard_size": max_shard_bytes} if max_shard_bytes else {}))
-        del merged
-        if self.method == "lora":
-            self.student.save_pretrained(folder / "adapter")
-            _fix_adapter_base(folder / "adapter", self.source)
-        info = dict(self.info)
-        notes = info.pop("notes", [])
-        return BakeFacts(route="lora-merged" if self.method == "lora" else "full", positions=self.positions,
-                         exact=False, engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"},
-                         notes=notes, extra=info,
-                         card_section=("distill", card_body(self.method, self.term, self.positions,
-                                                            self.source, info)))
-
-
-def _fix_adapter_base(adapter_dir: Path, source: dict) -> None:
-    """Point the adapter (config and peft's card) at the source's Hub id, else the name the user
-    gave: peft records the local folder it loaded, a cache path that means nothing elsewhere."""
-    p = adapter_dir / "adapter_config.json"
-    cfg = json.loads(p.read_text())
-    local = cfg.get("base_model_name_or_path")
-    base = source.get("hub_id") or source.get("model") or local
-    cfg["base_model_name_or_path"] = base
-    p.write_text(json.dumps(cfg, indent=2))
-    card = adapter_dir / "README.md"
-    if local and base != local and card.is_file():
-        card.write_text(card.read_text().replace(local, base))
-
-
-def card_body(method: str, term: dict, positions: str, source: dict, info: dict) -> str:
-    """The card's ``distill`` section: how the weights were trained and what the folder holds."""
-    lines = [
-        "## Distillation", "",
-        f"Runtime steering `{term['coef']:g} * v[{term['layer']}]` ({describe_layer(term['layer'])}), "
-        f"positions `{positions}`, distilled into the weights by minimising KL(steered || model) on "
-        f"{info.get('train_trajectories')} sampled trajectories ({info.get('train_tokens')} response tokens).",
-        "", "| setting | value |", "| --- | --- |",
-    ]
-    for k in ("rank", "alpha", "rslora", "target_modules", "lr", "steps", "best_step", "best_val_kl",
-              "val_kl_base", "val_R", "wall_s"):
-        if k in info:
-            lines.append(f"| {k} | {info[k]} |")
-    if method == "lora":
-        base = source.get("hub_id") or source.get("model")
-        lines += ["", "The weights are a plain checkpoint: the trained LoRA is merged into the base weights "
-                  "(stock architecture, no new parameters), so it loads like the base model in "
-                  "transformers, vLLM or sglang.", "",
-                  "The unmerged peft adapter is in `adapter/` (paths below relative to this folder): "
-                  "`PeftModel.from_pretrained(base_model, 'adapter')`, or in vLLM "
-                  f"`vllm serve {base} --enable-lora --lora-modules {slug(term['trait'])}=adapter "
-                  f"--max-lora-rank {info.get('rank')}`."]
-    else:
-        first = info.get("first_block")
-        which = f"blocks {first} and later" if first is not None else "the target linears"
-        lines += ["", f"The weights are a plain checkpoint: full fine-tuning of {which} (no LoRA, no "
-                  "adapter, no new parameters), so it loads like the base model in transformers, vLLM "
-                  "or sglang."]
-    return "\n".join(lines)
-
-
 # ---- the bake ---------------------------------------------------------------------------------------
 @dataclass
 class DistillResult:
@@ -258,6 +176,10 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
 
+    if is_wrapper(config) and req.dtype != "source" and getattr(torch, req.dtype) != source_dtype(config):
+        raise DistillError(
+            f"dtype={req.dtype}: a multimodal wrapper's export keeps the source checkpoint's dtype "
+            f"({source_dtype(config)}), so that its vision tower stays byte for byte; leave dtype at source")
     model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
     tok = load_tokenizer(model_dir, trust_remote_code=req.trust_remote_code)
     vec = req.vector if isinstance(req.vector, VectorArtifact) else load_vector(
@@ -333,8 +255,11 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
             if "block" in ws and dd.history:
                 off = ("" if ws["unsteered_mean"] is None
                        else f", {ws['unsteered_mean']:.3f} at unsteered ones")
+                where = (f"the down-projections of {ws['experts_fitted']} of block {ws['block']}'s "
+                         f"{ws['experts']} experts (one u per expert, fitted on the tokens routed to it)"
+                         if "experts" in ws else f"block {ws['block']}'s down-projection")
                 i["notes"] = [
-                    f"warm start: coef * v written through block {ws['block']}'s down-projection, gated "
+                    f"warm start: coef * v written through {where}, gated "
                     f"by u . a (mean {ws['steered_mean']:.3f} at steered tokens{off}; {ws['tokens']} "
                     f"tokens); validation R {1 - dd.history[0]['val_kl'] / base_kl:.4f} before training, "
                     f"{i['val_R']:.4f} at step {dd.best_step}"]
@@ -353,7 +278,8 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
             return None
         return DistilledWeights(student, method=req.train.method, dtype=dtype, source=source,
                                 term={"layer": req.layer, "coef": req.coef, "trait": trait},
-                                positions=req.positions, info=info_now(dd, extra))
+                                positions=req.positions, info=info_now(dd, extra), model_dir=model_dir,
+                                config=config)
 
     def on_save(dd: Distiller, step: int) -> None:
         from bakery.bakers.distilled import job_for

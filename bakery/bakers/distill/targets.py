@@ -118,19 +118,22 @@ class Targets:
     modules: list[str]
     parameters: list[str]
 
-    def describe(self, model: nn.Module) -> dict:
-        """For the manifest: what trained and every other block parameter that did not."""
+    def describe(self, model: nn.Module, *, lora: bool) -> dict:
+        """For the manifest: what trained and every other block parameter that did not (LoRA
+        leaves the target linears' biases alone; full fine-tuning trains them)."""
         return {"target_modules": self.modules, "target_parameters": self.parameters,
-                "not_trained": untargeted(model, self.modules, self.parameters)}
+                "not_trained": untargeted(model, self.modules, self.parameters, biases=not lora)}
 
 
 def lora_targets(model: nn.Module, modules: Sequence[str] | None, experts: str = "down") -> Targets:
     return Targets(check_targets(model, modules), expert_parameters(model, experts))
 
 
-def untargeted(model: nn.Module, modules: Sequence[str], parameters: Sequence[str]) -> list[str]:
+def untargeted(model: nn.Module, modules: Sequence[str], parameters: Sequence[str], *,
+               biases: bool = True) -> list[str]:
     """Block parameters (relative to a block, deduplicated over blocks) that neither a target
-    linear nor a targeted fused weight covers: norms, routers, convolutions, untargeted experts."""
+    linear (its bias too, where ``biases``) nor a targeted fused weight covers: norms, routers,
+    convolutions, untargeted experts."""
     spec = spec_for(model.config)
     leaves = set(modules)
     out: set[str] = set()
@@ -139,6 +142,6 @@ def untargeted(model: nn.Module, modules: Sequence[str], parameters: Sequence[st
         if "lora_" in name or name in parameters:
             continue
         module = name.rsplit(".", 1)[0] if "." in name else ""
-        if module.rsplit(".", 1)[-1] not in leaves:
+        if module.rsplit(".", 1)[-1] not in leaves or (not biases and name.endswith(".bias")):
             out.add(name)
     return sorted(out)

@@ -193,7 +193,7 @@ class Distiller:
         for p in model.parameters():
             p.requires_grad_(False)
         # what trains and what does not, read before peft wraps the target linears
-        self.targets = lora_targets(model, cfg.target_modules, cfg.experts).describe(model)
+        self.targets = lora_targets(model, cfg.target_modules, cfg.experts).describe(model, lora=cfg.method == "lora")
         if cfg.method == "lora":
             self.student = add_lora(model, cfg)
             self.teacher = None

@@ -424,3 +424,18 @@ def test_per_checkpoint_folder_refusals(tmp_path):
     torch.save({"a b": torch.zeros(5, 32)}, odd / "step1.pt")
     with pytest.raises(VectorError, match="cannot name a file"):
         read_checkpoint_folder(odd)
+
+
+def test_control_vector_import_takes_its_depth_from_model(tiny_models, tmp_path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "cv.gguf"), "controlvector")
+    w.add_uint32("controlvector.layer_count", 1)
+    w.add_tensor("direction.1", np.full(32, 2.0, dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    r = _import(tmp_path / "cv.gguf", tmp_path / "cv.safetensors", "--model", tiny_models("llama"))
+    assert r.exit_code == 0, r.output
+    art = load_vector(tmp_path / "cv.safetensors")
+    assert art.vectors.shape == (5, 32) and torch.all(art.vectors[2] == 2.0)
+    assert art.meta["model_type"] == "llama" and art.meta["imported_from"] == "llama.cpp control vector"

@@ -68,7 +68,8 @@ def new(trait, description, out, judge_model, base_url, retries, force):
               help="Held-out questions: the reference's trait_data_eval/<trait>.json (found beside "
                    "trait_data_extract/ by default; without one, half the questions are held out).")
 @click.option("--trait", "-t", default=None, help="Trait name (default: the file name).")
-@click.option("--description", "-d", default=None, help="What the trait is (default: a line naming the source).")
+@click.option("--description", "-d", default=None,
+              help="What the trait is (default: a line naming the source).")
 @click.option("--force", is_flag=True, help="Replace --out if it is a trait recipe (never another file).")
 @clear_errors
 def import_(path, out, eval_path, trait, description, force):

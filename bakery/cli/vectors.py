@@ -76,9 +76,10 @@ def export_gguf(file, out, model_hint, force):
                    "direction or a per-layer dict, checks a full table and is recorded.")
 @click.option("--layer", "-l", type=int, default=None,
               help="Row of a single [hidden] direction (row L = output of block L-1).")
-@click.option("--num-layers", type=int, default=None, help="Layer count of the model (for .gguf).")
+@click.option("--num-layers", type=int, default=None,
+              help="Layer count of the model, for a .gguf (default: from --model).")
 @click.option("--trait", default=None, help="Trait name to record in the metadata.")
-@click.option("--force", is_flag=True, help=FORCE_HELP.format("vector file (or per-checkpoint folder)"))
+@click.option("--force", is_flag=True, help=FORCE_HELP.format("vector file or per-checkpoint vectors folder"))
 @clear_errors
 def import_(file, out, model, layer, num_layers, trait, force):
     """Convert FILE into a bakery .safetensors artifact OUT.
@@ -112,6 +113,10 @@ def import_(file, out, model, layer, num_layers, trait, force):
     else:
         if layer is not None:
             raise click.UsageError("--layer places a single-direction .pt file; this file is not one")
+        if num_layers is None and config is not None:
+            from bakery.arch import num_layers_of
+
+            num_layers = num_layers_of(config)
         art = load_vector(src, num_layers=num_layers)
         if config is not None:
             art.check_model(config)

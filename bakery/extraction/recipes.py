@@ -3,7 +3,8 @@
 A trait recipe is a YAML file with a name, a one-paragraph description, pairs of contrastive
 system prompts (``pos`` elicits the trait, ``neg`` its opposite), extraction questions and
 disjoint evaluation questions, and a judge rubric with ``{question}`` and ``{answer}``
-placeholders that asks for a 0-100 score. Built-in recipes live in ``recipes/traits/``.
+placeholders that asks for a 0-100 score. Built-in recipes live in ``recipes/traits/``; the
+persona-vectors reference's JSON trait data converts into one (:mod:`bakery.extraction.recipe_import`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Row ``L`` is ``hidden_states[L]`` of a transformers forward pass: row 0 the embedding output, row
 ``L >= 1`` the output of block ``L-1``, the last row taken after the final norm (never baked).
 Files: bakery ``.safetensors`` (tensor ``vectors`` + JSON metadata under ``bakery``), the
-persona-vectors reference ``.pt`` (raw tensor), and llama.cpp control-vector GGUF.
+persona-vectors reference ``.pt`` (raw tensor; the ``.pt`` layouts are in :mod:`bakery.vectors.pt`,
+single directions and per-checkpoint folders in :mod:`bakery.vectors.imports`), and llama.cpp
+control-vector GGUF.
 """
 
 from __future__ import annotations

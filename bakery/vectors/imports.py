@@ -128,8 +128,8 @@ def import_pt(path: str | os.PathLike, *, config: Any | None = None, model_id: s
         raise VectorError(f"vector file not found: {path}")
     got = parse_pt(load_pt(path), str(path))
     art, how = place(got, where=str(path), config=config, model_id=model_id, layer=layer)
-    art.meta = {"trait": trait or path.stem,
-                "imported_from": "persona-vectors .pt" if how["layout"] == "table" else f"{how['layout']} .pt",
+    origin = "persona-vectors .pt" if how["layout"] == "table" else f"{how['layout']} .pt"
+    art.meta = {"trait": trait or path.stem, "imported_from": origin,
                 "source": {"file": path.name, "sha256": file_sha256(path)}, "import": how}
     if how["layout"] == "single direction":
         art.meta["single_direction"] = True
@@ -256,7 +256,8 @@ def load_checkpoint_folder(folder: str | os.PathLike) -> dict[str, VectorArtifac
     try:
         index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise VectorError(f"{folder} has no readable {INDEX}: not a per-checkpoint vectors folder ({e})") from e
+        raise VectorError(f"{folder} has no readable {INDEX}: not a per-checkpoint vectors folder "
+                          f"({e})") from e
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise VectorError(f"{folder / INDEX} is not a bakery per-checkpoint index")
     return {row["name"]: load_vector(folder / row["file"]) for row in index["checkpoints"]}

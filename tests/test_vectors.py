@@ -439,3 +439,61 @@ def test_control_vector_import_takes_its_depth_from_model(tiny_models, tmp_path)
     art = load_vector(tmp_path / "cv.safetensors")
     assert art.vectors.shape == (5, 32) and torch.all(art.vectors[2] == 2.0)
     assert art.meta["model_type"] == "llama" and art.meta["imported_from"] == "llama.cpp control vector"
+
+
+def test_single_direction_for_a_multimodal_wrapper_is_sized_by_its_text_tower(tmp_path):
+    """The Qwen3.5 write-up's model is a Qwen3_5ForConditionalGeneration: its sizes live under
+    text_config, and the direction is placed by those."""
+    from tiny import make_tiny_multimodal
+
+    d = make_tiny_multimodal("qwen3_5", tmp_path / "qwen3_5")
+    n = json.loads((d / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    v = torch.randn(32)
+    torch.save(v, tmp_path / "persona_dir.pt")
+    r = _import(tmp_path / "persona_dir.pt", tmp_path / "dir.safetensors", "-m", d, "-l", n - 1)
+    assert r.exit_code == 0, r.output
+    art = load_vector(tmp_path / "dir.safetensors")
+    assert art.vectors.shape == (n + 1, 32) and torch.equal(art.vectors[n - 1], v)
+    assert art.meta["model_type"] == "qwen3_5" and art.meta["num_hidden_layers"] == n
+    r = _import(tmp_path / "persona_dir.pt", tmp_path / "x.safetensors", "-m", d, "-l", n + 1)
+    assert r.exit_code == 2 and f"out of range for a model with {n} layers" in r.output
+
+
+@pytest.mark.slow
+def test_single_direction_on_the_embedded_model_steers_like_the_full_table(smol_dir, tmp_path):
+    from bakery.models import load_model
+    from bakery.steering.hooks import steer
+
+    table = torch.randn(31, 576, generator=torch.Generator().manual_seed(5))
+    torch.save(table, tmp_path / "full.pt")
+    torch.save(table[22].clone(), tmp_path / "persona_dir.pt")
+    assert _import(tmp_path / "full.pt", tmp_path / "full.safetensors", "-m", smol_dir).exit_code == 0
+    r = _import(tmp_path / "persona_dir.pt", tmp_path / "dir.safetensors", "-m", smol_dir, "-l", 22)
+    assert r.exit_code == 0, r.output
+    full, one = load_vector(tmp_path / "full.safetensors"), load_vector(tmp_path / "dir.safetensors")
+    model = load_model(smol_dir)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+        with steer(model, full, 22, coef=2.0):
+            a = model(ids).logits
+        with steer(model, one, 22, coef=2.0):
+            b = model(ids).logits
+    assert torch.equal(a, b) and (a - base).abs().max() > 0.1
+
+
+def test_single_direction_bakes_like_the_full_table(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    from bakery.bakers import bake
+
+    src = tiny_models("llama")
+    table = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    torch.save(table, tmp_path / "full.pt")
+    torch.save(table[3].clone(), tmp_path / "dir.pt")
+    assert _import(tmp_path / "dir.pt", tmp_path / "dir.safetensors", "-m", src, "-l", 3).exit_code == 0
+    outs = [bake("bias", src, [(tmp_path / f, 3, 1.5)], tmp_path / f"out-{i}", progress=False)
+            for i, f in enumerate(("full.pt", "dir.safetensors"))]
+    a, b = (load_file(o / "model.safetensors") for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.allclose(a["model.layers.2.mlp.down_proj.bias"].float(), 1.5 * table[3], atol=1e-6)

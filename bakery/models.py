@@ -208,15 +208,16 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: Any = None, devi
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except (ValueError, OSError) as e:  # what transformers raises for a folder it cannot load
         raise _cannot_load("model", path, e) from e
-    where = (f"device map {_summary(model)}" if getattr(model, "hf_device_map", None) and device_map is not None
-             else str(dev))
+    where = f"device map {_summary(getattr(model, 'hf_device_map', None) or device_map)}" if device_map else str(dev)
     _log.info("loaded %s on %s in %s", path, where, str(dtype).removeprefix("torch."))
     return model.eval()
 
 
-def _summary(model) -> str:
+def _summary(device_map: dict | str) -> str:
+    if isinstance(device_map, str):
+        return device_map
     counts: dict[str, int] = {}
-    for d in model.hf_device_map.values():
+    for d in device_map.values():
         counts[str(d)] = counts.get(str(d), 0) + 1
     return ", ".join(f"{n} on {d}" for d, n in counts.items())
 

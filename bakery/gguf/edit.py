@@ -161,8 +161,14 @@ def _check_types(names: list[str], tensors: dict[str, Any]) -> None:
         raise GGUFError(
             f"the gguf package cannot quantize back to {', '.join(bad)} (the type of tensors the ortho "
             f"edit changes), so the edited GGUF cannot keep its quantization. Alternatives: {CONVERT_HINT}, "
-            "then quantize with llama.cpp's llama-quantize; or start from a GGUF in F32, F16, BF16, Q8_0, "
-            "Q4_0/Q4_1/Q5_0/Q5_1 or a K-quant the gguf package writes")
+            f"then quantize with llama.cpp's llama-quantize; or start from a GGUF whose edited tensors are "
+            f"in a type it writes ({', '.join(_writable())})")
+
+
+def _writable() -> list[str]:
+    import gguf
+
+    return [q.name for q in gguf.GGMLQuantizationType if q in gguf.GGML_QUANT_SIZES and can_quantize(q)]
 
 
 def _store(P: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
@@ -186,10 +192,10 @@ def _edit_embedding(t, r: np.ndarray) -> tuple[np.ndarray, float]:
     for a in range(0, t.data.shape[0], _ROWS):
         W = np.asarray(gguf.quants.dequantize(np.asarray(t.data[a:a + _ROWS]), t.tensor_type), dtype=np.float32)
         data, back = _store(project_last(W, r), t.tensor_type)
-        before = max(before, float(np.abs(W @ r).max()))
-        after = max(after, float(np.abs(back @ r).max()))
+        before += float(np.square(W @ r).sum())
+        after += float(np.square(back @ r).sum())
         parts.append(data)
-    return np.concatenate(parts, axis=0), after / max(before, 1e-30)
+    return np.concatenate(parts, axis=0), (after / max(before, 1e-30)) ** 0.5
 
 
 def plan_ortho(info: ExportInfo, reader, shape: GGUFShape, facts: GGUFArch) -> GGUFEdit:
@@ -219,8 +225,8 @@ def plan_ortho(info: ExportInfo, reader, shape: GGUFShape, facts: GGUFArch) -> G
             W = dequantize(t)
             P = project_last(W, r) if axis == "last" else project_first(W, r)
             data, back = _store(P, t.tensor_type)
-            before = float(np.abs(_along(W, r, axis)).max())
-            w = float(np.abs(_along(back, r, axis)).max()) / max(before, 1e-30)
+            before = float(np.linalg.norm(_along(W, r, axis)))
+            w = float(np.linalg.norm(_along(back, r, axis))) / max(before, 1e-30)
         worst = max(worst, w)
         edit.replace[name] = NewTensor(data, t.tensor_type)
         edit.edited.append(name)
@@ -234,8 +240,9 @@ def plan_ortho(info: ExportInfo, reader, shape: GGUFShape, facts: GGUFArch) -> G
     elif embeddings == "keep":
         edit.notes.append("embeddings left untouched, as in the export (embeddings=keep)")
     edit.stats["max_residual_fraction"] = worst
-    edit.notes.append(f"after quantizing back, the largest |r . w| left in an edited tensor is "
-                      f"{worst:.3g} of what it was before the edit (0 means exactly removed)")
+    edit.notes.append(f"after storing in the source types, the component along r left in an edited tensor "
+                      f"is at most {worst:.3g} of its norm before the edit (0: exactly removed; a "
+                      "quantized type keeps its rounding noise along r)")
     t0 = info.manifest.terms[0]
     edit.terms.append({"layer": t0.layer, "block": t0.layer - 1, "coef": None, "vector_file": t0.vector_file,
                        "trait": t0.trait, "site": "ablation", "tensor": None,

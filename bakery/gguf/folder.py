@@ -119,10 +119,10 @@ def gguf_bake(export: str | Path, out: str | Path, *, from_gguf: str | Path | No
     """Write OUT: one GGUF of the bake ``export`` (edited from ``from_gguf``, or converted)."""
     export, out = Path(export), Path(out)
     src = Path(from_gguf) if from_gguf is not None else None
-    check_output(out, kind=GGUF_EXPORT, force=force, source=export)
     if src is not None and src.resolve().is_relative_to(out.resolve()):
         raise GGUFError(f"the source GGUF {src} is inside the output folder {out}: bakery never writes "
                         "over its source. Choose another -o")
+    check_output(out, kind=GGUF_EXPORT, force=force, source=export)
     if src is not None and outtype is not None:
         raise GGUFError("--outtype is for the conversion path; with --from-gguf the GGUF keeps its own "
                         "tensor types (quantize it with llama.cpp's llama-quantize afterwards if you wish)")

@@ -122,7 +122,8 @@ def import_(file, out, model, layer, num_layers, trait, force):
             art.check_model(config)
             from bakery.vectors.imports import model_facts
 
-            art.meta.update(model_facts(config, model_id))
+            for k, v in model_facts(config, model_id).items():
+                art.meta.setdefault(k, v)  # an extracted artifact's own record stays
         if trait:
             art.meta["trait"] = trait
     with atomic_files({out: VECTOR}, force=force) as tmps:

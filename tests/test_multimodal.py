@@ -141,3 +141,61 @@ def test_gemma3_wrapper_exact_routes_are_refused_for_the_sandwich_norm(wrappers,
     with pytest.raises(BakeError, match="sandwich norm.*kl-lora"):
         bake("ortho", src, [(_vec(), 2, None)], tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+# ---- distilled bakes: the text tower trains, everything else is the source's ----------------------
+def _distill(src: Path, tmp_path: Path, method: str, **kw) -> Path:
+    vf = tmp_path / "v.safetensors"
+    _vec(5).save(vf)
+    train = dict(rank=8, lr=5e-3) if method == "kl-lora" else dict(lr=1e-3)
+    train.update(kw)
+    return bake(method, str(src), [(str(vf), 2, 2.0)], tmp_path / "out", num_prompts=30, samples_per_prompt=1,
+                max_new_tokens=6, steps=3, val_prompts=6, val_every=3, positions="all",
+                work_dir=str(tmp_path / "work"), progress=False, **train)
+
+
+@pytest.mark.parametrize("method", ["kl-lora", "kl-full"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3"])
+def test_distilled_export_of_a_wrapper_keeps_the_vision_tower(model_type, method, wrappers, tmp_path):
+    src = wrappers(model_type)
+    out = _distill(src, tmp_path, method)
+    _check_kept(src, out)  # vision tower, projector and processor files byte for byte; same class
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    a, b = _raw(src), _raw(out)
+    assert a.keys() == b.keys()
+    changed = [k for k in a if a[k] != b[k]]
+    assert changed and all(k.startswith(TEXT_PREFIXES) for k in changed)
+    m = json.loads((out / "bakery.json").read_text())["extra"]
+    assert m["tensors_replaced"] == len(changed) and any("vision tower" in n for n in m["notes"])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3"])
+def test_a_wrappers_adapter_loads_onto_the_wrapper_and_matches_the_merged_export(model_type, wrappers, tmp_path):
+    """adapter/ targets the text tower's blocks only (Gemma 3's vision tower has q_proj too) in
+    the wrapper's module tree (Qwen3.5 trains as Qwen3_5ForCausalLM)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    src = wrappers(model_type)
+    out = _distill(src, tmp_path, "kl-lora")
+    ids = torch.randint(7, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForImageTextToText.from_pretrained(out)(input_ids=ids).logits
+        base_model = AutoModelForImageTextToText.from_pretrained(src)
+        base = base_model(input_ids=ids).logits
+        adapted_model = PeftModel.from_pretrained(base_model, str(out / "adapter"))
+        adapted = adapted_model(input_ids=ids).logits
+    lora_modules = [n for n, _ in adapted_model.named_modules() if n.endswith(".lora_A")]
+    assert lora_modules and all(".language_model." in n for n in lora_modules), lora_modules[:3]
+    assert (merged - base).abs().max() > 1e-3
+    err = float((adapted - merged).abs().max())
+    print(f"FIGURE {model_type} wrapper kl-lora: adapter vs merged max logit error {err:.2e}")
+    assert err < 1e-4
+
+
+def test_a_wrapper_export_in_another_dtype_is_refused(wrappers, tmp_path):
+    from bakery.errors import BakeryError
+
+    with pytest.raises(BakeryError, match="dtype=bfloat16.*vision tower"):
+        _distill(wrappers("qwen3_5"), tmp_path, "kl-lora", dtype="bfloat16")
+    assert not (tmp_path / "out").exists()

@@ -99,15 +99,18 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         raise DeviceError(f"unknown device '{spec}': use one of {DEVICE_CHOICES}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: torch sees no CUDA device on this machine (torch "
-                              f"{torch.__version__}, built with CUDA {torch.version.cuda}). Use "
-                              f"--device cpu, or install a CUDA build of torch on a GPU host.")
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DeviceError(f"device '{spec}' was asked for, but torch sees no CUDA device on this "
+                              f"machine (torch {torch.__version__}, {build}). Use --device cpu (or "
+                              f"auto), or install a CUDA build of torch on a GPU host.")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise DeviceError(f"--device {spec}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+            raise DeviceError(f"device '{spec}' does not exist: this machine has {n} CUDA device(s), "
+                              f"cuda:0 to cuda:{n - 1}")
         return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
     if dev.type == "mps" and not _mps_available():
-        raise DeviceError(f"--device {spec}: MPS (Apple GPU) is not available here. Use --device cpu.")
+        raise DeviceError(f"device '{spec}' was asked for, but MPS (Apple GPU) is not available here. "
+                          "Use --device cpu (or auto).")
     if dev.type not in ("cpu", "cuda", "mps", "meta"):
         raise DeviceError(f"device '{spec}' is not supported: use one of {DEVICE_CHOICES}")
     return dev

@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 
 from bakery.cli import main
-from bakery.models import ModelNotFound, config_hash, read_config, resolve_model
+from bakery.models import ModelNotFound, config_hash, load_model, read_config, resolve_model
 
 
 def test_local_folder_resolves(tiny_models):
@@ -119,3 +119,42 @@ def test_a_folder_transformers_cannot_load_is_bad_input(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     with pytest.raises(ModelLoadError, match=f"cannot load the model of {tmp_path}"):
         load_model(tmp_path)
+
+
+def test_load_model_dtype_explicit_and_from_the_process_placement(tiny_models):
+    from bakery.placement import default_placement, using_placement
+
+    d = tiny_models("llama")
+    assert next(load_model(d).parameters()).dtype == torch.float32  # the library default: CPU, float32
+    assert next(load_model(d, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    before = default_placement()
+    with using_placement(dtype="bfloat16"):
+        assert next(load_model(d).parameters()).dtype == torch.bfloat16
+        assert next(load_model(d, dtype="float32").parameters()).dtype == torch.float32  # explicit wins
+    assert default_placement() == before
+
+
+def test_a_command_sets_the_placement_only_while_it_runs(tiny_models, tmp_path, monkeypatch):
+    """The CLI's --dtype reaches every model the command loads, and is gone after it."""
+    import bakery.models as models
+    from bakery.placement import Placement, default_placement
+
+    seen = []
+    real = models.load_model
+
+    def spy(*a, **k):
+        m = real(*a, **k)
+        seen.append(next(m.parameters()).dtype)
+        return m
+
+    monkeypatch.setattr("bakery.steering.side_by_side.load_model", spy)
+    from bakery.vectors.artifact import VectorArtifact
+
+    d = tiny_models("llama")
+    cfg = read_config(d)
+    v = VectorArtifact(torch.randn(cfg["num_hidden_layers"] + 1, cfg["hidden_size"]), {}).save(tmp_path / "v.safetensors")
+    r = CliRunner().invoke(main, ["steer", "hi", "-v", str(v), "-l", "2", "-c", "1", "-m", str(d),
+                                  "--max-new-tokens", "2", "--dtype", "bfloat16", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert seen == [torch.bfloat16]
+    assert default_placement() == Placement()

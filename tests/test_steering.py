@@ -190,3 +190,18 @@ def test_steering_rejects_bad_layer_and_positions(tiny_models):
         steer(model, v, 1, 1.0, positions="middle")
     with pytest.raises(ValueError, match="zero vector"):
         Ablation(model, torch.zeros(model.config.hidden_size))
+
+
+def test_steering_follows_the_dtype_of_the_hooked_block(tiny_models):
+    """A float32 vector on a bf16 model is added in bf16 where the block runs: the steered states
+    equal the unsteered ones plus the vector rounded to bf16, at the steered layer only."""
+    d = tiny_models("llama")
+    m, tok = load_model(d, dtype="bfloat16"), load_tokenizer(d)
+    v = _vec(m) * 0.5
+    enc = encode_prompts(tok, ["hello sea", "the quick fox"])
+    base = _hidden(m, enc)
+    steered = _hidden(m, enc, steer(m, v, 2, 3.0))
+    assert steered[2].dtype == torch.bfloat16
+    want = base[2] + (3.0 * v[2]).to(torch.bfloat16)
+    assert torch.equal(steered[2], want)
+    assert torch.equal(steered[1], base[1])

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# On a GPU host: the whole pipeline on the embedded model (SmolLM2-135M-Instruct) with every command
+# on the accelerator, asserting the figures the CPU tests assert:
+#   extract -> bake (bias, ortho, kl-lora) -> compare -> verify (transformers and a real vLLM run)
+#   - the exact bakes (bias; ortho against runtime ablation) recover R >= 0.9999 in compare
+#   - vLLM agrees with the transformers target on top-1 >= 0.99 (verify's own pass rule)
+#   - verify passes bias and kl-lora in transformers and vLLM
+#
+# Needs .venv (make install, with a CUDA build of torch on the GPU host) and a vLLM environment
+# that can use the GPU: BAKERY_VLLM_PYTHON=/path/to/venv/bin/python (a CUDA vLLM; the .venv-vllm
+# that `make vllm` builds is vLLM's CPU build).
+#
+# Settings (environment):
+#   GPU_CHECK_DEVICE=cuda    the --device of every command (cpu runs the same checks on the CPU)
+#   GPU_CHECK_DTYPE=float32  --dtype of compare and verify: the exactness thresholds are float32
+#                            figures (bf16 rounding alone costs more than 1e-4 of R)
+#   GPU_CHECK_QUICK=1        a small subset (short extraction, 4 prompts, a few distillation
+#                            steps): a check of the script itself, e.g. on a CPU machine
+#   GPU_CHECK_OUT=exports/gpu-check   outputs (replaced on every run)
+#   BAKERY_THREADS=N         --threads N for every command (CPU threads)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
+DEV="${GPU_CHECK_DEVICE:-cuda}"
+DTYPE="${GPU_CHECK_DTYPE:-float32}"
+D="${GPU_CHECK_OUT:-exports/gpu-check}"
+V=$D/vectors/pirate.safetensors
+T=()
+[[ -z "${BAKERY_THREADS:-}" ]] || T=(--threads "$BAKERY_THREADS")
+ON=(--device "$DEV")
+START=$SECONDS
+stage() { printf '\n\033[1m== [%d:%02d] %s\033[0m\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
+fail() { echo "gpu-check FAILED: $*" >&2; exit 1; }
+
+if [[ -n "${GPU_CHECK_QUICK:-}" ]]; then
+  PROMPTS="$D/prompts.txt"
+  EXTRACT=(--samples 1 --max-new-tokens 24 --batch-size 40)
+  EVAL=(--prompts "$PROMPTS" --max-new-tokens 24)
+  DISTILL=(--steps 4 --set num_prompts=12 --set val_prompts=2 --set samples_per_prompt=1
+           --set max_new_tokens=24 --set val_every=4)
+else
+  PROMPTS=""
+  EXTRACT=()
+  EVAL=()
+  DISTILL=()  # the defaults: what the fidelity goal of issue 15 is about
+fi
+
+[[ -x .venv/bin/bakery ]] || fail "bakery is not installed: run make install"
+python - "$DEV" <<'EOF' || fail "device $DEV is not usable here (see above)"
+import sys, torch
+from bakery.placement import resolve_device
+d = resolve_device(sys.argv[1])
+name = torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
+print(f"device {d} ({name}), torch {torch.__version__}, CUDA {torch.version.cuda}")
+EOF
+VLLM_PY="${BAKERY_VLLM_PYTHON:-$PWD/.venv-vllm/bin/python}"
+[[ -x "$VLLM_PY" ]] || fail "no vLLM environment at $VLLM_PY: set BAKERY_VLLM_PYTHON to a vLLM venv's python"
+export BAKERY_VLLM_PYTHON="$VLLM_PY"
+rm -rf "$D"
+mkdir -p "$D"
+if [[ -n "$PROMPTS" ]]; then
+  printf '%s\n' "How do I cook rice?" "What should I do on a rainy day?" "Tell me about the sea." \
+    "How can I sleep better?" > "$PROMPTS"
+fi
+
+stage "extract on $DEV (default dtype: bfloat16 on an accelerator)"
+bakery extract "${T[@]}" "${ON[@]}" --recipe pirate "${EXTRACT[@]}" -o "$V" --force --no-cache
+L=$(bakery vectors info "$V" | awk '$1 == "recommended_layer:" { print $2 }')
+[[ "$L" =~ ^[0-9]+$ ]] || fail "no recommended_layer in the metadata of $V"
+echo "recommended layer: $L (output of block $((L - 1)))"
+
+stage "steer on $DEV (default dtype)"
+bakery steer "${T[@]}" "${ON[@]}" -v "$V" -l "$L" -c 2 --max-new-tokens 24 "How do I cook rice?"
+
+stage "bake: bias, ortho (layer $L), kl-lora (distillation on $DEV)"
+bakery bake "${T[@]}" "${ON[@]}" --method bias -v "$V" -l "$L" -c 2 -o "$D/bias" --force
+bakery bake "${T[@]}" "${ON[@]}" --method ortho -v "$V" -l "$L" -o "$D/ortho" --force
+bakery bake "${T[@]}" "${ON[@]}" --method kl-lora -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" \
+  -o "$D/kl-lora" --force
+
+stage "compare on $DEV in $DTYPE"
+bakery compare "${T[@]}" "${ON[@]}" --dtype "$DTYPE" "${EVAL[@]}" "$D/bias" "$D/kl-lora"
+bakery compare "${T[@]}" "${ON[@]}" --dtype "$DTYPE" "${EVAL[@]}" "$D/ortho"
+
+stage "verify on $DEV in $DTYPE: transformers and a real vLLM run"
+rc=0
+bakery verify "${T[@]}" "${ON[@]}" --dtype "$DTYPE" "${EVAL[@]}" --engine transformers,vllm --json \
+  "$D/bias" "$D/kl-lora" > "$D/verify.json" || rc=$?
+[[ $rc == 0 || $rc == 1 ]] || fail "bakery verify stopped with exit status $rc"
+
+stage "assert the figures"
+python - "$D" "$rc" <<'EOF'
+import json, sys
+from pathlib import Path
+
+d, rc = Path(sys.argv[1]), int(sys.argv[2])
+EXACT_R, VLLM_TOP1 = 0.9999, 0.99
+problems, lines = [], []
+for name, exact in (("bias", True), ("ortho", True), ("kl-lora", False)):
+    rep = json.loads((d / name / "compare" / "report.json").read_text())
+    row = rep["rows"][rep["this_export"]]
+    lines.append(f"compare {name}: R {row['R']:.6f}, KL {row['kl']:.3e}, top-1 {row['top1']:.4f}"
+                 + (f", exact {row.get('exact')}" if exact else ""))
+    if exact and not row["R"] >= EXACT_R:
+        problems.append(f"{name}: R {row['R']:.6f} < {EXACT_R}")
+verdicts = json.loads((d / "verify.json").read_text())
+for export, vs in verdicts.items():
+    for v in vs:
+        top1 = v.get("details", {}).get("bake_vs_target", {}).get("top1")
+        lines.append(f"verify {Path(export).name} [{v['engine']}]: {v['label']}"
+                     + (f", vLLM top-1 {top1:.4f}" if top1 is not None else ""))
+        if not v["ok"]:
+            problems.append(f"verify {export} [{v['engine']}]: {v['message']}")
+        if v["engine"] == "vllm" and (top1 is None or top1 < VLLM_TOP1):
+            problems.append(f"verify {export} [vllm]: top-1 {top1} < {VLLM_TOP1}")
+if rc != 0 and not problems:
+    problems.append(f"bakery verify exit status {rc}")
+print("\n".join(lines))
+if problems:
+    print("gpu-check FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+    sys.exit(1)
+print("gpu-check passed")
+EOF
+stage "done: outputs in $D/"

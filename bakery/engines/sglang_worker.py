@@ -1,0 +1,105 @@
+"""Teacher-forced scoring in a real sglang engine, run as a script with sglang's venv python.
+
+sglang pins its own transformers and needs stand-ins for two CUDA-only imports, so it lives in its
+own virtual environment (``scripts/install-sglang.sh``) and this file runs there as a subprocess
+(:mod:`bakery.engines.sglang` starts it with ``BAKERY_SGLANG_STUB`` and ``SGLANG_USE_CPU_ENGINE=1``
+set). It imports nothing from bakery.
+
+Input (a JSON file, first argument)::
+
+    {"engines": [{"name": "bake0-native", "path": "/abs/dir", "impl": "auto",
+                  "prompts": [[ids], ...]}, ...],
+     "prompts": [[token ids], ...], "dtype": "float32"}
+
+``impl`` is sglang's ``model_impl``: ``auto`` (its native model class where it has one) or
+``transformers`` (its Transformers backend, the ``--model-impl transformers`` launch flag). An
+engine's own ``prompts`` replace the shared ones.
+
+Output (a JSON file, second argument)::
+
+    {"sglang_version": "...", "engines": {"bake0-native": {"load_seconds": 27.0, "run_seconds": 0.4,
+       "prompts": [{"logprob": [null, -1.2, ...], "top1": [null, 42, ...]}, ...]}}}
+
+``logprob[t]`` is the log-probability sglang gives the actual token ``t`` after tokens ``< t``
+(its prompt log-probs: ``return_logprob=True, logprob_start_len=0``); ``top1[t]`` the token it
+ranks first there. Position 0 has no prediction (``null``). Engines start one after another in
+this process, each shut down before the next.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+# Run as a script, this file's folder comes first on sys.path; it holds bakery's engine modules
+# (sglang.py, transformers.py, ...) that would shadow the real packages: drop it.
+_HERE = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _HERE]
+
+
+def _score(engine, prompts: list[list[int]]) -> list[dict]:
+    outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                           return_logprob=True, logprob_start_len=0, top_logprobs_num=1)
+    result = []
+    for ids, out in zip(prompts, outs):
+        meta = out["meta_info"]
+        lps = [None if e[0] is None else float(e[0]) for e in meta["input_token_logprobs"]]
+        tops = [int(e[0][1]) if e else None for e in meta["input_top_logprobs"]]
+        tops = [None if lp is None else t for lp, t in zip(lps, tops)]
+        if len(lps) != len(ids) or [e[1] for e in meta["input_token_logprobs"]] != ids:
+            raise RuntimeError(f"sglang returned log-probs for {len(lps)} tokens, not the {len(ids)} prompt "
+                               "tokens it was given")
+        result.append({"logprob": lps, "top1": tops})
+    return result
+
+
+def run(spec: dict) -> dict:
+    import sglang as sgl
+
+    out = {"sglang_version": sgl.__version__, "engines": {}}
+    for e in spec["engines"]:
+        t0 = time.time()
+        engine = sgl.Engine(model_path=e["path"], device="cpu", skip_tokenizer_init=True,
+                            attention_backend="torch_native", dtype=spec.get("dtype", "float32"),
+                            model_impl=e.get("impl", "auto"), mem_fraction_static=0.05,
+                            max_total_tokens=int(spec.get("max_total_tokens", 4096)),
+                            **({"context_length": int(spec["context_length"])} if spec.get("context_length") else {}),
+                            disable_cuda_graph=True, trust_remote_code=False, random_seed=0,
+                            log_level="error")
+        loaded = time.time()
+        prompts = e.get("prompts") or spec["prompts"]
+        try:
+            res = _score(engine, prompts)
+        finally:
+            engine.shutdown()
+        out["engines"][e["name"]] = {"load_seconds": round(loaded - t0, 2),
+                                     "run_seconds": round(time.time() - loaded, 2), "prompts": res}
+        print(f"[sglang_worker] {e['name']} (model_impl={e.get('impl', 'auto')}): started in {loaded - t0:.1f}s, "
+              f"scored {len(prompts)} prompts in {time.time() - loaded:.1f}s", file=sys.stderr, flush=True)
+        del engine
+        gc.collect()
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python sglang_worker.py INPUT.json OUTPUT.json", file=sys.stderr)
+        return 2
+    with open(argv[1]) as f:
+        spec = json.load(f)
+    result = run(spec)
+    tmp = argv[2] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, argv[2])
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -30,7 +30,7 @@ def test_aggregate_weights_integers_and_applies_quarter_rule():
 def test_scores_are_logprob_weighted_through_the_openai_client(tmp_path):
     def handler(body):
         text = body["messages"][0]["content"]
-        if "coherence" in text:
+        if "coheren" in text.lower():
             return score_reply({"100": 0.5, "50": 0.5})
         if "arr" in text:
             return score_reply({"90": 0.6, "70": 0.2, "Sure": 0.2})

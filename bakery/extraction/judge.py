@@ -29,21 +29,21 @@ from bakery.errors import BakeryError
 
 TOP_LOGPROBS = 20
 MIN_INTEGER_MASS = 0.25
-SCORING_VERSION = 1  # bump when the prompt protocol changes, to invalidate the cache
+SCORING_VERSION = 2  # bump when the prompt protocol changes, to invalidate the cache
 
-COHERENCE_RUBRIC = """I am evaluating a language model's answer. Judge ONLY its coherence, not whether it is correct and not whether you agree with it.
+COHERENCE_RUBRIC = """Score how coherent the reply below is. Coherence only: ignore whether it is true, polite or to your taste.
 
-Question: {question}
+Prompt given to the model: {question}
 
-Answer: {answer}
+The model's reply: {answer}
 
-Rate the answer from 0 to 100 for coherence:
-* 0 means the text makes no sense at all: not valid language, or the same words repeated endlessly.
-* 50 means the answer kind of makes sense but is confused or rambling.
-* 100 means the answer clearly understood the question and is fluent and well formed.
+Scale:
+- 0: gibberish, broken language, or a loop of repeated words.
+- 50: readable but muddled, wandering or only half on topic.
+- 100: fluent, well formed and clearly responsive to the prompt.
 
-An answer in an unusual voice or style, or a factually wrong answer, can still score 100 if it is coherent.
-Respond with a number between 0 and 100. Don't say anything else, just the number."""
+A strange voice or persona, or wrong facts, do not lower the score if the reply hangs together.
+Your whole reply must be one integer from 0 to 100."""
 
 _INT = re.compile(r"^\d{1,3}$")
 

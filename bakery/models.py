@@ -165,8 +165,10 @@ def config_hash(config: dict[str, Any] | Any) -> str:
 
 def load_model(name: str | os.PathLike | None = None, *, dtype: Any = None, device: Any = None,
                device_map: str | dict | None = None, max_memory: dict | None = None,
-               offload_folder: str | os.PathLike | None = None, trust_remote_code: bool = False):
-    """Load a causal LM in eval mode, placed where asked.
+               offload_folder: str | os.PathLike | None = None, trust_remote_code: bool = False,
+               loading_info: bool = False):
+    """Load a causal LM in eval mode, placed where asked (with ``loading_info``: also
+    transformers' missing/unexpected/mismatched keys, as ``(model, info)``).
 
     Arguments left out come from the process-wide placement (:func:`bakery.placement.
     default_placement`: the CPU in float32 unless a command's ``--device``/``--dtype``/
@@ -205,12 +207,15 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: Any = None, devi
     elif dev.type != "cpu":
         kw["device_map"] = str(dev)  # straight onto the device, not through a CPU copy
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, output_loading_info=loading_info, **kw)
     except (ValueError, OSError) as e:  # what transformers raises for a folder it cannot load
         raise _cannot_load("model", path, e) from e
+    info = None
+    if loading_info:
+        model, info = model
     where = f"device map {_summary(getattr(model, 'hf_device_map', None) or device_map)}" if device_map else str(dev)
     _log.info("loaded %s on %s in %s", path, where, str(dtype).removeprefix("torch."))
-    return model.eval()
+    return (model.eval(), info) if loading_info else model.eval()
 
 
 def _summary(device_map: dict | str) -> str:

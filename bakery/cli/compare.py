@@ -30,7 +30,8 @@ from bakery.cli.common import clear_errors, echo_err, threads_option, device_opt
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-write", is_flag=True, help="Print only; leave the exports untouched.")
 @threads_option
-@device_options
+@device_options(auto_dtype="float32",
+                dtype_help="float32 on every device (the exactness rule is a float32 rule)")
 @clear_errors
 def compare(exports, vector_path, layer, coef, positions, model, prompts_file, max_new_tokens, greedy_tokens,
             judge_model, base_url, judge_concurrency, seed, no_write):

@@ -21,7 +21,8 @@ from bakery.cli.common import clear_errors, echo_err, threads_option, device_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 @click.option("--no-write", is_flag=True, help="Leave the exports untouched.")
 @threads_option
-@device_options
+@device_options(auto_dtype="float32",
+                dtype_help="float32 on every device (the exactness rule is a float32 rule)")
 @clear_errors
 def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_write):
     """Check that each EXPORT loads with its edit intact: transformers (strict reload, runtime

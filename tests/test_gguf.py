@@ -348,3 +348,23 @@ def test_conversion_keeps_every_weight_and_the_bias(smol_bias, tmp_path):
         seen += 1
     assert seen == len(ck.keys()) and "blk.15.ffn_down.bias" in tensors
     np.testing.assert_allclose(deq(tensors["blk.15.ffn_down.bias"]), 2.0 * v.vectors[16].numpy(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_transformers_gguf_loader_drops_the_added_bias(smol_bias, tmp_path):
+    """Pinned upstream fact (the card says it): transformers cannot be used to check a GGUF bias bake."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import GgufConfig
+
+    export, _ = smol_bias
+    out = gguf_bake(export, tmp_path / "out", from_gguf=smol_gguf())
+    assert "ignores added biases" in (out / "README.md").read_text()
+
+    def load(path: Path):
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                    quantization_config=GgufConfig(dequantize=True)).eval()
+
+    ids = torch.tensor([[1, 520, 2000, 33, 4000, 12]])
+    with torch.no_grad():
+        same = torch.equal(load(smol_gguf())(ids).logits, load(out_gguf(out))(ids).logits)
+    assert same, "transformers now keeps GGUF biases: update TRANSFORMERS_DROPS and the card"

@@ -97,6 +97,7 @@ def convert(export: Path, out_file: Path, outtype: str = "auto") -> dict[str, st
         raise GGUFError(f"--outtype {outtype}: llama.cpp's converter writes {', '.join(OUTTYPES)}; "
                         "quantize further with llama.cpp's llama-quantize")
     check_requirements()
+    out_file, export = Path(out_file).resolve(), Path(export).resolve()  # it runs in the converter's folder
     src = converter_dir()
     script = src / _SCRIPT
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the pinned gguf-py

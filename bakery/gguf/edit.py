@@ -243,6 +243,11 @@ def plan_ortho(info: ExportInfo, reader, shape: GGUFShape, facts: GGUFArch) -> G
     edit.notes.append(f"after storing in the source types, the component along r left in an edited tensor "
                       f"is at most {worst:.3g} of its norm before the edit (0: exactly removed; a "
                       "quantized type keeps its rounding noise along r)")
+    if worst > 0.1:
+        edit.notes.append(f"warning: this GGUF's quantization is too coarse to remove the direction well "
+                          f"(up to {worst:.0%} of it is left as rounding noise). For a closer ablation "
+                          "start from an F16/BF16/Q8_0 GGUF, or convert the export: `bakery gguf EXPORT -o "
+                          "OUT --outtype q8_0`")
     t0 = info.manifest.terms[0]
     edit.terms.append({"layer": t0.layer, "block": t0.layer - 1, "coef": None, "vector_file": t0.vector_file,
                        "trait": t0.trait, "site": "ablation", "tensor": None,

@@ -101,6 +101,9 @@ def test_experts_setting_picks_the_fused_weights(tiny_models):
     blocks = m.model.layers
     assert id(blocks[2].mlp.experts.down_proj) in params and id(blocks[3].mlp.experts.down_proj) in params
     assert id(blocks[1].mlp.experts.down_proj) not in params and id(blocks[2].mlp.experts.gate_up_proj) not in params
+    assert id(blocks[2].mlp.experts.down_proj_bias) in params  # with the fused weight, as a linear's bias
+    full = lora_targets(m, None, "down").describe(m, lora=False)["not_trained"]
+    assert "mlp.experts.down_proj_bias" not in full and "mlp.experts.gate_up_proj_bias" in full
     # peft wraps the fused weights: trainable LoRA factors per expert, the base weight frozen
     pm = add_lora(load_model(tiny_models("qwen3_moe")), TrainConfig(rank=4, experts="down"))
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]

@@ -90,7 +90,7 @@ def blocks_regex(blocks: str, leaves: Sequence[str]) -> str:
 def full_parameters(model: nn.Module, targets: Sequence[str] | None, first_block: int = 0,
                     experts: str = "down") -> list[nn.Parameter]:
     """The weights full fine-tuning moves: every weight and bias of the target linears, and the
-    chosen fused expert weights, in blocks ``first_block`` and later. Embeddings, norms and the
+    chosen fused expert weights (and their biases), in blocks ``first_block`` and later. Embeddings, norms and the
     head stay frozen: with a few hundred trajectories, updating them learns the training tokens
     rather than the behaviour (and the head is often tied to the embeddings)."""
     names = set(check_targets(model, targets))
@@ -102,12 +102,13 @@ def full_parameters(model: nn.Module, targets: Sequence[str] | None, first_block
             continue
         out += [p for n, m in block.named_modules() if n.rsplit(".", 1)[-1] in names
                 for p in m.parameters(recurse=False)]
-        for f in fused:
+        for f in fused:  # with its bias where the experts have one (gpt-oss), as for a linear
             mod_name, _, pname = f.rpartition(".")
             try:
-                out.append(getattr(block.get_submodule(mod_name), pname))
+                mod = block.get_submodule(mod_name)
             except AttributeError:  # a dense block
                 continue
+            out += [p for p in (getattr(mod, pname), getattr(mod, pname + "_bias", None)) if p is not None]
     return out
 
 
@@ -139,7 +140,7 @@ def untargeted(model: nn.Module, modules: Sequence[str], parameters: Sequence[st
     out: set[str] = set()
     for name, _ in model.get_submodule(spec.blocks).named_parameters():
         name = re.sub(r"^\d+\.", "", name.replace(".base_layer", ""))  # relative to its block, unwrapped
-        if "lora_" in name or name in parameters:
+        if "lora_" in name or name in parameters or (biases and name.removesuffix("_bias") in parameters):
             continue
         module = name.rsplit(".", 1)[0] if "." in name else ""
         if module.rsplit(".", 1)[-1] not in leaves or (not biases and name.endswith(".bias")):

@@ -262,11 +262,13 @@ def test_ortho_quantized_equals_the_projection_up_to_requantization(tiny, tmp_pa
         assert u.tensor_type == t.tensor_type == Q.Q8_0
         W = deq(t)
         P = W - np.outer(W @ r, r) if name == "token_embd.weight" else W - np.outer(r, r @ W)
-        np.testing.assert_array_equal(deq(u), gguf.quants.dequantize(gguf.quants.quantize(P, Q.Q8_0), Q.Q8_0))
         step = np.abs(P).max() / 127  # one Q8_0 step of the largest block
-        assert np.abs(deq(u) - P).max() <= step
+        assert np.abs(deq(u) - P).max() <= 2 * step  # the projection, up to requantization
         along = (lambda X: X @ r) if name == "token_embd.weight" else (lambda X: r @ X)
-        assert np.linalg.norm(along(deq(u))) < 0.05 * np.linalg.norm(along(W))
+        plain = gguf.quants.dequantize(gguf.quants.quantize(P, Q.Q8_0), Q.Q8_0)
+        left = np.linalg.norm(along(deq(u)))
+        assert left <= np.linalg.norm(along(plain))  # error feedback never leaves more of r
+        assert left < 0.02 * np.linalg.norm(along(W))
     # tied embeddings: the output head is the original token_embd, byte for byte
     assert new["output.weight"].data.tobytes() == old["token_embd.weight"].data.tobytes()
     assert new["output.weight"].tensor_type == Q.Q8_0

@@ -18,48 +18,32 @@ response tokens of sampled trajectories.
 from __future__ import annotations
 
 import copy
-import errno
-import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
 from bakery.fidelity.metrics import response_logprobs
+from bakery.bakers.distill.checkpoints import CKPT_DIR, Checkpoints  # noqa: F401  (CKPT_DIR re-exported)
 from bakery.bakers.distill.errors import DistillError, TrainingCheckpointError
+from bakery.bakers.distill.losses import kl_per_token, kl_topk
 from bakery.bakers.distill.targets import (EXPERT_CHOICES, check_targets, full_parameters,  # noqa: F401
                                            linear_module_names, lora_targets, module_pattern)
-from bakery.bakers.distill.sharding import (fsdp_requested, full_model_state, full_optimizer_state, full_tensors, is_sharded,
-                             like_params, load_full_optimizer_state, shard_blocks)
+from bakery.bakers.distill.sharding import fsdp_requested, full_model_state, is_sharded, shard_blocks
 from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
                                  require_topk)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 METHODS = ("lora", "full")
 SCHEDULES = ("constant", "cosine")
-CKPT_DIR = "checkpoint"
 ContextFactory = Callable[[int | None], ContextManager]
-
-
-def _nbytes(obj) -> int:
-    """Bytes of the tensors inside a nested checkpoint object."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
 
 
 @dataclass
@@ -141,24 +125,6 @@ def add_lora(model: nn.Module, cfg: TrainConfig):
     return get_peft_model(model, lcfg)
 
 
-def kl_per_token(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
-    """``KL(teacher || student)`` per row of [N, V] log-probs."""
-    return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)
-
-
-def kl_topk(teacher_ids: torch.Tensor, teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
-    """``KL(teacher || student)`` per row, with the teacher known by its top-k and the tail mass
-    ``1 - sum(top-k)``: the KL between the two distributions coarse-grained to (top-k tokens, the
-    rest). It never exceeds the exact KL, and equals it as the tail mass goes to zero."""
-    s_top = student_lp.gather(1, teacher_ids.to(student_lp.device))
-    t_lp = teacher_lp.to(student_lp.device)
-    p = t_lp.exp()
-    head = (p * (t_lp - s_top)).sum(-1)
-    log_t_tail = torch.log1p(-p.sum(-1).clamp(max=1 - 1e-7))
-    log_s_tail = torch.log(-torch.expm1(torch.logsumexp(s_top, -1).clamp(max=-1e-7)))
-    return head + log_t_tail.exp() * (log_t_tail - log_s_tail)
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -169,7 +135,7 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-class Distiller:
+class Distiller(Checkpoints):
     """Owns the student (and, for full fine-tuning, a frozen teacher copy) and trains it.
 
     ``context(P)`` is the steering of the teacher, a factory over the *base* model's blocks
@@ -330,85 +296,6 @@ class Distiller:
         random.Random(self.cfg.seed * 100003 + epoch).shuffle(order)
         glob = order[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
         return [train.items[i] for i in self._shard(glob)]
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, work_dir: str | os.PathLike) -> Path | None:
-        """Write the resumable state to ``work_dir/checkpoint`` atomically (main process only)."""
-        self.acc.wait_for_everyone()
-        work = Path(work_dir)
-        final = work / CKPT_DIR
-        if self.sharded:  # full tensors, gathered by every process, written by the main one
-            state = {"trainable": full_tensors(self.trainable_state()),
-                     "optimizer": full_optimizer_state(self.unwrapped, self.optimizer.optimizer),
-                     "best": None if self.best_state is None else full_tensors(self.best_state),
-                     "rng": torch.get_rng_state()}
-        if not self.acc.is_main_process:
-            return None
-        tmp, old = work / (CKPT_DIR + ".tmp"), work / (CKPT_DIR + ".old")
-        if not self.sharded:
-            state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                     "best": self.best_state, "rng": torch.get_rng_state()}
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            torch.save(state, tmp / "state.pt")
-            (tmp / "trainer.json").write_text(json.dumps({
-                "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
-                "bad_evals": self.bad_evals, "history": self.history, "elapsed": self.elapsed,
-                "warm_start": self.warm_start_info,
-                "config": asdict(self.cfg)}, indent=1))
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not final.exists() and old.exists():
-                os.replace(old, final)
-            need = _nbytes(state)
-            free = shutil.disk_usage(work).free
-            full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or free < need
-            what = (f"out of disk space ({free / 1e6:.1f} MB free, the checkpoint needs about "
-                    f"{need / 1e6:.1f} MB)" if full else f"the write failed ({e})")
-            raise TrainingCheckpointError(
-                errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
-                f"could not write the checkpoint at step {self.step} to {final}: {what}. The "
-                "previous checkpoint (if any) is intact; free space or use a work folder on another "
-                "disk (--work-dir), then rerun with --resume, or raise --checkpoint-every") from e
-        return final
-
-    def load_checkpoint(self, work_dir: str | os.PathLike) -> bool:
-        """Restore the state written by :meth:`save_checkpoint`; False if there is none."""
-        work = Path(work_dir)
-        ck = work / CKPT_DIR
-        if not ck.is_dir() and (work / (CKPT_DIR + ".old")).is_dir():
-            ck = work / (CKPT_DIR + ".old")  # killed between the two renames
-        if not (ck / "state.pt").is_file():
-            return False
-        meta = json.loads((ck / "trainer.json").read_text())
-        saved = meta["config"]
-        for key in ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed", "warm_start",
-                    "experts"):
-            if saved.get(key, getattr(TrainConfig(), key)) != getattr(self.cfg, key):
-                raise TrainingCheckpointError(
-                    f"cannot resume from {ck}: it was trained with {key}={saved.get(key)!r}, this run "
-                    f"has {key}={getattr(self.cfg, key)!r}. Use the same settings, or start afresh "
-                    "without --resume (in a new --work-dir)")
-        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-        if self.sharded:  # the file holds full tensors: lay them out as this process's shards
-            self.load_trainable_state(like_params(self.unwrapped, state["trainable"]))
-            load_full_optimizer_state(self.unwrapped, self.optimizer.optimizer, state["optimizer"])
-            self.best_state = None if state["best"] is None else like_params(self.unwrapped, state["best"])
-        else:
-            self.load_trainable_state(state["trainable"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.best_state = state["best"]
-        torch.set_rng_state(state["rng"])
-        self.step, self.best_val, self.best_step = meta["step"], meta["best_val"], meta["best_step"]
-        self.bad_evals, self.history, self.elapsed = meta["bad_evals"], meta["history"], meta["elapsed"]
-        self.warm_start_info = meta.get("warm_start")
-        return True
 
     def check_replicas(self) -> bool | None:
         """True when every process holds the same trainable weights (data parallel kept in step)."""

@@ -227,3 +227,37 @@ def placement_of(model: torch.nn.Module) -> dict[str, Any]:
         "params": {n: (str(p.device), str(p.dtype)) for n, p in model.named_parameters()},
         "device_map": dict(getattr(model, "hf_device_map", None) or {}),
     }
+
+
+def auto_batch_size(config: dict[str, Any] | Any, tokens_per_row: int, *, default: int,
+                    device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                    hidden_states: bool = False, limit: int = 256, free_bytes: int | None = None) -> int:
+    """Rows per batch for generation, capture or scoring of ``tokens_per_row`` tokens a row.
+
+    On a CUDA device: as many rows as half of its free memory holds (KV cache, activations, the
+    float32 logits of every position, and with ``hidden_states`` every layer's states), at most
+    ``limit``. Where torch cannot tell the free memory (CPU, MPS): ``default``, the batch size
+    these commands always used there. Call it after the model is loaded (its weights are then
+    no longer free memory).
+    """
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    config = config.get("text_config") or config
+    dev = device if isinstance(device, torch.device) else resolve_device(device or default_placement().device)
+    free = free_bytes if free_bytes is not None else free_memory(dev)
+    if free is None:
+        return default
+    size = resolve_dtype(dtype if dtype is not None else default_placement().dtype, dev).itemsize
+    hidden = int(config.get("hidden_size") or config.get("n_embd"))
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer"))
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    vocab = int(config.get("vocab_size") or 0)
+    per_token = (2 * layers * kv_heads * head_dim * size      # KV cache
+                 + (8 * hidden + 3 * inter) * size             # one block's working activations
+                 + 4 * vocab                                   # float32 logits
+                 + (4 * (layers + 1) * hidden if hidden_states else 0))
+    rows = int(free * 0.5) // max(per_token * max(tokens_per_row, 1), 1)
+    return max(1, min(limit, rows))

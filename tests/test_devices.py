@@ -82,6 +82,24 @@ def test_device_map_and_max_memory_parsing(tmp_path):
         parse_max_memory("20GiB")
 
 
+def test_batch_size_follows_free_memory_on_a_gpu_and_stays_put_elsewhere(tiny_models):
+    from bakery.placement import auto_batch_size
+
+    qwen7b = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                  intermediate_size=18944, vocab_size=152064)
+    gpu = torch.device("cuda")  # no CUDA needed: the free memory is given
+    sizes = [auto_batch_size(qwen7b, 300, default=40, device=gpu, dtype="bfloat16", free_bytes=g * 2**30)
+             for g in (1, 8, 60)]
+    assert sizes[0] < sizes[1] < sizes[2] <= 256 and sizes[0] >= 1
+    # a bf16 token: KV 2 * 28 * 4 * 128 * 2 B = 56 KiB, activations (8 * 3584 + 3 * 18944) * 2 B = 167 KiB,
+    # float32 logits 4 * 152064 B = 594 KiB; half of 60 GiB holds 128 rows of 300 tokens, 64 of 600
+    assert sizes[2] == 128
+    assert auto_batch_size(qwen7b, 600, default=40, device=gpu, dtype="bfloat16", free_bytes=60 * 2**30) == 64
+    assert auto_batch_size(qwen7b, 300, default=40, device=gpu, free_bytes=2**50) == 256
+    assert auto_batch_size(qwen7b, 300, default=40, device=gpu, free_bytes=1) == 1
+    assert auto_batch_size(read_config(tiny_models("llama")), 300, default=40, device="cpu") == 40
+
+
 # ---- the command line ----------------------------------------------------------------------------
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_every_model_command_takes_device_and_dtype(command):

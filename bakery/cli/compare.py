@@ -28,13 +28,15 @@ from bakery.cli.common import clear_errors, echo_err, threads_option, device_opt
 @click.option("--base-url", default=None, help="OpenAI-compatible endpoint of the judge (default: OpenAI).")
 @click.option("--judge-concurrency", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Prompts run at once (default: as many as fit the GPU's free memory; 8 on the CPU).")
 @click.option("--no-write", is_flag=True, help="Print only; leave the exports untouched.")
 @threads_option
 @device_options(auto_dtype="float32",
                 dtype_help="float32 on every device (the exactness rule is a float32 rule)")
 @clear_errors
 def compare(exports, vector_path, layer, coef, positions, model, prompts_file, max_new_tokens, greedy_tokens,
-            judge_model, base_url, judge_concurrency, seed, no_write):
+            judge_model, base_url, judge_concurrency, seed, batch_size, no_write):
     """Fidelity of each EXPORT to runtime steering: KL, recovered effect R, top-1 and greedy
     agreement, projection onto the vector, neutral drift (and judge scores with --judge-model),
     and whether each bake is exact (KL within float rounding and R >= 0.9999). A bake of several
@@ -56,7 +58,7 @@ def compare(exports, vector_path, layer, coef, positions, model, prompts_file, m
         judge = Judge(judge_model, base_url=base_url, concurrency=judge_concurrency)
     reports = run(list(exports), model=model, vector=vector_path, layer=layer, coef=coef, positions=positions,
                   prompts=prompts_file, max_new_tokens=max_new_tokens, greedy_tokens=greedy_tokens,
-                  judge=judge, write=not no_write, seed=seed, log=echo_err)
+                  judge=judge, write=not no_write, seed=seed, log=echo_err, batch_size=batch_size)
     for r in reports:
         click.echo(markdown_report(r))
         for name, path in r["candidates"].items():

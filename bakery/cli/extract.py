@@ -22,7 +22,8 @@ from bakery.cli.common import clear_errors, model_option, trust_option, threads_
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-pairs", type=int, default=2, show_default=True,
               help="System-prompt pairs per held-out question for the AUC.")
-@click.option("--batch-size", type=int, default=40, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Answers generated at once (default: as many as fit the GPU's free memory; 40 on the CPU).")
 @click.option("--capture", type=click.Choice(["single-pass", "two-pass"]), default="single-pass",
               show_default=True, help="single-pass reads activations during generation; two-pass "
                                       "is the reference (generate, then re-run each example).")

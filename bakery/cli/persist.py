@@ -27,7 +27,8 @@ from bakery.cli.common import clear_errors, echo_err, model_option, trust_option
 @click.option("--suppress-eos/--allow-eos", default=True, show_default=True,
               help="Forbid end of sequence while measuring, so every trace has N+M tokens.")
 @click.option("--system", default=None, help="Optional system prompt.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Prompts traced at once (default: as many as fit the GPU's free memory; 8 on the CPU).")
 @click.option("--output", "-o", "outdir", required=True, type=click.Path(file_okay=False),
               help="Output folder: traces.json/.csv, texts.md, summary.json, persist.png.")
 @click.option("--force", is_flag=True, help="Replace a previous persist output folder (never another folder).")

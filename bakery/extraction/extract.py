@@ -55,7 +55,7 @@ class ExtractSettings:
     top_p: float = 1.0
     seed: int = 0
     eval_pairs: int = 2  # system-prompt pairs used for each held-out question
-    batch_size: int = 40
+    batch_size: int | None = 40  # None: as many as fit the device's free memory (40 on the CPU)
     capture: str = "single-pass"  # or "two-pass" (the reference: generate, then re-run each example)
     judge_model: str | None = None
     trait_threshold: float = 50.0
@@ -63,7 +63,8 @@ class ExtractSettings:
     min_pairs: int = 5  # stop when fewer pos/neg pairs survive the judge
 
     def check(self) -> None:
-        if self.samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.eval_pairs < 1:
+        if (self.samples < 1 or self.max_new_tokens < 1 or self.eval_pairs < 1
+                or (self.batch_size is not None and self.batch_size < 1)):
             raise ExtractError("samples, max_new_tokens, batch_size and eval_pairs must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ExtractError("temperature must be >= 0 and top_p in (0, 1]")
@@ -176,6 +177,7 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
          judge, trust_remote_code: bool, log: Callable[[str], None], progress: bool,
          placement: dict | None = None) -> None:
     from bakery.models import load_model, load_tokenizer
+    from bakery.placement import auto_batch_size, input_device, model_dtype
 
     tok = load_tokenizer(mpath, trust_remote_code=trust_remote_code)
     ext, ev = _examples(rec, s)
@@ -188,6 +190,13 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
     if judge is not None:
         judge.ping()  # an unreachable judge fails now, not after minutes of generation
     lm = load_model(mpath, trust_remote_code=trust_remote_code, **(placement or {}))
+    if s.batch_size is None:
+        longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in ext_prompts + ev_prompts)
+        s = replace(s, batch_size=auto_batch_size(lm.config, longest + s.max_new_tokens + 1, default=40,
+                                                  device=input_device(lm), dtype=model_dtype(lm),
+                                                  hidden_states=True))
+        if input_device(lm).type == "cuda":
+            log(f"batch size {s.batch_size}: sized to the free memory of {input_device(lm)} (--batch-size overrides)")
     kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
               batch_size=s.batch_size, mode=s.capture)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -154,10 +154,12 @@ def compare(exports: Sequence[str | Path], *, model: str | None = None, vector: 
             prompts: str | Path | Sequence[str] | None = None, max_new_tokens: int = 48, greedy_tokens: int = 32,
             judge=None, write: bool = True, progress: bool = True, seed: int = 0,
             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-            device: str | None = None, dtype: str | None = None) -> list[dict[str, Any]]:
+            device: str | None = None, dtype: str | None = None,
+            batch_size: int | None = 8) -> list[dict[str, Any]]:
     """Compare each export with the runtime edit it stands for; returns one report per group of
     exports that share a base model and a reference (usually one). ``device``/``dtype`` place the
-    models (default: :func:`bakery.placement.default_placement`)."""
+    models (default: :func:`bakery.placement.default_placement`); ``batch_size=None`` sizes the
+    batches to the device's free memory (8 where it cannot be told)."""
     if not exports:
         raise CompareError("give at least one export folder")
     paths = [Path(e) for e in exports]
@@ -187,7 +189,8 @@ def compare(exports: Sequence[str | Path], *, model: str | None = None, vector: 
         names = _names(g["exports"])
         cands = [Candidate(n, p, load_model(p, device=device, dtype=dtype)) for n, p in zip(names, g["exports"])]
         recipe = recipe_for(ref.vector.trait)
-        report = run_comparison(base, tok, ref, cands, qs, max_new_tokens=max_new_tokens,
+        bs = batch_size or _auto_batch(base, tok, qs, max_new_tokens, log)
+        report = run_comparison(base, tok, ref, cands, qs, max_new_tokens=max_new_tokens, batch_size=bs,
                                 greedy_tokens=greedy_tokens, judge=judge,
                                 rubric=recipe.judge_rubric if recipe else None, progress=progress, seed=seed)
         report["prompt_source"] = source
@@ -199,6 +202,18 @@ def compare(exports: Sequence[str | Path], *, model: str | None = None, vector: 
                 write_outputs(p, report, n)
         reports.append(report)
     return reports
+
+
+def _auto_batch(model, tok, prompts: Sequence[str], max_new_tokens: int, log: Callable[[str], None]) -> int:
+    from bakery.placement import auto_batch_size, input_device, model_dtype
+    from bakery.steering.generation import render_chat
+
+    longest = max(len(tok(render_chat(tok, q), add_special_tokens=False)["input_ids"]) for q in prompts)
+    dev = input_device(model)
+    bs = auto_batch_size(model.config, longest + max_new_tokens, default=8, device=dev, dtype=model_dtype(model))
+    if dev.type == "cuda":
+        log(f"[bakery] batch size {bs}: sized to the free memory of {dev} (--batch-size overrides)")
+    return bs
 
 
 def _names(paths: Sequence[Path]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,8 @@ def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_pat
     export_path = resolve_model(export) if export is not None else None
     lm = load_model(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if settings.batch_size is None:
+        settings = replace(settings, batch_size=_auto_batch(lm, tok, prompts, settings))
     vec = load_vector(vector_path, num_layers=lm.config.num_hidden_layers)
     direction = check_vector_for_persist(vec, lm.config, settings.layer)
     if export_path is not None:
@@ -66,6 +69,16 @@ def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_pat
     result = PersistResult(settings, info, traces)
     result.summary = summarize(traces, settings, norm)
     return result
+
+
+def _auto_batch(model, tok, prompts: Sequence[str], settings: PersistSettings) -> int:
+    from bakery.placement import auto_batch_size, input_device, model_dtype
+    from bakery.steering.generation import render_chat
+
+    longest = max(len(tok(render_chat(tok, p, settings.system), add_special_tokens=False)["input_ids"])
+                  for p in prompts)
+    return auto_batch_size(model.config, longest + settings.total_tokens, default=8,
+                           device=input_device(model), dtype=model_dtype(model))
 
 
 def recipe_questions(path_or_name: str) -> list[str]:

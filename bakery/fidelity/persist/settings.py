@@ -34,7 +34,7 @@ class PersistSettings:
     seeds: tuple[int, ...] = (0,)
     suppress_eos: bool = True
     system: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = 8  # None: as many as fit the device's free memory (8 on the CPU)
 
     def validate(self) -> None:
         for name, value in (("steer-tokens", self.steer_tokens), ("sample-tokens", self.sample_tokens)):
@@ -44,7 +44,7 @@ class PersistSettings:
             raise PersistError(f"--temperature must be 0 (greedy) or positive; got {self.temperature}")
         if not self.seeds:
             raise PersistError("give at least one seed")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise PersistError(f"--batch-size must be positive; got {self.batch_size}")
         if not math.isfinite(self.coef):
             raise PersistError(f"--coef must be a finite number; got {self.coef}")

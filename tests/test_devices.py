@@ -126,7 +126,7 @@ def test_every_command_that_loads_a_model_is_in_the_list():
         if re.search(r"load_model|steer_compare|run_persist|\bcompare as run|verify as run|extract as run"
                      r"|bakers import bake", src):
             loads |= names
-    assert loads <= set(MODEL_COMMANDS), loads - set(MODEL_COMMANDS)
+    assert loads == set(MODEL_COMMANDS), loads ^ set(MODEL_COMMANDS)
 
 
 def test_steer_end_to_end_on_cpu_and_dispatched_gives_the_same_answers(tiny_models, tmp_path):

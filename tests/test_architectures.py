@@ -320,3 +320,46 @@ def test_ortho_add_is_ablation_plus_constant(arch, tiny_models, tmp_path):
     with Ablation(ref, v.vectors[2]), Steering(ref, [SteeringTerm(2, r, 2.5)]):
         want = logits(ref)
     assert _err(logits(reload_strict(out)), want, f"{arch} ortho --add") < 1e-4
+
+
+# ---- compare's reference for attn-out bakes ---------------------------------------------------
+@pytest.mark.parametrize("arch", ["granite", "qwen3_5_text", "gpt_oss"])
+def test_compare_reference_of_an_attn_out_bake_is_the_bake(arch, tiny_models, tmp_path):
+    """The runtime edit compare and verify measure an attn-out bake against (its manifest's
+    reference) equals the reloaded bake: Granite's bias divided by residual_multiplier is matched
+    by a reference that divides too; Qwen3.5's full-attention block is found by layer type."""
+    from bakery.fidelity.reference import reference_for
+    from bakery.io.manifest import Manifest
+    from bakery.models import read_config
+
+    src = tiny_models(arch)
+    spec = spec_for(json.loads((src / "config.json").read_text()))
+    route = spec.routes["attn-out"]
+    layer = 3 if route.layer_type else 2
+    engines = ",".join(e for e, v in route.engines.items() if v != "drop")
+    out = bake("bias", src, [(vec(src, seed=30), layer, 3.0)], tmp_path / "out", site="attn-out",
+               target_engines=engines, progress=False)
+    ref = reference_for(out, Manifest.load(out), base_config=read_config(src))
+    base = load_model(src)
+    with ref.context(base)(None):
+        want = logits(base)
+    assert (logits(base) - want).abs().max() > 1e-3
+    assert _err(logits(reload_strict(out)), want, f"{arch} attn-out compare reference") < 1e-4
+
+
+def test_compare_reference_at_a_gated_deltanet_block_is_refused(tiny_models, tmp_path):
+    """compare --layer on a Qwen3.5 attn-out bake, pointed at a linear-attention block: refused
+    before any run, naming the full-attention blocks."""
+    from bakery.errors import BakeryError
+    from bakery.fidelity.reference import reference_for
+    from bakery.io.manifest import Manifest
+    from bakery.models import read_config
+
+    src = tiny_models("qwen3_5_text")
+    v = vec(src, seed=31)
+    out = bake("bias", src, [(v, 3, 3.0)], tmp_path / "out", site="attn-out", target_engines="transformers",
+               progress=False)
+    vf = tmp_path / "v.safetensors"
+    v.save(vf)
+    with pytest.raises(BakeryError, match=r"linear_attention block.*full_attention blocks \(layers 3\)"):
+        reference_for(out, Manifest.load(out), vector=vf, layer=2, coef=3.0, base_config=read_config(src))

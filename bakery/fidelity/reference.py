@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from bakery.errors import BakeryError
-from bakery.arch import num_layers_of
+from bakery.arch import num_layers_of, spec_for
 from bakery.fidelity.metrics import ContextFactory
 from bakery.io.manifest import Manifest
 from bakery.models import config_hash, read_config, resolve_model
 from bakery.steering.hooks import Ablation, Steering, SteeringTerm, blocks_of
-from bakery.steering.sites import AttnOutSteering
+from bakery.steering.sites import AttnOutSteering, attn_out_target
 from bakery.vectors.artifact import VectorArtifact, VectorError, describe_layer, load_vector
 
 
@@ -198,6 +198,8 @@ def reference_for(export: str | Path, manifest: Manifest | None = None, *, vecto
             v.check_model(base_config)
         for t in terms:
             t.vector.check_layer(t.layer, for_bake=True)
+            if site == "attn-out" and not ablation:  # a block without the site: say so before any run
+                attn_out_target(spec_for(base_config), base_config, t.layer)
     return Reference(vector=vec, layer=main_layer, terms=terms, positions=pos, ablation=ablation,
                      site=site if not ablation else "resid-out")
 

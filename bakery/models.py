@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bakery.errors import BakeryError
-from bakery.placement import (DeviceError, Placement, default_placement, input_device, resolve_device,  # noqa: F401
-                              resolve_dtype, set_default_placement, using_placement)
+# re-exported: callers find the placement helpers next to load_model
+from bakery.placement import (DeviceError, Placement, default_placement, input_device,  # noqa: F401
+                              resolve_device, resolve_dtype, set_default_placement, using_placement)
 
 _log = logging.getLogger("bakery.models")
 
@@ -213,7 +214,8 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: Any = None, devi
     info = None
     if loading_info:
         model, info = model
-    where = f"device map {_summary(getattr(model, 'hf_device_map', None) or device_map)}" if device_map else str(dev)
+    where = (f"device map {_summary(getattr(model, 'hf_device_map', None) or device_map)}" if device_map
+             else str(dev))
     _log.info("loaded %s on %s in %s", path, where, str(dtype).removeprefix("torch."))
     return (model.eval(), info) if loading_info else model.eval()
 

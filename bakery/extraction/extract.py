@@ -196,7 +196,8 @@ def _run(rec: TraitRecipe, mid: str, mpath: Path, cfg: dict, s: ExtractSettings,
                                                   device=input_device(lm), dtype=model_dtype(lm),
                                                   hidden_states=True))
         if input_device(lm).type == "cuda":
-            log(f"batch size {s.batch_size}: sized to the free memory of {input_device(lm)} (--batch-size overrides)")
+            log(f"batch size {s.batch_size}: sized to the free memory of {input_device(lm)} "
+                "(--batch-size overrides)")
     kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
               batch_size=s.batch_size, mode=s.capture)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -199,3 +199,30 @@ def test_a_wrapper_export_in_another_dtype_is_refused(wrappers, tmp_path):
     with pytest.raises(BakeryError, match="dtype=bfloat16.*vision tower"):
         _distill(wrappers("qwen3_5"), tmp_path, "kl-lora", dtype="bfloat16")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_overlay_replaces_exactly_the_tensors_that_differ(wrappers, tmp_path):
+    """write_overlay: a trained tensor that equals the source keeps the source's bytes, one that
+    differs replaces it, one with no place in the source is an error (nothing half-written)."""
+    from safetensors.torch import save_file
+
+    from bakery.io.checkpoint import CheckpointError
+    from bakery.io.export import write_overlay
+
+    src = wrappers("qwen3_5")
+    config = json.loads((src / "config.json").read_text())
+    a = _raw(src)
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        same, edited = f.get_tensor("lm_head.weight"), f.get_tensor(name) + 1.0
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    save_file({"lm_head.weight": same, name: edited}, str(trained / "model.safetensors"))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert write_overlay(out, src, config, trained) == [name]
+    b = _raw(out)
+    assert [k for k in a if a[k] != b[k]] == [name] and a.keys() == b.keys()
+    save_file({"model.language_model.layers.9.mlp.down_proj.weight": edited}, str(trained / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="layers.9.*no tensor of that shape"):
+        write_overlay(tmp_path / "out2", src, config, trained)

@@ -370,3 +370,22 @@ def test_transformers_gguf_loader_drops_the_added_bias(smol_bias, tmp_path):
     with torch.no_grad():
         same = torch.equal(load(smol_gguf())(ids).logits, load(out_gguf(out))(ids).logits)
     assert same, "transformers now keeps GGUF biases: update TRANSFORMERS_DROPS and the card"
+
+
+def test_converter_location_errors(tiny, tmp_path, monkeypatch):
+    from bakery.gguf.convert import converter_dir
+
+    monkeypatch.setenv("BAKERY_LLAMACPP_SRC", str(tmp_path))
+    with pytest.raises(GGUFError, match="holds no convert_hf_to_gguf.py"):
+        converter_dir()
+    with pytest.raises(GGUFError, match="--outtype q4_k"):
+        gguf_bake(tiny["bias"], tmp_path / "o", outtype="q4_k")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_conversion_of_an_unknown_tokenizer_says_why(tiny, tmp_path):
+    """The tiny models' own BPE tokenizer is unknown to llama.cpp's converter: a clear error, no folder."""
+    with pytest.raises(GGUFError, match="does not know this tokenizer"):
+        gguf_bake(tiny["bias"], tmp_path / "o", outtype="f32")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))

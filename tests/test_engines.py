@@ -1,5 +1,6 @@
-"""bakery verify: transformers strict reload and the exactness rule, sglang rules only (not run),
-vLLM discovery, exit statuses (no vLLM run here; the real vLLM run is in test_vllm.py)."""
+"""bakery verify: transformers strict reload and the exactness rule, sglang's loading rules (the
+fallback verdict when sglang is absent: rules only, not run), engine discovery and the engine
+registry, exit statuses (no vLLM or sglang run here: see test_vllm.py and test_sglang.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from bakery.cli import main
 from bakery.engines import sglang, vllm as vllm_engine
 from bakery.engines.common import Setup, Verdict
 from bakery.engines.transformers import verify_transformers
-from bakery.engines.verify import (EngineNotInstalled, exit_status, parse_verify_engines, verdicts_markdown, verify,
-                                   write_verdicts)
+from bakery.engines.verify import (ENGINES, Engine, EngineNotInstalled, exit_status, parse_verify_engines,
+                                   verdicts_markdown, verify, write_verdicts)
 from bakery.engines.vllm import find_vllm_python, gap
 from bakery.fidelity.exact import EXACT_R
 from bakery.io.manifest import ManifestError
@@ -31,6 +32,21 @@ def bakes(tiny_models, tmp_path):
             "exact": real_bake("bias", d, vec, 2, 3.0, tmp_path / "exact"),
             "broken": make_bias_bake(d, vec, 2, 3.0, tmp_path / "broken", broken=True),
             "ortho": real_bake("ortho", d, vec, 2, None, tmp_path / "ortho")}
+
+
+@pytest.fixture
+def no_sglang(monkeypatch, tmp_path):
+    """sglang's venv out of reach: the checks fall back to its loading rules."""
+    monkeypatch.setenv("BAKERY_SGLANG_PYTHON", str(tmp_path / "no-sglang" / "python"))
+    monkeypatch.setattr(sglang, "REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def no_vllm(monkeypatch, tmp_path):
+    monkeypatch.setenv("BAKERY_VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
+    monkeypatch.setattr(vllm_engine, "REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -156,18 +172,18 @@ def test_sglang_rules(bakes, tiny_models, tmp_path):
     assert sglang.check(gd).status == "ok"
 
 
-def test_sglang_verdicts_are_rules_only(bakes):
-    v = sglang.verify_sglang(bakes["exact"])
+def test_sglang_fallback_verdicts_are_rules_only(bakes):
+    v = sglang.rules_verdict(bakes["exact"])
     assert v.kind == "rules" and not v.ran and not v.passed and not v.failed and v.status == "not-run"
     assert v.label == "– rules only (not run)" and v.message.startswith("rules only (not run)")
     assert v.launch_flag == "--model-impl transformers"
     d = v.to_dict()
     assert d["ran"] is False and d["ok"] is False and d["label"] == v.label
-    bad = sglang.verify_sglang(bakes["broken"])
+    bad = sglang.rules_verdict(bakes["broken"])
     assert bad.failed and bad.label == "✘ FAIL, rules only (not run)"
     assert "| sglang | ✘ FAIL, rules only (not run) |" in verdicts_markdown([bad])
     # an export with no non-zero bias: nothing checked, so nothing passed
-    o = sglang.verify_sglang(bakes["ortho"])
+    o = sglang.rules_verdict(bakes["ortho"])
     assert o.status == "not-run" and "rules only (not run)" in verdicts_markdown([o])
     with pytest.raises(ValueError, match="cannot pass"):
         Verdict("sglang", "pass", "", kind="rules")
@@ -186,19 +202,49 @@ def test_exit_status_counts_only_real_runs():
     assert exit_status({"a": [Verdict("transformers", "fail", "")], "b": [rules_ok]}) == 1
 
 
-def test_cli_sglang_alone_is_not_a_pass(bakes):
+def test_cli_sglang_missing(bakes, no_sglang, no_vllm):
     exact_bake = bakes["exact"]
+    # asked for by name, a missing sglang is an error that says how to install it
     r = CliRunner().invoke(main, ["verify", str(exact_bake), "--engine", "sglang", "--no-write"])
-    assert r.exit_code == 3, r.output
-    assert "| sglang | – rules only (not run) | `--model-impl transformers` |" in r.output
-    assert "NOT RUN " in r.output and "✔" not in r.output and "exit status 3" in r.output
-    r = CliRunner().invoke(main, ["verify", str(exact_bake), "--engine", "sglang", "--json", "--no-write"])
-    assert r.exit_code == 3
-    (d,) = json.loads(r.stdout)[str(exact_bake)]
-    assert d["ran"] is False and d["kind"] == "rules" and d["label"] == "– rules only (not run)" and not d["ok"]
+    assert r.exit_code == 2 and "make sglang" in r.output and "BAKERY_SGLANG_PYTHON" in r.output, r.output
+    # under all it falls back to the rules: not a pass
+    r = CliRunner().invoke(main, ["verify", str(exact_bake), "--json", "--no-write", "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output  # transformers ran and passed
+    d = {v["engine"]: v for v in json.loads(r.stdout)[str(exact_bake)]}
+    s = d["sglang"]
+    assert s["ran"] is False and s["kind"] == "rules" and s["label"] == "– rules only (not run)" and not s["ok"]
+    assert s["message"].startswith("sglang is not installed") and "rules only (not run): sglang 0.5.23" in s["message"]
+    assert s["launch_flag"] == "--model-impl transformers" and d["vllm"]["kind"] == "not-installed"
     # a rule violation found without running anything still fails
-    r = CliRunner().invoke(main, ["verify", str(bakes["broken"]), "--engine", "sglang", "--no-write"])
+    r = CliRunner().invoke(main, ["verify", str(bakes["broken"]), "--no-write", "--max-new-tokens", "4"])
     assert r.exit_code == 1 and "FAIL " in r.output and "✘ FAIL, rules only (not run)" in r.output
+
+
+def test_engine_registry_takes_one_entry_per_engine(bakes, monkeypatch):
+    """A new engine is one entry: found before anything runs, one verdict per export, its own
+    fallback when missing, shown after the built-in engines."""
+    calls = []
+
+    def run(setups, log=None):
+        calls.append([s.export.name for s in setups])
+        return [Verdict("toy", "pass", f"ran {s.export.name}") for s in setups]
+
+    monkeypatch.setitem(ENGINES, "toy", Engine(run))
+    out = verify([bakes["exact"], bakes["ortho"]], "transformers,toy", prompts=PROMPTS[:2], max_new_tokens=4,
+                 write=False)
+    assert calls == [["exact", "ortho"]]
+    assert [v.engine for v in out[str(bakes["ortho"])]] == ["transformers", "toy"]
+    assert out[str(bakes["ortho"])][1].message == "ran ortho"
+
+    def gone():
+        raise EngineNotInstalled("toy is not installed")
+
+    monkeypatch.setitem(ENGINES, "toy", Engine(run, find=gone))
+    with pytest.raises(EngineNotInstalled, match="toy is not installed"):
+        verify([bakes["exact"]], "toy", write=False)
+    out = verify([bakes["exact"]], "toy", write=False, skip_missing=True)
+    (v,) = out[str(bakes["exact"])]
+    assert v.kind == "not-installed" and v.message == "toy is not installed" and len(calls) == 1
 
 
 def test_old_verify_json_sglang_pass_is_relabelled(exact_bake):
@@ -222,7 +268,7 @@ def test_gap_counts_only_response_positions():
     assert g["positions"] == 2 and g["top1"] == 0.5 and g["mean_abs_logprob_gap"] == pytest.approx(0.25)
 
 
-def test_vllm_not_installed_says_how_to_install(monkeypatch, tmp_path, bakes):
+def test_vllm_not_installed_says_how_to_install(monkeypatch, tmp_path, bakes, no_sglang):
     monkeypatch.setenv("BAKERY_VLLM_PYTHON", str(tmp_path / "nope" / "python"))
     monkeypatch.setattr(vllm_engine, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -239,16 +285,15 @@ def test_vllm_not_installed_says_how_to_install(monkeypatch, tmp_path, bakes):
     assert exit_status(out) == 0  # one real run passed; nothing failed
 
 
-def test_cli_verify_writes_card_and_exit_codes(bakes):
-    r = CliRunner().invoke(main, ["verify", str(bakes["exact"]), "--engine", "transformers,sglang",
-                                  "--max-new-tokens", "6"])
+def test_cli_verify_writes_card_and_exit_codes(bakes, no_sglang, no_vllm):
+    r = CliRunner().invoke(main, ["verify", str(bakes["exact"]), "--max-new-tokens", "6"])
     assert r.exit_code == 0, r.output
     assert "--model-impl transformers" in r.output
     card = (bakes["exact"] / "README.md").read_text()
     assert "<!-- bakery:engines -->" in card and "| transformers | ✔ pass |" in card
     assert "| sglang | – rules only (not run) |" in card and "nothing ran there" in card
     saved = json.loads((bakes["exact"] / "compare" / "verify.json").read_text())
-    assert set(saved) == {"transformers", "sglang"} and saved["sglang"]["ran"] is False
+    assert set(saved) == {"transformers", "vllm", "sglang"} and saved["sglang"]["ran"] is False
     r = CliRunner().invoke(main, ["verify", str(bakes["broken"]), "--engine", "transformers", "--no-write"])
     assert r.exit_code == 1 and "mlp_bias: true" in r.output
     assert not (bakes["broken"] / "compare").exists()

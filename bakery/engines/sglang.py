@@ -1,29 +1,48 @@
-"""sglang: rules only, not run. sglang cannot run on these machines, so its verdict is a static
-reading of the export against sglang's loading rules, labelled "rules only (not run)" wherever it
-is shown, and never counted as a pass (:class:`bakery.engines.common.Verdict`, kind ``rules``).
+"""sglang (a real run, in its own virtual environment), with its loading rules as the explanation.
 
-The rules come from shared/ENGINES.md (sglang 0.5.23, read from its code, and the Llama row run
-on the CPU since): sglang builds a bias only where its native model class does, and silently
-discards any ``*.bias`` tensor that has no matching parameter. Its Transformers backend
-(``--model-impl transformers``) builds exactly what transformers builds for the same config. So
-each non-zero bias tensor in the export is either built natively, built only by the Transformers
-backend (launch flag needed), or built by neither (the edit is lost whatever the flag: a real
-failure, which the rules can find without running anything). A clean rule check says only that
-nothing in the rules forbids the export.
+``bakery verify --engine sglang`` loads each export in a real sglang engine on the CPU (sglang
+0.5.23, built by ``make sglang``; :mod:`bakery.engines.sglang_worker` runs in that venv) twice:
+with sglang's native model class (``model_impl="auto"``) and with its Transformers backend (the
+launch flag ``--model-impl transformers``), plus the unedited base model both ways for the noise
+floor. The steered model's trajectories are fed to it as prompts and the prompt log-probs (of the
+actual and the top-1 token) are compared with transformers at every response position, float32
+in both, with the vLLM check's metric and thresholds (:mod:`bakery.engines.vllm`). The verdict
+passes when the native class passes (no flag), or else when the Transformers backend passes (the
+verdict's ``launch_flag`` says so), and says which ran and how each did.
+
+The rules (read from sglang 0.5.23's code, shared/ENGINES.md, and confirmed by these runs):
+sglang builds a bias only where its native model class does, and silently discards any ``*.bias``
+tensor that has no matching parameter; its Transformers backend builds exactly what transformers
+builds. They explain a failed native run, and stand in when sglang is not installed: a verdict of
+kind ``rules``, labelled "rules only (not run)", which can fail (a bias no sglang model builds) but
+never pass.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from bakery.engines.common import RULES_ONLY, Verdict, nonzero_biases, transformers_param_names
+from bakery.engines.common import (RULES_ONLY, EngineNotInstalled, Setup, Verdict, nonzero_biases,
+                                   transformers_param_names)
 
 FLAG = "--model-impl transformers"
 SGLANG_VERSION = "0.5.23"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STUB = Path(__file__).with_name("sglang_stub.py")
+WORKER = Path(__file__).with_name("sglang_worker.py")
+INSTALL_SGLANG = ("run `make sglang` in the bakery checkout (scripts/install-sglang.sh creates "
+                  ".venv-sglang; the Makefile exports BAKERY_SGLANG_PYTHON), or set BAKERY_SGLANG_PYTHON "
+                  "to the python of a venv built by that script")
+# The two implementations each export is run with: label -> sglang's model_impl.
+IMPLS = {"native": "auto", "transformers": "transformers"}
 
 
 @dataclass
@@ -111,9 +130,161 @@ def check(folder: str | Path, *, transformers_names: set[str] | None = None) -> 
                  f"(e.g. {dropped[0]}) and would drop them silently; its Transformers backend keeps them"])
 
 
-def verify_sglang(export: str | Path) -> Verdict:
-    """The sglang verdict: rules only (not run). A rule violation fails; anything else is not run."""
+def rules_verdict(export: str | Path, note: str = "") -> Verdict:
+    """The fallback when sglang is not installed: rules only (not run). A rule violation fails;
+    anything else is not run."""
     v = check(export)
-    msg = f"{RULES_ONLY}: sglang {SGLANG_VERSION} loading rules: {v.summary()}"
+    msg = f"{note}{RULES_ONLY}: sglang {SGLANG_VERSION} loading rules: {v.summary()}"
     status = "fail" if v.status == "fail" else "not-run"
     return Verdict("sglang", status, msg, launch_flag=v.flag, details={"rules": v.to_dict()}, kind="rules")
+
+
+def missing_verdict(setup: Setup, error: EngineNotInstalled) -> Verdict:
+    """What ``verify --engine all`` reports for an export when sglang is not installed."""
+    return rules_verdict(setup.export, note=f"{error} ")
+
+
+# ---- the runner -----------------------------------------------------------------------------------
+def find_sglang_python() -> Path:
+    """The python of sglang's venv: $BAKERY_SGLANG_PYTHON, else .venv-sglang/bin/python in the
+    checkout or the working directory. Raises :class:`EngineNotInstalled` with how to install it."""
+    env = os.environ.get("BAKERY_SGLANG_PYTHON")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO_ROOT / ".venv-sglang" / "bin" / "python", Path.cwd() / ".venv-sglang" / "bin" / "python"]
+    for c in candidates:
+        if c.is_file() and (c.parent.parent / "lib").is_dir():
+            return c
+    where = f"BAKERY_SGLANG_PYTHON={env} does not exist; " if env and not Path(env).is_file() else ""
+    raise EngineNotInstalled(f"sglang is not installed: {where}bakery runs it from its own virtual "
+                             f"environment. To install it, {INSTALL_SGLANG}.")
+
+
+def score_token_ids(engines: Sequence[dict], prompts: list[list[int]], *, python: Path | None = None,
+                    timeout: float = 1800, log=None) -> dict[str, Any]:
+    """Score ``prompts`` teacher-forced in one sglang engine per entry of ``engines`` (``{"name",
+    "path", "impl": "auto"|"transformers"[, "prompts"]}``), one after another in one worker process.
+    Returns the worker's output (:mod:`bakery.engines.sglang_worker`) plus ``wall_seconds``."""
+    python = python or find_sglang_python()
+    spec = {"engines": [{**e, "path": str(Path(e["path"]).resolve())} for e in engines], "prompts": prompts,
+            "dtype": "float32"}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="bakery-sglang-") as tmp:
+        src, dst, errf = Path(tmp) / "in.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
+        src.write_text(json.dumps(spec))
+        env = {**os.environ, "BAKERY_SGLANG_STUB": str(STUB), "SGLANG_USE_CPU_ENGINE": "1",
+               "HF_HUB_OFFLINE": "1"}  # a local folder only: never reach for the Hub
+        env.pop("PYTHONPATH", None)  # the worker imports nothing from bakery's environment
+        with open(errf, "w") as err:
+            proc = subprocess.Popen([str(python), str(WORKER), str(src), str(dst)], stdout=err,
+                                    stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)  # the engine's own subprocesses too
+                proc.wait()
+                raise RuntimeError(f"the sglang worker ran past {timeout:.0f} s and was stopped")
+        text = errf.read_text(errors="replace")
+        if rc != 0 or not dst.is_file():
+            tail = "\n".join(text.strip().splitlines()[-25:])
+            if "No module named 'sglang'" in text:
+                raise EngineNotInstalled(f"{python} has no sglang module. To install it, {INSTALL_SGLANG}.")
+            raise RuntimeError(f"the sglang worker failed (exit {rc}) after {time.time() - t0:.0f} s:\n{tail}")
+        if log:
+            for line in text.splitlines():
+                if line.startswith("[sglang_worker]"):
+                    log(line)
+        out = json.loads(dst.read_text())
+    out["wall_seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+# ---- the check ------------------------------------------------------------------------------------
+def verify_sglang(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> list[Verdict]:
+    """One verdict per export, from a real sglang run: each export and each base model started once
+    per implementation (native, Transformers backend), all in one worker process."""
+    from bakery.engines.vllm import _tf_scores
+    from bakery.models import load_model
+
+    python = find_sglang_python()
+    all_rows: list[tuple[list[int], int]] = []
+    spans: list[tuple[int, int]] = []
+    for s in setups:
+        rows = s.rows()
+        spans.append((len(all_rows), len(all_rows) + len(rows)))
+        all_rows.extend(rows)
+    bases = {str(p): f"base{j}" for j, p in enumerate(dict.fromkeys(s.base_dir for s in setups))}
+    engines = []
+    for i, (s, (a, b)) in enumerate(zip(setups, spans)):
+        engines += [{"name": f"bake{i}-{k}", "path": str(s.export), "impl": impl,
+                     "prompts": [r[0] for r in all_rows[a:b]]} for k, impl in IMPLS.items()]
+    for path, name in bases.items():
+        engines += [{"name": f"{name}-{k}", "path": path, "impl": impl} for k, impl in IMPLS.items()]
+    res = score_token_ids(engines, [r[0] for r in all_rows], python=python, timeout=timeout, log=log)
+    verdicts = []
+    for i, (s, (a, b)) in enumerate(zip(setups, spans)):
+        rows = all_rows[a:b]
+        tf = {"steered": _tf_scores(s.base, rows, s.ref.context(s.base)), "base": _tf_scores(s.base, rows),
+              "bake": _tf_scores(load_model(s.export), rows)}
+        runs = {k: (res["engines"][f"bake{i}-{k}"]["prompts"],
+                    res["engines"][f"{bases[str(s.base_dir)]}-{k}"]["prompts"][a:b]) for k in IMPLS}
+        verdicts.append(_verdict(s, rows, runs, tf, res))
+    return verdicts
+
+
+def _measure(s: Setup, rows, bake, base, tf: dict, target_name: str) -> dict[str, Any]:
+    """One implementation's figures against the target, and whether they pass (vLLM's thresholds)."""
+    from bakery.engines.vllm import VLLM_GAP_RATIO, VLLM_TOP1, gap
+
+    target = tf["steered"] if s.manifest.exact else tf["bake"]
+    d: dict[str, Any] = {
+        "bake_vs_target": gap(bake, target, rows), "bake_vs_steered": gap(bake, tf["steered"], rows),
+        "bake_vs_transformers_bake": gap(bake, tf["bake"], rows),
+        "noise_floor_base_sglang_vs_transformers": gap(base, tf["base"], rows),
+        "unedited_vs_target": gap(base, target, rows), "bake_vs_base_in_sglang": gap(bake, base, rows)}
+    bt, un, nf = d["bake_vs_target"], d["unedited_vs_target"], d["noise_floor_base_sglang_vs_transformers"]
+    d["gap_ratio"] = bt["mean_abs_logprob_gap"] / max(un["mean_abs_logprob_gap"], 1e-12)
+    limit = VLLM_GAP_RATIO * un["mean_abs_logprob_gap"]
+    d["passed"] = bt["top1"] >= VLLM_TOP1 and bt["mean_abs_logprob_gap"] < limit
+    d["lost"] = d["bake_vs_base_in_sglang"]["mean_abs_logprob_gap"] < limit
+    d["line"] = (f"vs {target_name}: top-1 {bt['top1']:.4f}, mean |Δlogprob| {bt['mean_abs_logprob_gap']:.5f} = "
+                 f"{d['gap_ratio']:.4f} x the unedited model's (top-1 {un['top1']:.3f}, "
+                 f"{un['mean_abs_logprob_gap']:.4f}; noise floor, unedited sglang vs transformers: top-1 "
+                 f"{nf['top1']:.4f}, {nf['mean_abs_logprob_gap']:.5f}) on {bt['positions']} response positions")
+    if not d["passed"]:
+        d["why"] = (f"sglang lost the edit: the loaded bake scores like the unedited model (mean |Δlogprob| "
+                    f"{d['bake_vs_base_in_sglang']['mean_abs_logprob_gap']:.5f} to it)" if d["lost"] else
+                    f"its outputs differ from {target_name} by more than allowed (top-1 >= {VLLM_TOP1} and "
+                    f"mean |Δlogprob| < {VLLM_GAP_RATIO} x the unedited model's gap = {limit:.4f})")
+    return d
+
+
+def _verdict(s: Setup, rows, runs: dict, tf: dict, res: dict) -> Verdict:
+    target_name = "the bake in transformers"
+    if s.manifest.exact:
+        target_name = "transformers runtime ablation" if s.ref.ablation else "transformers runtime steering"
+    m = {k: _measure(s, rows, bake, base, tf, target_name) for k, (bake, base) in runs.items()}
+    rules = check(s.export)
+    arch = (json.loads((s.export / "config.json").read_text()).get("architectures") or ["?"])[0]
+    names = {"native": f"native {arch} (model_impl auto)", "transformers": f"`{FLAG}`"}
+    parts = []
+    for k, d in m.items():
+        if d["passed"]:
+            parts.append(f"{names[k]}: pass, {d['line']}")
+            continue
+        why = d["why"]
+        if d["lost"] and rules.reasons and rules.status != "ok":
+            why += f" (why, from sglang's loading rules: {rules.summary()})"
+        parts.append(f"{names[k]}: FAIL, {why} — {d['line']}")
+    native, flagged = m["native"]["passed"], m["transformers"]["passed"]
+    status, flag = ("pass", None) if native else ("pass", FLAG) if flagged else ("fail", None)
+    head = {("pass", None): "ran natively and passed",
+            ("pass", FLAG): f"the native model fails, launch with `{FLAG}`",
+            ("fail", None): "failed with both implementations"}[(status, flag)]
+    details = {"target": target_name, "sglang_version": res.get("sglang_version"), "dtype": "float32",
+               "prompts": len(rows), "wall_seconds": res.get("wall_seconds"), "ran": list(IMPLS),
+               "rules": rules.to_dict(), **{k: {kk: vv for kk, vv in d.items() if kk != "line"} for k, d in m.items()},
+               "engine_seconds": {k: v["load_seconds"] for k, v in res["engines"].items()}}
+    if rules.status == "needs-flag" and native:
+        details["rules_disagree"] = "the rules said the native model drops a bias, but it passed"
+    return Verdict("sglang", status, f"sglang {res.get('sglang_version')} ran: {head}. " + "; ".join(parts),
+                   launch_flag=flag, details=details)

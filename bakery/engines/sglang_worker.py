@@ -64,7 +64,7 @@ def run(spec: dict) -> dict:
         t0 = time.time()
         engine = sgl.Engine(model_path=e["path"], device="cpu", skip_tokenizer_init=True,
                             attention_backend="torch_native", dtype=spec.get("dtype", "float32"),
-                            model_impl=e.get("impl", "auto"), mem_fraction_static=0.05,
+                            model_impl=e.get("impl", "auto"), mem_fraction_static=0.5,
                             max_total_tokens=int(spec.get("max_total_tokens", 4096)),
                             **({"context_length": int(spec["context_length"])} if spec.get("context_length") else {}),
                             disable_cuda_graph=True, trust_remote_code=False, random_seed=0,

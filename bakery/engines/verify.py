@@ -1,25 +1,64 @@
 """``bakery verify``: does an engine load the export with the edit intact?
 
-One module per engine: :mod:`bakery.engines.transformers` and :mod:`bakery.engines.vllm` run the
-export (real runs); :mod:`bakery.engines.sglang` reads it against sglang's loading rules, a
-verdict labelled "rules only (not run)". This module runs the checks asked for, renders the
-verdicts (markdown table, JSON, the model card's ``engines`` section) and says what they add up to
-(:func:`exit_status`): only a real run can pass.
+One module per engine, each registered in :data:`ENGINES`: :mod:`bakery.engines.transformers`,
+:mod:`bakery.engines.vllm` and :mod:`bakery.engines.sglang` run the export (real runs; vLLM and
+sglang in their own environments). A missing engine is an error when asked for by name; under
+``all`` it gives its fallback verdict (sglang: its loading rules, "rules only (not run)"; others:
+"not installed"). This module runs the checks asked for, renders the verdicts (markdown table,
+JSON, the model card's ``engines`` section) and says what they add up to (:func:`exit_status`):
+only a real run can pass.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from bakery.engines.common import RULES_ONLY, EngineNotInstalled, Setup, Verdict
 
-__all__ = ["ENGINE_NAMES", "EngineNotInstalled", "RULES_ONLY", "Setup", "Verdict", "exit_status",
+__all__ = ["ENGINES", "ENGINE_NAMES", "Engine", "EngineNotInstalled", "RULES_ONLY", "Setup", "Verdict", "exit_status",
            "parse_verify_engines", "verdicts_markdown", "verify", "write_verdicts"]
 
-ENGINE_NAMES = ("transformers", "vllm", "sglang")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine ``bakery verify`` can check. Each field is a callable or a lazy
+    ``"module:function"`` reference: ``run(setups, log=...)`` gives one :class:`Verdict` per
+    setup; ``find()`` raises :class:`EngineNotInstalled` when the engine is absent (checked before
+    anything runs); ``missing(setup, error)`` is the verdict then under ``all`` (default: kind
+    ``not-installed``)."""
+
+    run: str | Callable
+    find: str | Callable | None = None
+    missing: str | Callable | None = None
+
+
+def _resolve(ref: str | Callable) -> Callable:
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run_transformers(setups: Sequence[Setup], log=None) -> list[Verdict]:
+    from bakery.engines.transformers import verify_transformers
+
+    return [verify_transformers(s) for s in setups]
+
+
+# name -> engine, in the order verdicts are shown. Adding an engine is one line here.
+ENGINES: dict[str, Engine] = {
+    "transformers": Engine(_run_transformers),
+    "vllm": Engine("bakery.engines.vllm:verify_vllm", find="bakery.engines.vllm:find_vllm_python"),
+    "sglang": Engine("bakery.engines.sglang:verify_sglang", find="bakery.engines.sglang:find_sglang_python",
+                     missing="bakery.engines.sglang:missing_verdict"),
+}
+ENGINE_NAMES = tuple(ENGINES)  # the built-in engines (the functions below read ENGINES itself)
 # exit statuses of `bakery verify` (2 is bad input, from the CLI)
 EXIT_PASS, EXIT_FAIL, EXIT_NOT_RUN = 0, 1, 3
 
@@ -35,44 +74,43 @@ def parse_verify_engines(value: str | Sequence[str]) -> list[str]:
             if not e:
                 continue
             if e == "all":
-                out.extend(ENGINE_NAMES)
-            elif e in ENGINE_NAMES:
+                out.extend(ENGINES)
+            elif e in ENGINES:
                 out.append(e)
             else:
-                raise ValueError(f"unknown engine '{e}': choose from {', '.join(ENGINE_NAMES)} or all")
-    return list(dict.fromkeys(out)) or list(ENGINE_NAMES)
+                raise ValueError(f"unknown engine '{e}': choose from {', '.join(ENGINES)} or all")
+    return list(dict.fromkeys(out)) or list(ENGINES)
 
 
 def verify(exports: Sequence[str | Path], engines: str | Sequence[str] = "all", *, model: str | None = None,
            prompts=None, max_new_tokens: int = 48, write: bool = True, log=None,
            skip_missing: bool | None = None) -> dict[str, list[Verdict]]:
-    """Verdicts per export. A missing vLLM is an error when asked for by name, a
-    ``not-installed`` verdict under ``all`` (``skip_missing`` forces either)."""
-    from bakery.engines.sglang import verify_sglang
-    from bakery.engines.transformers import verify_transformers
-    from bakery.engines.vllm import find_vllm_python, verify_vllm
-
+    """Verdicts per export. A missing engine (vLLM, sglang) is an error when asked for by name, its
+    fallback verdict under ``all`` (``skip_missing`` forces either); every engine is looked for
+    before anything runs (after the exports are read: bad input fails first)."""
     wanted = parse_verify_engines(engines)
     if skip_missing is None:
         skip_missing = engines == "all" or (not isinstance(engines, str) and "all" in engines)
     setups = [Setup(e, model=model, prompts=prompts, max_new_tokens=max_new_tokens) for e in exports]
+    missing: dict[str, EngineNotInstalled] = {}
+    for name in wanted:
+        if ENGINES[name].find is not None:
+            try:
+                _resolve(ENGINES[name].find)()
+            except EngineNotInstalled as e:
+                if not skip_missing:
+                    raise
+                missing[name] = e
     out: dict[str, list[Verdict]] = {str(s.export): [] for s in setups}
-    if "vllm" in wanted:
-        try:
-            find_vllm_python()
-        except EngineNotInstalled as e:
-            if not skip_missing:
-                raise
-            for s in setups:
-                out[str(s.export)].append(Verdict("vllm", "not-run", str(e), kind="not-installed"))
-            wanted = [w for w in wanted if w != "vllm"]
-    for s in setups:
-        if "transformers" in wanted:
-            out[str(s.export)].append(verify_transformers(s))
-        if "sglang" in wanted:
-            out[str(s.export)].append(verify_sglang(s.export))
-    if "vllm" in wanted:
-        for s, v in zip(setups, verify_vllm(setups, log=log)):
+    for name in wanted:
+        eng = ENGINES[name]
+        if name in missing:
+            fallback = _resolve(eng.missing) if eng.missing else (
+                lambda s, e, n=name: Verdict(n, "not-run", str(e), kind="not-installed"))
+            verdicts = [fallback(s, missing[name]) for s in setups]
+        else:
+            verdicts = _resolve(eng.run)(setups, log=log)
+        for s, v in zip(setups, verdicts, strict=True):
             out[str(s.export)].append(v)
     for k in out:
         out[k].sort(key=_order)
@@ -83,7 +121,8 @@ def verify(exports: Sequence[str | Path], engines: str | Sequence[str] = "all", 
 
 
 def _order(v: Verdict) -> int:
-    return ENGINE_NAMES.index(v.engine) if v.engine in ENGINE_NAMES else len(ENGINE_NAMES)
+    names = list(ENGINES)
+    return names.index(v.engine) if v.engine in names else len(names)
 
 
 def exit_status(results: Mapping[str, Sequence[Verdict]]) -> int:

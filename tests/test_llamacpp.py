@@ -77,11 +77,15 @@ def _terms(block: int) -> list[dict]:
 def test_q4_1_bias_bake_equals_llamacpp_control_vector_and_wrong_block_fails(pirate_bias):
     from gguf_bakes import bias_gguf_folder, embedded_gguf
 
+    from bakery.gguf import gguf_bake
+
     tmp, export, vec = pirate_bias
     bias = (COEF * vec.row(LAYER)).numpy()
-    good = bias_gguf_folder(embedded_gguf(), export, tmp / "q4-good", {LAYER - 1: bias}, terms=_terms(LAYER - 1))
+    good = gguf_bake(export, tmp / "q4-good", from_gguf=embedded_gguf())
+    # no baker writes the wrong block: made by hand, the same tensor one block off
     wrong = bias_gguf_folder(embedded_gguf(), export, tmp / "q4-wrong", {LAYER - 4: bias}, terms=_terms(LAYER - 4))
-    assert read_gguf_folder(good).export == export
+    g = read_gguf_folder(good)
+    assert g.export == export.resolve() and g.edit == "bias" and g.source == embedded_gguf().resolve()
     lines = []
     ok, bad = verify_llamacpp([gguf_setup(good, prompts=PROMPTS, max_new_tokens=32),
                                gguf_setup(wrong, prompts=PROMPTS, max_new_tokens=32)], log=lines.append)
@@ -103,12 +107,13 @@ def test_q4_1_bias_bake_equals_llamacpp_control_vector_and_wrong_block_fails(pir
 
 @pytest.mark.slow
 def test_f32_bias_bake_equals_control_vector_and_transformers_steering(pirate_bias):
-    from gguf_bakes import bias_gguf_folder, copy_gguf, embedded_gguf
+    from gguf_bakes import copy_gguf, embedded_gguf
+
+    from bakery.gguf import gguf_bake
 
     tmp, export, vec = pirate_bias
     f32 = copy_gguf(embedded_gguf(), tmp / "smollm2-f32.gguf", dequantize=True)
-    folder = bias_gguf_folder(f32, export, tmp / "f32-good", {LAYER - 1: (COEF * vec.row(LAYER)).numpy()},
-                              terms=_terms(LAYER - 1), file_type="F32")
+    folder = gguf_bake(export, tmp / "f32-good", from_gguf=f32)
     (v,) = verify_llamacpp([gguf_setup(folder, prompts=PROMPTS, max_new_tokens=32)])
     print(v.message)
     d = v.details

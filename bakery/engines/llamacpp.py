@@ -33,10 +33,11 @@ import numpy as np
 
 from bakery.engines.common import EngineNotInstalled, Setup, Verdict
 from bakery.errors import BakeryError
+from bakery.gguf import MANIFEST
 
 ENGINE = "llama.cpp"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GGUF_MANIFEST = "bakery-gguf.json"
+GGUF_MANIFEST = MANIFEST  # bakery-gguf.json, written by `bakery gguf`
 INSTALL_LLAMACPP = ("run `make llamacpp` in the bakery checkout (it builds llama-cpp-python from source "
                     "into .venv-llamacpp, about 8 minutes on 2 cores, and exports BAKERY_LLAMACPP_PYTHON), "
                     "or set BAKERY_LLAMACPP_PYTHON to a python that has llama_cpp installed")
@@ -114,6 +115,11 @@ def gguf_setup(folder: str | Path, *, model: str | None = None, prompts=None, ma
     s = Setup(g.export, model=model, prompts=prompts, max_new_tokens=max_new_tokens, seed=seed)
     s.gguf = g
     return s
+
+
+def setup_for(path: str | Path, **kw) -> Setup:
+    """``bakery verify``'s Setup for PATH: a GGUF folder's export with the GGUF attached, else an export."""
+    return gguf_setup(path, **kw) if is_gguf_folder(path) else Setup(path, **kw)
 
 
 def gguf_of(s: Setup) -> GGUFBake:
@@ -196,7 +202,8 @@ def score_gguf(runs: list[dict], *, n_ctx: int = 512, python: Path | None = None
                 sr["cvec"] = {"file": str(f), "il_start": cv.il_start, "il_end": cv.il_end}
             spec_runs.append(sr)
         spec = {"runs": spec_runs, "n_ctx": n_ctx, "n_threads": int(threads) if threads else None,
-                "n_gpu_layers": int(os.environ.get("BAKERY_LLAMACPP_GPU_LAYERS", "0"))}
+                "n_gpu_layers": int(os.environ.get("BAKERY_LLAMACPP_GPU_LAYERS", "0")),
+                "extra_bufts": os.environ.get("BAKERY_LLAMACPP_EXTRA_BUFTS", "") == "1"}
         return _run_worker(spec, Path(tmp), python=python, timeout=timeout, log=log)
 
 
@@ -286,7 +293,8 @@ def _verdict(p: dict, res: dict) -> Verdict:
     d: dict[str, Any] = {
         "gguf": str(g.gguf), "source_gguf": str(g.source) if g.source else None, "edit": g.edit,
         "file_type": g.file_type, "target": target_name, "reference": s.ref.describe(),
-        "llama_cpp_version": res.get("llama_cpp_version"), "prompts": len(rows),
+        "llama_cpp_version": res.get("llama_cpp_version"), "extra_bufts": res.get("extra_bufts"),
+        "prompts": len(rows),
         "wall_seconds": res.get("wall_seconds"), "n_params": {k: v["n_params"] for k, v in out.items()},
         "bake_vs_target": gap(sc["bake"], target, rows), "bake_vs_steered": gap(sc["bake"], tf_steered, rows),
     }

@@ -5,13 +5,19 @@ Input (a JSON file, first argument)::
 
     {"runs": [{"name": "bake", "gguf": "/abs/model.gguf", "prompts": [[ids], ...],
                "cvec": {"file": "/abs/cvec.f32", "il_start": 15, "il_end": 15}}, ...],
-     "prompts": [[token ids], ...], "n_ctx": 512, "n_threads": 2, "n_gpu_layers": 0}
+     "prompts": [[token ids], ...], "n_ctx": 512, "n_threads": 2, "n_gpu_layers": 0,
+     "extra_bufts": false}
 
 A run's own ``prompts`` replace the shared ones. ``cvec`` (optional) is llama.cpp's own runtime
 control vector, applied with ``llama_set_adapter_cvec``: the file holds raw float32 values, an
 ``n_embd x (n_layer - 1)`` buffer that starts at block 1 (block ``il`` at offset
 ``(il - 1) * n_embd``; llama.cpp has no control vector for block 0), applied to blocks
 ``il_start..il_end``. Runs of the same GGUF share one loaded model, in the order given.
+
+``extra_bufts`` (default false) turns on llama.cpp's extra CPU buffer types. They are off by
+default because llama-cpp-python 0.3.36 built with native tuning on a CPU with AMX segfaulted in
+``llama_decode`` on any batch of more than one token of a Q4_1 model with them on (its AMX
+kernels); the plain CPU kernels compute the same graph.
 
 Output (a JSON file, second argument)::
 
@@ -74,18 +80,34 @@ def _set_cvec(llm, cvec: dict | None, n_embd: int) -> None:
 
 
 def _load(path: str, spec: dict):
+    """``Llama`` with all logits on. ``extra_bufts`` false (the default) keeps llama.cpp's extra CPU
+    buffer types (AMX, weight repacking) off: ``Llama()`` has no argument for the model parameter
+    ``use_extra_bufts``, so the default-parameters function is wrapped while the model loads."""
+    import llama_cpp.llama as high
     from llama_cpp import Llama
 
-    return Llama(model_path=path, logits_all=True, n_ctx=int(spec.get("n_ctx", 512)),
-                 n_batch=int(spec.get("n_ctx", 512)), n_threads=spec.get("n_threads"),
-                 n_threads_batch=spec.get("n_threads"), n_gpu_layers=int(spec.get("n_gpu_layers", 0)),
-                 seed=0, verbose=False)
+    default = high.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = bool(spec.get("extra_bufts", False))
+        return p
+
+    high.llama_cpp.llama_model_default_params = params
+    try:
+        return Llama(model_path=path, logits_all=True, n_ctx=int(spec.get("n_ctx", 512)),
+                     n_batch=int(spec.get("n_ctx", 512)), n_threads=spec.get("n_threads"),
+                     n_threads_batch=spec.get("n_threads"), n_gpu_layers=int(spec.get("n_gpu_layers", 0)),
+                     seed=0, verbose=False)
+    finally:
+        high.llama_cpp.llama_model_default_params = default
 
 
 def run(spec: dict) -> dict:
     import llama_cpp
 
-    out: dict = {"llama_cpp_version": llama_cpp.__version__, "runs": {}}
+    out: dict = {"llama_cpp_version": llama_cpp.__version__, "runs": {},
+                 "extra_bufts": bool(spec.get("extra_bufts", False))}
     llm, loaded_path = None, None
     for r in spec["runs"]:
         t0 = time.time()

@@ -89,7 +89,7 @@ def test_q4_1_bias_bake_equals_llamacpp_control_vector_and_wrong_block_fails(pir
     lines = []
     ok, bad = verify_llamacpp([gguf_setup(good, prompts=PROMPTS, max_new_tokens=32),
                                gguf_setup(wrong, prompts=PROMPTS, max_new_tokens=32)], log=lines.append)
-    print(ok.message, bad.message, sep="\n")
+    print("\nQ4_1 bake:", ok.message, "\nwrong block:", bad.message)
     d = ok.details
     assert ok.status == "pass" and ok.kind == "run", ok.message
     assert d["added_params"] == 576  # llama.cpp loaded the one added bias
@@ -115,11 +115,12 @@ def test_f32_bias_bake_equals_control_vector_and_transformers_steering(pirate_bi
     f32 = copy_gguf(embedded_gguf(), tmp / "smollm2-f32.gguf", dequantize=True)
     folder = gguf_bake(export, tmp / "f32-good", from_gguf=f32)
     (v,) = verify_llamacpp([gguf_setup(folder, prompts=PROMPTS, max_new_tokens=32)])
-    print(v.message)
+    print("\nF32:", v.message)
     d = v.details
     assert v.status == "pass", v.message
     assert d["bake_vs_cvec"]["top1"] >= 0.99 and d["bake_vs_cvec"]["mean_abs_logprob_gap"] < 0.01
     floor = d["noise_floor_source_llamacpp_vs_transformers"]
     b = d["bake_vs_target"]
-    assert b["top1"] >= 0.98 and b["mean_abs_logprob_gap"] <= ENGINE_RATIO * floor["mean_abs_logprob_gap"] + 1e-3
+    # the engine-to-engine floor: the unedited GGUF against the unedited model in transformers
+    assert b["top1"] >= floor["top1"] - 0.05 and b["mean_abs_logprob_gap"] <= ENGINE_RATIO * floor["mean_abs_logprob_gap"]
     assert b["mean_abs_logprob_gap"] < 0.1 * d["unedited_vs_target"]["mean_abs_logprob_gap"]

@@ -6,10 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 VLLM_VENV := .venv-vllm
+SGLANG_VENV := .venv-sglang
+LLAMACPP_VENV := .venv-llamacpp
 TORCH_PIN := torch==2.13.0
 export BAKERY_VLLM_PYTHON ?= $(abspath $(VLLM_VENV))/bin/python
+export BAKERY_SGLANG_PYTHON ?= $(abspath $(SGLANG_VENV))/bin/python
+export BAKERY_LLAMACPP_PYTHON ?= $(abspath $(LLAMACPP_VENV))/bin/python
 
-.PHONY: install vllm demo demo-full test test-fast bench clean
+.PHONY: install vllm sglang llamacpp engines demo demo-full test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +37,23 @@ $(VLLM_VENV)/.installed:
 	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
+# sglang 0.5.23 on the CPU in its own environment: its registry pins are CUDA-only, so the
+# script installs it without dependencies and adds its pure-Python needs by hand.
+sglang: $(SGLANG_VENV)/.installed
+
+$(SGLANG_VENV)/.installed: scripts/install-sglang.sh
+	bash scripts/install-sglang.sh $(PYTHON) $(SGLANG_VENV)
+	touch $@
+
+# llama-cpp-python built from source for the CPU (about 8 minutes on 2 cores; pip caches the wheel).
+llamacpp: $(LLAMACPP_VENV)/.installed
+
+$(LLAMACPP_VENV)/.installed: scripts/install-llamacpp.sh
+	bash scripts/install-llamacpp.sh $(PYTHON) $(LLAMACPP_VENV)
+	touch $@
+
+engines: vllm sglang llamacpp
+
 # Both demos show a real vLLM run, so they install it too.
 demo: install vllm
 	bash scripts/demo.sh
@@ -40,7 +61,7 @@ demo: install vllm
 demo-full: install vllm
 	bash scripts/demo.sh full
 
-test: install vllm
+test: install engines
 	$(PY) -m pytest -q tests
 
 test-fast: install
@@ -53,4 +74,4 @@ bench: install
 	$(PY) bench/distill.py memory
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) $(LLAMACPP_VENV) build *.egg-info

@@ -291,7 +291,7 @@ def _verdict(p: dict, res: dict) -> Verdict:
     else:
         target, target_name = _tf_scores(load_model(s.export), rows), "the bake in transformers"
     d: dict[str, Any] = {
-        "gguf": str(g.gguf), "source_gguf": str(g.source) if g.source else None, "edit": g.edit,
+        "gguf": str(g.gguf), "gguf_terms": g.terms, "source_gguf": str(g.source) if g.source else None, "edit": g.edit,
         "file_type": g.file_type, "target": target_name, "reference": s.ref.describe(),
         "llama_cpp_version": res.get("llama_cpp_version"), "extra_bufts": res.get("extra_bufts"),
         "prompts": len(rows),

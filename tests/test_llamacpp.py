@@ -7,6 +7,7 @@ rounding and matches transformers steering within the engine-to-engine floor."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from bakery.engines.common import EngineNotInstalled
 from bakery.engines.llamacpp import (ENGINE_RATIO, GGUFFolderError, JITTER_RATIO, control_vector,
-                                     find_llamacpp_python, gguf_setup, read_gguf_folder, verify_llamacpp)
+                                     find_llamacpp_python, gguf_of, gguf_setup, read_gguf_folder, verify_llamacpp)
 from bakery.fidelity.reference import Reference
 from bakery.vectors.artifact import VectorArtifact
 
@@ -45,6 +46,10 @@ def test_gguf_folder_errors_say_what_to_do(tmp_path, monkeypatch):
     (tmp_path / "bakery-gguf.json").write_text(json.dumps({"gguf": "m.gguf", "export": str(tmp_path / "nope")}))
     with pytest.raises(GGUFFolderError, match="not an export folder"):
         read_gguf_folder(tmp_path)
+    export = tmp_path / "export"
+    export.mkdir()
+    with pytest.raises(GGUFFolderError, match="bakery gguf .*export -o OUTDIR"):
+        gguf_of(SimpleNamespace(export=export, gguf=None))
     monkeypatch.setenv("BAKERY_LLAMACPP_PYTHON", str(tmp_path / "no-python"))
     monkeypatch.setattr("bakery.engines.llamacpp.REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -122,5 +127,6 @@ def test_f32_bias_bake_equals_control_vector_and_transformers_steering(pirate_bi
     floor = d["noise_floor_source_llamacpp_vs_transformers"]
     b = d["bake_vs_target"]
     # the engine-to-engine floor: the unedited GGUF against the unedited model in transformers
-    assert b["top1"] >= floor["top1"] - 0.05 and b["mean_abs_logprob_gap"] <= ENGINE_RATIO * floor["mean_abs_logprob_gap"]
+    assert b["top1"] >= floor["top1"] - 0.05
+    assert b["mean_abs_logprob_gap"] <= ENGINE_RATIO * floor["mean_abs_logprob_gap"]
     assert b["mean_abs_logprob_gap"] < 0.1 * d["unedited_vs_target"]["mean_abs_logprob_gap"]

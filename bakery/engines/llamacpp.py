@@ -318,8 +318,9 @@ def _verdict(p: dict, res: dict) -> Verdict:
                          f"jitter floor (mean |Δlogprob| {a['mean_abs_logprob_gap']:.5f} > {lim:.5f} or top-1 "
                          f"{a['top1']:.4f} < {lim_top1:.4f})")
         if a["mean_abs_logprob_gap"] >= far:
-            fails.append(f"the bake is not far from the unsteered model (mean |Δlogprob| to the control vector "
-                         f"{a['mean_abs_logprob_gap']:.4f} >= {FAR_FRACTION:g} x the unsteered gap {far / FAR_FRACTION:.4f})")
+            fails.append(f"the bake is not far from the unsteered model (mean |Δlogprob| to the control "
+                         f"vector {a['mean_abs_logprob_gap']:.4f} >= {FAR_FRACTION:g} x the unsteered gap "
+                         f"{far / FAR_FRACTION:.4f})")
     else:
         d["no_control_vector"] = p["no_cvec"]
         lines.append(f"(a) not run: {p['no_cvec']}")

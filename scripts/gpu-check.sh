@@ -17,6 +17,7 @@
 #   GPU_CHECK_QUICK=1        a small subset (short extraction, 4 prompts, a few distillation
 #                            steps): a check of the script itself, e.g. on a CPU machine
 #   GPU_CHECK_OUT=exports/gpu-check   outputs (replaced on every run)
+#   GPU_CHECK_VECTOR=FILE    skip the extraction and bake this vector (its recommended layer)
 #   BAKERY_THREADS=N         --threads N for every command (CPU threads)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,8 @@ if [[ -n "${GPU_CHECK_QUICK:-}" ]]; then
   PROMPTS="$D/prompts.txt"
   EXTRACT=(--samples 1 --max-new-tokens 24 --batch-size 40)
   EVAL=(--prompts "$PROMPTS" --max-new-tokens 24)
-  DISTILL=(--steps 4 --set num_prompts=12 --set val_prompts=2 --set samples_per_prompt=1
-           --set max_new_tokens=24 --set val_every=4)
+  DISTILL=(--steps 4 --set num_prompts=20 --set val_prompts=2 --set samples_per_prompt=1
+           --set max_new_tokens=24 --set val_every=4)  # 18 training prompts: distillation wants 16
 else
   PROMPTS=""
   EXTRACT=()
@@ -56,6 +57,12 @@ EOF
 VLLM_PY="${BAKERY_VLLM_PYTHON:-$PWD/.venv-vllm/bin/python}"
 [[ -x "$VLLM_PY" ]] || fail "no vLLM environment at $VLLM_PY: set BAKERY_VLLM_PYTHON to a vLLM venv's python"
 export BAKERY_VLLM_PYTHON="$VLLM_PY"
+KEEP=""
+if [[ -n "${GPU_CHECK_VECTOR:-}" ]]; then  # kept aside: it may sit in the output folder of a previous run
+  [[ -f "$GPU_CHECK_VECTOR" ]] || fail "GPU_CHECK_VECTOR=$GPU_CHECK_VECTOR is not a file"
+  KEEP=$(mktemp --suffix=.safetensors)
+  cp "$GPU_CHECK_VECTOR" "$KEEP"
+fi
 rm -rf "$D"
 mkdir -p "$D"
 if [[ -n "$PROMPTS" ]]; then
@@ -63,8 +70,14 @@ if [[ -n "$PROMPTS" ]]; then
     "How can I sleep better?" > "$PROMPTS"
 fi
 
-stage "extract on $DEV (default dtype: bfloat16 on an accelerator)"
-bakery extract "${T[@]}" "${ON[@]}" --recipe pirate "${EXTRACT[@]}" -o "$V" --force --no-cache
+if [[ -n "${GPU_CHECK_VECTOR:-}" ]]; then
+  stage "extract: skipped, baking $GPU_CHECK_VECTOR"
+  mkdir -p "$(dirname "$V")"
+  mv "$KEEP" "$V"
+else
+  stage "extract on $DEV (default dtype: bfloat16 on an accelerator)"
+  bakery extract "${T[@]}" "${ON[@]}" --recipe pirate "${EXTRACT[@]}" -o "$V" --force --no-cache
+fi
 L=$(bakery vectors info "$V" | awk '$1 == "recommended_layer:" { print $2 }')
 [[ "$L" =~ ^[0-9]+$ ]] || fail "no recommended_layer in the metadata of $V"
 echo "recommended layer: $L (output of block $((L - 1)))"

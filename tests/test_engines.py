@@ -310,3 +310,17 @@ def test_verify_without_manifest_is_refused(tiny_models, tmp_path):
         parse_verify_engines("tgi")
     assert parse_verify_engines("vllm, sglang") == ["vllm", "sglang"] and parse_verify_engines("") == [
         "transformers", "vllm", "sglang"]
+
+
+def test_sglang_engine_plan_gives_each_base_only_its_own_rows():
+    """Exports of two different base models in one call: each base scores its own exports' token
+    ids only (ids of one tokenizer can be out of the other's vocabulary)."""
+    engines, base_of = sglang.engine_plan([("/a", "/tiny", [[1, 2], [3]]), ("/b", "/smol", [[900, 901]]),
+                                           ("/c", "/tiny", [[4, 5, 6]])])
+    by_name = {e["name"]: e for e in engines}
+    assert len(engines) == 3 * 2 + 2 * 2  # every export and every base, native and transformers
+    assert {e["impl"] for e in engines} == {"auto", "transformers"}
+    assert by_name["base0-native"]["path"] == "/tiny" and by_name["base0-native"]["prompts"] == [[1, 2], [3], [4, 5, 6]]
+    assert by_name["base1-transformers"]["prompts"] == [[900, 901]]
+    assert by_name["bake2-transformers"]["prompts"] == [[4, 5, 6]]
+    assert base_of == [("base0", 0), ("base1", 0), ("base0", 2)]

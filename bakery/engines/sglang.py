@@ -212,23 +212,41 @@ def verify_sglang(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -
         rows = s.rows()
         spans.append((len(all_rows), len(all_rows) + len(rows)))
         all_rows.extend(rows)
-    bases = {str(p): f"base{j}" for j, p in enumerate(dict.fromkeys(s.base_dir for s in setups))}
-    engines = []
-    for i, (s, (a, b)) in enumerate(zip(setups, spans)):
-        engines += [{"name": f"bake{i}-{k}", "path": str(s.export), "impl": impl,
-                     "prompts": [r[0] for r in all_rows[a:b]]} for k, impl in IMPLS.items()]
-    for path, name in bases.items():
-        engines += [{"name": f"{name}-{k}", "path": path, "impl": impl} for k, impl in IMPLS.items()]
-    res = score_token_ids(engines, [r[0] for r in all_rows], python=python, timeout=timeout, log=log)
+    engines, base_of = engine_plan([(s.export, s.base_dir, [r[0] for r in all_rows[a:b]])
+                                    for s, (a, b) in zip(setups, spans)])
+    res = score_token_ids(engines, [], python=python, timeout=timeout, log=log)
     verdicts = []
     for i, (s, (a, b)) in enumerate(zip(setups, spans)):
         rows = all_rows[a:b]
         tf = {"steered": _tf_scores(s.base, rows, s.ref.context(s.base)), "base": _tf_scores(s.base, rows),
               "bake": _tf_scores(load_model(s.export), rows)}
+        name, o = base_of[i]
         runs = {k: (res["engines"][f"bake{i}-{k}"]["prompts"],
-                    res["engines"][f"{bases[str(s.base_dir)]}-{k}"]["prompts"][a:b]) for k in IMPLS}
+                    res["engines"][f"{name}-{k}"]["prompts"][o:o + b - a]) for k in IMPLS}
         verdicts.append(_verdict(s, rows, runs, tf, res))
     return verdicts
+
+
+def engine_plan(exports: Sequence[tuple[Path, Path, list[list[int]]]]) -> tuple[list[dict], list[tuple[str, int]]]:
+    """The engines to start for ``(export, base, token-id rows)`` triples: each export and each
+    distinct base once per implementation. A base scores the rows of its own exports only (their
+    ids are in its vocabulary). Returns the worker's engine list and, per export, (its base's
+    engine name prefix, the offset of its rows among that base's rows)."""
+    engines: list[dict] = []
+    names: dict[str, str] = {}
+    base_rows: dict[str, list[list[int]]] = {}
+    base_of: list[tuple[str, int]] = []
+    for i, (export, base, rows) in enumerate(exports):
+        engines += [{"name": f"bake{i}-{k}", "path": str(export), "impl": impl, "prompts": rows}
+                    for k, impl in IMPLS.items()]
+        key = str(base)
+        names.setdefault(key, f"base{len(names)}")
+        base_of.append((names[key], len(base_rows.setdefault(key, []))))
+        base_rows[key].extend(rows)
+    for key, name in names.items():
+        engines += [{"name": f"{name}-{k}", "path": key, "impl": impl, "prompts": base_rows[key]}
+                    for k, impl in IMPLS.items()]
+    return engines, base_of
 
 
 def _measure(s: Setup, rows, bake, base, tf: dict, target_name: str) -> dict[str, Any]:

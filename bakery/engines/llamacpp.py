@@ -285,11 +285,12 @@ def _verdict(p: dict, res: dict) -> Verdict:
     sc = {k: v["prompts"] for k, v in out.items()}
     tf_steered = _tf_scores(s.base, rows, s.ref.context(s.base))
     tf_base = _tf_scores(s.base, rows)
+    tf_bake = _tf_scores(load_model(s.export), rows)  # the export's own weights, for the diagnosis
     if s.manifest.exact:
         target = tf_steered
         target_name = "transformers runtime ablation" if s.ref.ablation else "transformers runtime steering"
     else:
-        target, target_name = _tf_scores(load_model(s.export), rows), "the bake in transformers"
+        target, target_name = tf_bake, "the bake in transformers"
     d: dict[str, Any] = {
         "gguf": str(g.gguf), "gguf_terms": g.terms, "source_gguf": str(g.source) if g.source else None, "edit": g.edit,
         "file_type": g.file_type, "target": target_name, "reference": s.ref.describe(),
@@ -297,6 +298,8 @@ def _verdict(p: dict, res: dict) -> Verdict:
         "prompts": len(rows),
         "wall_seconds": res.get("wall_seconds"), "n_params": {k: v["n_params"] for k, v in out.items()},
         "bake_vs_target": gap(sc["bake"], target, rows), "bake_vs_steered": gap(sc["bake"], tf_steered, rows),
+        "bake_vs_transformers_bake": gap(sc["bake"], tf_bake, rows),
+        "transformers_bake_vs_target": gap(tf_bake, target, rows),
     }
     lines, fails = [], []
     if "cvec" in sc:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bakery.extraction.judge import COHERENCE_RUBRIC
 from bakery.fidelity.compare import Candidate, compare, run_comparison
 from bakery.fidelity.probes import greedy_agreement
 from bakery.fidelity.prompts import load_prompts
@@ -299,7 +300,7 @@ def _judge_handler(body: dict):
     from openai_server import score_reply
 
     prompt = body["messages"][-1]["content"]
-    if "Judge ONLY its coherence" in prompt:
+    if prompt.startswith(COHERENCE_RUBRIC.split("{")[0]):
         return score_reply({"70": 1.0})
     answer = prompt.split("Answer:")[-1] if "Answer:" in prompt else prompt
     return score_reply({str(len(answer) % 10 * 10): 1.0})  # a score the test can recompute

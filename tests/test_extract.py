@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from openai_server import OpenAIServer, score_reply
+from bakery.extraction.judge import COHERENCE_RUBRIC
 from bakery.extraction import diagnostics
 from bakery.cli import main
 from bakery.extraction.cache import cached_vector, list_cached, resolve_trait, sibling_paths
@@ -199,7 +200,7 @@ def test_judge_filter_keeps_scored_pairs_and_stops_when_too_few(tiny_models, tmp
 
     def handler(body):
         text = body["messages"][0]["content"]
-        if "coherence" in text or "\nA: " not in text:  # coherence, or the reachability ping
+        if text.startswith(COHERENCE_RUBRIC.split("{")[0]) or "\nA: " not in text:  # coherence, or the reachability ping
             return score_reply({"80": 1.0})
         answer = text.split("\nA: ", 1)[1].rsplit("\nHow calm", 1)[0]
         return score_reply({"90": 1.0} if answer in calm else {"10": 1.0})

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from openai_server import OpenAIServer, score_reply
+from bakery.extraction.judge import COHERENCE_RUBRIC
 from bakery.extraction import sweep as sw
 from bakery.cli import main
 from bakery.steering.generation import generate, render_chat
@@ -84,7 +85,7 @@ def test_judged_sweep_and_files(tiny_models, tmp_path):
 
     def handler(body):
         text = body["messages"][0]["content"]
-        return score_reply({"70": 1.0} if "coherence" in text else {"40": 0.5, "60": 0.5})
+        return score_reply({"70": 1.0} if text.startswith(COHERENCE_RUBRIC.split("{")[0]) else {"40": 0.5, "60": 0.5})
 
     with OpenAIServer(handler) as srv:
         judge = Judge("j", base_url=srv.base_url, api_key="k", cache_dir=tmp_path / "jc")

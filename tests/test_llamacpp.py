@@ -2,7 +2,8 @@
 (slow, .venv-llamacpp from `make llamacpp`): a bias bake of the embedded Q4_1 GGUF equals
 llama.cpp's own control-vector steering within the jitter floor measured in the same run and the
 same bias on the wrong block does not; in an F32 GGUF the bake equals the control vector to
-rounding and matches transformers steering within the engine-to-engine floor."""
+rounding and matches transformers steering within the engine-to-engine floor; the export converted
+by llama.cpp's own converter runs as it does in transformers."""
 
 from __future__ import annotations
 
@@ -119,8 +120,14 @@ def test_f32_bias_bake_equals_control_vector_and_transformers_steering(pirate_bi
     tmp, export, vec = pirate_bias
     f32 = copy_gguf(embedded_gguf(), tmp / "smollm2-f32.gguf", dequantize=True)
     folder = gguf_bake(export, tmp / "f32-good", from_gguf=f32)
-    (v,) = verify_llamacpp([gguf_setup(folder, prompts=PROMPTS, max_new_tokens=32)])
-    print("\nF32:", v.message)
+    # and the export converted by llama.cpp's own converter: no source GGUF, so no control vector
+    converted = gguf_bake(export, tmp / "f32-converted", outtype="f32")
+    v, c = verify_llamacpp([gguf_setup(folder, prompts=PROMPTS, max_new_tokens=32),
+                            gguf_setup(converted, prompts=PROMPTS, max_new_tokens=32)])
+    print("\nF32:", v.message, "\nconverted:", c.message)
+    assert c.status == "pass" and "(a) not run: no unedited source GGUF" in c.message, c.message
+    same = c.details["bake_vs_transformers_bake"]  # the same weights in both engines
+    assert same["top1"] >= 0.99 and same["mean_abs_logprob_gap"] < 0.01
     d = v.details
     assert v.status == "pass", v.message
     assert d["bake_vs_cvec"]["top1"] >= 0.99 and d["bake_vs_cvec"]["mean_abs_logprob_gap"] < 0.01

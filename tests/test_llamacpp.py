@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bakery.engines.common import EngineNotInstalled
-from bakery.engines.llamacpp import (ENGINE_RATIO, GGUFFolderError, JITTER_RATIO, control_vector,
+from bakery.engines.llamacpp import (ENGINE_RATIO, GGUFFolderError, JITTER_RATIO, check_source, control_vector,
                                      find_llamacpp_python, gguf_of, gguf_setup, read_gguf_folder, verify_llamacpp)
 from bakery.fidelity.reference import Reference
 from bakery.vectors.artifact import VectorArtifact
@@ -49,6 +49,13 @@ def test_gguf_folder_errors_say_what_to_do(tmp_path, monkeypatch):
         read_gguf_folder(tmp_path)
     export = tmp_path / "export"
     export.mkdir()
+    (export / "config.json").write_text("{}")
+    (tmp_path / "src.gguf").write_bytes(b"GGUF source")
+    (tmp_path / "bakery-gguf.json").write_text(json.dumps({
+        "gguf": "m.gguf", "export": str(export),
+        "source_gguf": {"path": str(tmp_path / "src.gguf"), "sha256": "0" * 64}}))
+    with pytest.raises(GGUFFolderError, match="changed since `bakery gguf`"):
+        check_source(read_gguf_folder(tmp_path))
     with pytest.raises(GGUFFolderError, match="bakery gguf .*export -o OUTDIR"):
         gguf_of(SimpleNamespace(export=export, gguf=None))
     monkeypatch.setenv("BAKERY_LLAMACPP_PYTHON", str(tmp_path / "no-python"))

@@ -108,6 +108,20 @@ def read_gguf_folder(folder: str | Path) -> GGUFBake:
                     m.get("edit", ""), m.get("file_type"), list(m.get("terms") or []))
 
 
+def check_source(g: GGUFBake) -> None:
+    """Refuse a source GGUF that changed since ``bakery gguf`` recorded it: (a) and the noise floor
+    would run on another model than the one the bake was made from."""
+    if g.source is None or not g.source_sha256:
+        return
+    from bakery.gguf.read import sha256_file
+
+    now = sha256_file(g.source)
+    if now != g.source_sha256:
+        raise GGUFFolderError(f"the unedited GGUF {g.source} changed since `bakery gguf` wrote {g.folder} "
+                              f"(sha256 {now[:12]}... != recorded {g.source_sha256[:12]}...): restore it, or "
+                              "rerun `bakery gguf` on the GGUF you have now")
+
+
 def gguf_setup(folder: str | Path, *, model: str | None = None, prompts=None, max_new_tokens: int = 48,
                seed: int = 0) -> Setup:
     """The :class:`Setup` of a GGUF folder's export, with the folder attached as ``setup.gguf``."""
@@ -255,7 +269,9 @@ def verify_llamacpp(setups: Sequence[Setup], *, log=None, timeout: float = 1800)
 
     plans = []
     for s in setups:
-        g, rows = gguf_of(s), s.rows()
+        g = gguf_of(s)
+        check_source(g)
+        rows = s.rows()
         cfg = read_config(s.base_dir)
         if g.source is None:
             cv, why = None, "no unedited source GGUF is recorded (a converted export)"

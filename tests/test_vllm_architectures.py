@@ -4,7 +4,7 @@ transformers runtime steering or ablation exactly as ``bakery verify --engine vl
 (:func:`bakery.engines.vllm._vllm_verdict`: top-1 agreement >= 0.99 and a mean |Δlogprob| below
 0.015 x the unedited model's gap to the same target, float32 in both engines).
 
-Every model of the file is scored in ONE worker process (``vllm_worker.py`` takes several models)
+The models of ``CASES`` are scored in ONE worker process (each Qwen3.5 test has its own) (``vllm_worker.py`` takes several models)
 with vLLM's engine core in that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): an engine start
 then costs about 10 s instead of about 40-60 s (two spawned processes importing torch and vLLM each),
 and the scores are the same to the bit (checked by hand on Granite, Apertus and OLMo-3).
@@ -42,17 +42,22 @@ CASES: dict[tuple[str, str], tuple[str, dict, str]] = {
     ("granite", "bias"): ("bias", {"target_engines": "transformers,vllm"}, "pass"),
     ("granite", "attn-out"): ("bias", {"site": "attn-out", "target_engines": "transformers,vllm"}, "pass"),
     ("granite", "ortho"): ("ortho", {}, "pass"),
+    ("granite", "rank1"): ("bias", {"route": "rank1"}, "pass"),
     ("apertus", "bias"): ("bias", {"target_engines": "vllm,sglang"}, "pass"),
     ("apertus", "attn-out"): ("bias", {"site": "attn-out"}, "pass"),
     ("apertus", "ortho"): ("ortho", {}, "pass"),
     ("qwen3_moe", "attn-out"): ("bias", {"site": "attn-out", "target_engines": "transformers,sglang"}, "lost"),
     ("qwen3_moe", "ortho"): ("ortho", {}, "pass"),
+    ("qwen3_moe", "rank1"): ("bias", {"route": "rank1"}, "pass"),
     ("olmoe", "attn-out"): ("bias", {"site": "attn-out", "target_engines": "transformers"}, "lost"),
     ("olmoe", "ortho"): ("ortho", {}, "pass"),
+    ("olmoe", "rank1"): ("bias", {"route": "rank1"}, "pass"),
     ("mixtral", "ortho"): ("ortho", {}, "pass"),
+    ("mixtral", "rank1"): ("bias", {"route": "rank1"}, "pass"),
     ("gpt_oss", "bias"): ("bias", {}, "pass"),
     ("gpt_oss", "attn-out"): ("bias", {"site": "attn-out"}, "pass"),
     ("gpt_oss", "ortho"): ("ortho", {}, "pass"),
+    ("gpt_oss", "rank1"): ("bias", {"route": "rank1"}, "pass"),
 }
 
 

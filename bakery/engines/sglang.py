@@ -291,7 +291,7 @@ def _verdict(s: Setup, rows, runs: dict, tf: dict, res: dict) -> Verdict:
             continue
         why = d["why"]
         if d["lost"] and rules.reasons and rules.status != "ok":
-            why += f" (why, from sglang's loading rules: {rules.summary()})"
+            why += f" (why, from sglang's loading rules: {'; '.join(rules.reasons)})"
         parts.append(f"{names[k]}: FAIL, {why} — {d['line']}")
     native, flagged = m["native"]["passed"], m["transformers"]["passed"]
     status, flag = ("pass", None) if native else ("pass", FLAG) if flagged else ("fail", None)

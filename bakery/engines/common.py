@@ -30,8 +30,8 @@ class Verdict:
 
     ``kind``: ``run`` (the engine loaded and ran the export), ``rules`` (read from the engine's
     loading rules, nothing ran: sglang when it is not installed) or ``not-installed``. ``status``:
-    ``pass`` or ``fail`` for a run; for rules, ``fail`` when the rules find the edit is lost, else ``not-run`` (a clean rule
-    check is neither a pass nor a fail); ``not-run`` when not installed."""
+    ``pass`` or ``fail`` for a run; for rules, ``fail`` when the rules find the edit is lost, else
+    ``not-run`` (a clean rule check is neither a pass nor a fail); ``not-run`` when not installed."""
 
     engine: str
     status: str  # pass | fail | not-run

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from bakery.placement import input_device
 from bakery.errors import BakeryError
 from bakery.io.folders import SWEEP, atomic_folder
 from bakery.stats import mean_of
@@ -127,10 +128,13 @@ class SweepResult:
 def _teacher_forced(model, seqs: torch.Tensor, mask: torch.Tensor, P: int, layer: int,
                     direction: torch.Tensor, steer_ctx) -> tuple[list[float], float]:
     """(per-answer projection at ``layer`` read by the unsteered model, mean KL(steered||base))."""
-    seqs, mask = seqs.to(model.device), mask.to(model.device)
+    dev = input_device(model)
+    seqs, mask = seqs.to(dev), mask.to(dev)
     base = model(input_ids=seqs, attention_mask=mask, output_hidden_states=True)
     resp = mask[:, P:].float()
-    h = base.hidden_states[layer][:, P:].float() @ direction.to(model.device)
+    h = base.hidden_states[layer][:, P:].float()
+    h = h @ direction.to(h.device)
+    resp = resp.to(h.device)
     n = resp.sum(1).clamp(min=1)
     proj = ((h * resp).sum(1) / n).tolist()
     kl = float("nan")

@@ -49,6 +49,7 @@ from typing import Any, Iterator
 
 import torch
 
+from bakery.placement import input_device
 from bakery.fidelity.metrics import Fidelity, Trajectories, kl_divergence, response_logits
 from bakery.steering.hooks import blocks_of
 
@@ -174,7 +175,8 @@ def rounding_kl(traj: Trajectories, model, edited: dict[str, float], seed: int =
     ``traj``: the bound of the exactness rule (see the module docstring)."""
 
     def logits(ids, mask, P):
-        out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        dev = input_device(model)
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         return response_logits(out.float().cpu(), mask, P)
 
     batches, count = [], 0

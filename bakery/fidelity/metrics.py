@@ -17,6 +17,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 import torch.nn.functional as F
 
+from bakery.placement import input_device
 from bakery.steering.generation import generate
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -33,7 +34,8 @@ def model_scorer(model, context: ContextFactory = no_hooks) -> Scorer:
     @torch.no_grad()
     def score(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
         with context(prompt_len):
-            return model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+            dev = input_device(model)
+            return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
 
     return score
 

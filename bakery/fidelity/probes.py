@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from bakery.placement import input_device
 from bakery.fidelity.metrics import ContextFactory
 from bakery.steering.hooks import blocks_of
 
@@ -32,8 +33,8 @@ class Probe:
             h = block.register_forward_hook(
                 lambda m, a, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o).detach()))
             try:
-                logits = self.model(input_ids=ids.to(self.model.device),
-                                    attention_mask=mask.to(self.model.device)).logits.float().cpu()
+                dev = input_device(self.model)
+                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
             finally:
                 h.remove()
         hid = captured["h"].float().cpu()[:, prompt_len:]

@@ -268,7 +268,8 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         return {**i, **(extra or {})}
 
     def fresh():  # an untrained student of the same structure, for weights gathered from shards
-        m = load_model(model_dir, trust_remote_code=req.trust_remote_code).float()
+        # on the CPU: the gathered full state is written from here, never a second copy on the GPU
+        m = load_model(model_dir, device="cpu", dtype="float32", trust_remote_code=req.trust_remote_code)
         return add_lora(m, req.train) if req.train.method == "lora" else m
 
     def weights(dd: Distiller, extra: dict | None = None) -> DistilledWeights | None:

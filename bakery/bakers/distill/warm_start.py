@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from bakery.placement import input_device
 from bakery.arch import spec_for
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
 from bakery.bakers.distill.trajectories import Trajectory, collate
@@ -47,7 +48,7 @@ def _capture(model: nn.Module, items: Sequence[Trajectory], pad_id: int, module:
         raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for i in range(0, len(items), batch_size):
             ids, mask, P = collate(items[i:i + batch_size], pad_id)

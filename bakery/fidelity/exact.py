@@ -87,6 +87,7 @@ class Exactness:
     kl_bound: float | None  # the rounding bound; None when R is far from passing
     tokens: int = 0
     storage: str | None = None  # the coarsest dtype the edited tensors are stored in
+    unmeasured: str | None = None  # why the bound could not be measured, when it could not
 
     @property
     def exact(self) -> bool:
@@ -102,6 +103,8 @@ class Exactness:
                         f"rounding of the edited tensors stored in {self.storage}, large next to this "
                         "edit's own effect")
             out.append(why)
+        if self.unmeasured:
+            out.append(f"the rounding bound was not measured: {self.unmeasured}")
         if self.kl_bound is not None and not self.kl <= self.kl_bound:
             out.append(f"KL {self.kl:.2e} per token > {self.kl_bound:.2e}, the KL that float rounding "
                        "of the activations and of the stored edit produces")
@@ -115,7 +118,8 @@ class Exactness:
 
     def to_dict(self) -> dict[str, Any]:
         return {"exact": self.exact, "kl": self.kl, "kl_bound": self.kl_bound, "R": self.recovered,
-                "R_min": EXACT_R, "tokens": self.tokens, "storage": self.storage, "summary": self.summary()}
+                "R_min": EXACT_R, "tokens": self.tokens, "storage": self.storage,
+                "bound_unmeasured": self.unmeasured, "summary": self.summary()}
 
 
 def exactness(fid: Fidelity, traj: Trajectories, model, base_model, export: str | Path | None = None) -> Exactness:
@@ -123,6 +127,12 @@ def exactness(fid: Fidelity, traj: Trajectories, model, base_model, export: str 
     the loaded bake, ``base_model`` the model it was baked from, ``export`` its folder (for the
     dtypes its tensors are stored in). The bound is measured only when R is near passing."""
     bound = storage = None
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded and fid.recovered >= EXPLAIN_R:
+        why = (f"{len(offloaded)} parameters of the bake are offloaded (e.g. {offloaded[0]}), and the bound "
+               "jitters the loaded weights in place; rerun with the model in memory (--device-map none, "
+               "or a device it fits) to decide exactness")
+        return Exactness(kl=fid.kl, recovered=fid.recovered, kl_bound=None, tokens=fid.tokens, unmeasured=why)
     if fid.recovered >= EXPLAIN_R:
         edited = edited_parameters(model, base_model, export)
         bound = rounding_kl(traj, model, edited)

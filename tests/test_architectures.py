@@ -262,7 +262,7 @@ def test_rank1_beats_the_unedited_model(arch, tiny_models, tmp_path):
 @pytest.mark.parametrize("arch", NEW)
 def test_kl_lora_beats_the_unedited_model(arch, tiny_models, tmp_path):
     """kl-lora trains LoRA on every linear of the blocks (attention, Gated DeltaNet projections,
-    shared experts; fused 3-D experts are parameters, not linears, and are not targeted)."""
+    shared experts) and, through peft's target_parameters, the fused 3-D experts' down-projections."""
     src = tiny_models(arch)
     v = vec(src, seed=28)
     vf = tmp_path / "v.safetensors"
@@ -278,25 +278,24 @@ def test_kl_lora_beats_the_unedited_model(arch, tiny_models, tmp_path):
 
 @pytest.mark.parametrize("arch", NEW)
 def test_kl_full_beats_the_unedited_model(arch, tiny_models, tmp_path):
-    """kl-full trains the block linears. On MoE models the fused experts are parameters, not
-    linears: not trained; the rank-one warm start is turned off there (next test)."""
+    """kl-full trains the block linears and the fused experts, from the rank-one warm start
+    (one update per expert on MoE blocks: next test)."""
     src = tiny_models(arch)
     v = vec(src, seed=28)
     vf = tmp_path / "v.safetensors"
     v.save(vf)
-    extra = {"warm_start": False} if arch in MOE else {}
     out = bake("kl-full", str(src), [(str(vf), 2, 2.0)], tmp_path / "out", num_prompts=40,
                samples_per_prompt=1, max_new_tokens=12, steps=30, val_prompts=6, val_every=10,
-               lr=1e-3, positions="all", work_dir=str(tmp_path / "work"), progress=False, **extra)
+               lr=1e-3, positions="all", work_dir=str(tmp_path / "work"), progress=False)
     res = _held_out_fidelity(src, out, v, 2, 2.0)
     FIGURES[f"{arch} kl-full R"] = res.recovered
     print(f"FIGURE {arch} kl-full: R {res.recovered:.3f} (KL {res.kl:.4f} vs base {res.kl_base:.4f})")
     assert res.recovered > 0.0, res.to_dict()
 
 
-def test_kl_full_on_a_moe_block_skips_the_warm_start_and_says_so(tiny_models, tmp_path):
-    """A MoE block has no single down-projection: kl-full trains from the source weights and the
-    manifest says why there was no warm start."""
+def test_kl_full_on_a_moe_block_warm_starts_each_expert_and_says_so(tiny_models, tmp_path):
+    """A MoE block has no single down-projection: the warm start fits one rank-one update per
+    expert the training tokens reach, and the manifest says how many."""
     src = tiny_models("qwen3_moe")
     vf = tmp_path / "v.safetensors"
     vec(src, seed=28).save(vf)
@@ -306,7 +305,8 @@ def test_kl_full_on_a_moe_block_skips_the_warm_start_and_says_so(tiny_models, tm
     from bakery.io.manifest import Manifest
 
     m = Manifest.load(out)
-    assert any("no warm start" in n and "mixture of experts" in n for n in m.extra["notes"]), m.extra
+    assert m.extra["warm_start"]["experts_fitted"] >= 1, m.extra
+    assert any("one u per expert" in n for n in m.extra["notes"]), m.extra
 
 
 @pytest.mark.parametrize("arch", ["granite", "gpt_oss"])

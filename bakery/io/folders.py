@@ -145,6 +145,8 @@ PLOT = OutputKind("plot", folder=False, recognise=_is_png)
 TRAIT_RECIPE = OutputKind("trait recipe", folder=False, recognise=_is_trait_recipe)
 # `bakery gguf`: one .gguf plus bakery-gguf.json (its marker), README.md and Modelfile
 GGUF_EXPORT = OutputKind("bakery GGUF folder", folder=True, marker="bakery-gguf.json")
+# `bakery vectors import FOLDER`: one artifact per training checkpoint plus its index
+CHECKPOINT_VECTORS = OutputKind("per-checkpoint vectors folder", folder=True, marker="checkpoints.json")
 
 
 # ---- the rule -----------------------------------------------------------------------------

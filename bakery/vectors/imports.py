@@ -22,17 +22,16 @@ from typing import Any, Callable
 import torch
 
 from bakery.arch import cfg_get, hidden_size_of, num_layers_of
-from bakery.io.folders import OutputKind, atomic_folder
+from bakery.io.folders import CHECKPOINT_VECTORS, atomic_folder
 from bakery.models import config_hash
 from bakery.vectors.artifact import VectorArtifact, VectorError, describe_layer, load_vector
 from bakery.vectors.pt import PtLayoutError, PtVectors, load_pt, parse_pt
 
-INDEX = "checkpoints.json"
+INDEX = CHECKPOINT_VECTORS.marker  # checkpoints.json
 INDEX_FORMAT = "bakery per-checkpoint vectors"
 PT_SUFFIXES = (".pt", ".pth")
 STEP_RE = re.compile(r"step[_\-]?(\d+)", re.IGNORECASE)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-CHECKPOINT_VECTORS = OutputKind("per-checkpoint vectors folder", folder=True, marker=INDEX)
 
 
 def file_sha256(path: Path) -> str:

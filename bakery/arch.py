@@ -386,6 +386,12 @@ WRAPPERS: dict[str, Wrapper] = {
 }
 
 
+def auto_class(config: Any) -> str:
+    """The transformers Auto class that loads a checkpoint whole: a multimodal wrapper's text-only
+    ``AutoModelForCausalLM`` load would drop its vision tower."""
+    return "AutoModelForImageTextToText" if cfg_get(config, "model_type") in WRAPPERS else "AutoModelForCausalLM"
+
+
 def _wrap(inner: ArchSpec, model_type: str, w: Wrapper) -> ArchSpec:
     """The text tower's facts at its place inside the wrapper (``model.layers`` ->
     ``model.language_model.layers``); the output head stays ``lm_head``."""

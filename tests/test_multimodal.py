@@ -72,6 +72,8 @@ def _check_kept(src: Path, out: Path) -> None:
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert type(model).__name__ == cfg_a["architectures"][0]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    card = (out / "README.md").read_text()  # the card's usage loads the wrapper, not its text tower
+    assert "AutoModelForImageTextToText.from_pretrained" in card and "AutoModelForCausalLM" not in card
 
 
 def test_the_wrapper_spec_places_the_text_tower(wrappers):

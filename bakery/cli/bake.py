@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import click
 
+from bakery.arch import auto_class
 from bakery.cli.common import clear_errors, echo_err, threads_option, device_options
 from bakery.vectors.artifact import describe_layer
 
@@ -169,7 +171,8 @@ def _print_summary(out) -> None:
         click.echo(f"  note: {n}")
     for w in m.extra.get("warnings", []):
         echo_err(click.style(f"  warning: {w}", fg="yellow"))
-    click.echo(f"  load: AutoModelForCausalLM.from_pretrained('{out}')  |  vllm serve {out}")
+    auto = auto_class(json.loads((Path(out) / "config.json").read_text()))
+    click.echo(f"  load: {auto}.from_pretrained('{out}')  |  vllm serve {out}")
 
 
 COMMANDS = [bake]

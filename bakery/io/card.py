@@ -7,12 +7,14 @@ later survive a re-render.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bakery.arch import auto_class
 from bakery.io.card_sections import write_section
 from bakery.io.manifest import Manifest
 from bakery.vectors.artifact import describe_layer
@@ -45,7 +47,7 @@ def _sglang_line(path: str, m: Manifest) -> str:
     return f"python -m sglang.launch_server --model-path {path}{extra}"
 
 
-def body(m: Manifest, path: str) -> str:
+def body(m: Manifest, path: str, auto: str = "AutoModelForCausalLM") -> str:
     """Markdown for what was baked, how to load it and how to reproduce it."""
     traits = ", ".join(dict.fromkeys(t.trait for t in m.terms))
     base = m.source.get("hub_id") or m.source.get("model")
@@ -85,8 +87,8 @@ def body(m: Manifest, path: str) -> str:
         lines.append(f"| {e} | {verdict} |")
     lines += [
         "", "## Use it", "", "transformers:", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+        f"from transformers import {auto}, AutoTokenizer",
+        f'model = {auto}.from_pretrained("{path}")',
         f'tok = AutoTokenizer.from_pretrained("{path}")', "```", "",
         "vLLM:", "", "```bash", f"vllm serve {path}", "```", "",
         "sglang:", "", "```bash", _sglang_line(path, m), "```",
@@ -108,7 +110,9 @@ def write_card(folder: str | Path, manifest: Manifest, *, final: str | Path | No
     text = path.read_text() if path.is_file() else ""
     text = _FRONT.sub("", text, count=1)
     path.write_text(fm + ("\n" + text.lstrip("\n") if text.strip() else ""))
-    out = write_section(folder, SECTION, body(manifest, str(final or folder)))
+    cfg = folder / "config.json"
+    auto = auto_class(json.loads(cfg.read_text())) if cfg.is_file() else "AutoModelForCausalLM"
+    out = write_section(folder, SECTION, body(manifest, str(final or folder), auto))
     if config is not None:
         rows = ["## Settings", "", f"Every option of `--method {manifest.method}` "
                 "(`default`: not given, the baker's default was used).", "",

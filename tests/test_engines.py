@@ -281,8 +281,16 @@ def test_vllm_not_installed_says_how_to_install(monkeypatch, tmp_path, bakes, no
     out = verify([bakes["exact"]], "all", prompts=PROMPTS[:2], max_new_tokens=4, write=False)
     statuses = {v.engine: (v.status, v.kind) for v in out[str(bakes["exact"])]}
     assert statuses == {"transformers": ("pass", "run"), "vllm": ("not-run", "not-installed"),
-                        "sglang": ("not-run", "rules")}
+                        "sglang": ("not-run", "rules"), "llama.cpp": ("not-run", "not-applicable")}
     assert exit_status(out) == 0  # one real run passed; nothing failed
+    llama = next(v for v in out[str(bakes["exact"])] if v.engine == "llama.cpp")
+    assert "bakery gguf" in llama.message and llama.label == "– not applicable (not run)"
+
+
+def test_llamacpp_by_name_on_an_export_without_gguf_is_bad_input(bakes):
+    """Asked for by name, an engine that cannot check the input is an error (exit 2), not a verdict."""
+    r = CliRunner().invoke(main, ["verify", str(bakes["exact"]), "--engine", "llama.cpp", "--no-write"])
+    assert r.exit_code == 2 and "bakery gguf" in r.output, r.output
 
 
 def test_cli_verify_writes_card_and_exit_codes(bakes, no_sglang, no_vllm):
@@ -309,7 +317,7 @@ def test_verify_without_manifest_is_refused(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="unknown engine 'tgi'"):
         parse_verify_engines("tgi")
     assert parse_verify_engines("vllm, sglang") == ["vllm", "sglang"] and parse_verify_engines("") == [
-        "transformers", "vllm", "sglang"]
+        "transformers", "vllm", "sglang", "llama.cpp"]
 
 
 def test_sglang_engine_plan_gives_each_base_only_its_own_rows():

@@ -116,6 +116,18 @@ def test_q4_1_bias_bake_equals_llamacpp_control_vector_and_wrong_block_fails(pir
     assert "llama.cpp's own steering" in bad.message, bad.message
     assert bad.details["bake_vs_cvec"]["mean_abs_logprob_gap"] > 2 * a["mean_abs_logprob_gap"]
     assert any(line.startswith("[llamacpp_worker]") for line in lines)
+    # the command line: `--engine all` on a GGUF folder runs llama.cpp alone and records it there
+    from click.testing import CliRunner
+
+    from bakery.cli import main
+
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    r = CliRunner().invoke(main, ["verify", str(good), "--prompts", str(prompts), "--max-new-tokens", "32"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((good / "compare" / "verify.json").read_text())
+    assert set(saved) == {"llama.cpp"} and saved["llama.cpp"]["ok"] is True
+    assert "| transformers | – not applicable (not run) |" in r.output
 
 
 @pytest.mark.slow

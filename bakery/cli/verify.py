@@ -12,7 +12,8 @@ from bakery.cli.common import clear_errors, echo_err, threads_option, device_opt
 @click.command()
 @click.argument("exports", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--engine", "-e", "engines", default="all", show_default=True,
-              help="transformers, vllm, sglang, all, or a comma-separated list.")
+              help="transformers, vllm, sglang, llama.cpp (for a `bakery gguf` folder), all, or a "
+                   "comma-separated list.")
 @click.option("--model", "-m", default=None,
               help="The untouched base model (default: the source recorded in the manifest).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
@@ -26,8 +27,11 @@ from bakery.cli.common import clear_errors, echo_err, threads_option, device_opt
 @clear_errors
 def verify(exports, engines, model, prompts_file, max_new_tokens, as_json, no_write):
     """Check that each EXPORT loads with its edit intact: transformers (strict reload, runtime
-    match; an exact bake must reproduce runtime steering to float rounding), vLLM (a real run,
-    teacher-forced against transformers) and sglang (rules only, not run).
+    match; an exact bake must reproduce runtime steering to float rounding), vLLM and sglang (real
+    runs, teacher-forced against transformers; sglang natively and with --model-impl
+    transformers), and, for a `bakery gguf` folder, llama.cpp (against llama.cpp's own control
+    vector and transformers). An engine that is not installed falls back to "not installed"
+    (sglang: its loading rules, "rules only (not run)"); neither is a pass.
 
     Exit status 0 when every export passed at least one real run and nothing failed; 1 when any
     verdict fails (a run, or a rule violation); 3 when nothing failed but an export had no real run

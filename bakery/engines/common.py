@@ -17,7 +17,7 @@ from bakery.io.manifest import Manifest
 from bakery.models import load_model, load_tokenizer, read_config
 
 RULES_ONLY = "rules only (not run)"
-KINDS = ("run", "rules", "not-installed")
+KINDS = ("run", "rules", "not-installed", "not-applicable")
 
 
 class EngineNotInstalled(BakeryError):
@@ -68,6 +68,8 @@ class Verdict:
             return f"✘ FAIL, {RULES_ONLY}" if self.failed else f"– {RULES_ONLY}"
         if self.kind == "not-installed":
             return "– not installed (not run)"
+        if self.kind == "not-applicable":
+            return "– not applicable (not run)"
         return "✔ pass" if self.passed else "✘ FAIL"
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from bakery.engines.common import RULES_ONLY, EngineNotInstalled, Setup, Verdict
+from bakery.errors import BakeryError
 
 __all__ = ["ENGINES", "ENGINE_NAMES", "Engine", "EngineNotInstalled", "RULES_ONLY", "Setup", "Verdict", "exit_status",
            "parse_verify_engines", "verdicts_markdown", "verify", "write_verdicts"]
@@ -36,6 +37,7 @@ class Engine:
     run: str | Callable
     find: str | Callable | None = None
     missing: str | Callable | None = None
+    gguf: bool = False  # runs GGUF files (a `bakery gguf` folder) rather than safetensors exports
 
 
 def _resolve(ref: str | Callable) -> Callable:
@@ -57,6 +59,9 @@ ENGINES: dict[str, Engine] = {
     "vllm": Engine("bakery.engines.vllm:verify_vllm", find="bakery.engines.vllm:find_vllm_python"),
     "sglang": Engine("bakery.engines.sglang:verify_sglang", find="bakery.engines.sglang:find_sglang_python",
                      missing="bakery.engines.sglang:missing_verdict"),
+    # runs GGUF files: a `bakery gguf` folder, or an export that holds one
+    "llama.cpp": Engine("bakery.engines.llamacpp:verify_llamacpp",
+                        find="bakery.engines.llamacpp:find_llamacpp_python", gguf=True),
 }
 ENGINE_NAMES = tuple(ENGINES)  # the built-in engines (the functions below read ENGINES itself)
 # exit statuses of `bakery verify` (2 is bad input, from the CLI)
@@ -85,13 +90,18 @@ def parse_verify_engines(value: str | Sequence[str]) -> list[str]:
 def verify(exports: Sequence[str | Path], engines: str | Sequence[str] = "all", *, model: str | None = None,
            prompts=None, max_new_tokens: int = 48, write: bool = True, log=None,
            skip_missing: bool | None = None) -> dict[str, list[Verdict]]:
-    """Verdicts per export. A missing engine (vLLM, sglang) is an error when asked for by name, its
-    fallback verdict under ``all`` (``skip_missing`` forces either); every engine is looked for
-    before anything runs (after the exports are read: bad input fails first)."""
+    """Verdicts per export (or ``bakery gguf`` folder), keyed by the path given. A missing engine
+    is an error when asked for by name, its fallback verdict under ``all`` (``skip_missing`` forces
+    either); so is an engine that cannot check what was given (llama.cpp on an export without a
+    GGUF, the others on a GGUF folder: kind ``not-applicable``). Every engine is looked for before
+    anything runs (after the exports are read: bad input fails first)."""
     wanted = parse_verify_engines(engines)
     if skip_missing is None:
         skip_missing = engines == "all" or (not isinstance(engines, str) and "all" in engines)
-    setups = [Setup(e, model=model, prompts=prompts, max_new_tokens=max_new_tokens) for e in exports]
+    from bakery.engines.llamacpp import setup_for
+
+    setups = [setup_for(e, model=model, prompts=prompts, max_new_tokens=max_new_tokens) for e in exports]
+    keys = [str(e) for e in exports]  # two GGUF folders of one export are two rows
     missing: dict[str, EngineNotInstalled] = {}
     for name in wanted:
         if ENGINES[name].find is not None:
@@ -101,23 +111,50 @@ def verify(exports: Sequence[str | Path], engines: str | Sequence[str] = "all", 
                 if not skip_missing:
                     raise
                 missing[name] = e
-    out: dict[str, list[Verdict]] = {str(s.export): [] for s in setups}
+    out: dict[str, list[Verdict]] = {k: [] for k in keys}
     for name in wanted:
         eng = ENGINES[name]
+        fit = [i for i, s in enumerate(setups) if _not_applicable(eng, s, keys[i]) is None]
+        for i, s in enumerate(setups):
+            why = _not_applicable(eng, s, keys[i])
+            if why is not None:
+                if not skip_missing:
+                    raise BakeryError(why)
+                out[keys[i]].append(Verdict(name, "not-run", why, kind="not-applicable"))
+        if not fit:
+            continue
         if name in missing:
             fallback = _resolve(eng.missing) if eng.missing else (
                 lambda s, e, n=name: Verdict(n, "not-run", str(e), kind="not-installed"))
-            verdicts = [fallback(s, missing[name]) for s in setups]
+            verdicts = [fallback(setups[i], missing[name]) for i in fit]
         else:
-            verdicts = _resolve(eng.run)(setups, log=log)
-        for s, v in zip(setups, verdicts, strict=True):
-            out[str(s.export)].append(v)
+            verdicts = _resolve(eng.run)([setups[i] for i in fit], log=log)
+        for i, v in zip(fit, verdicts, strict=True):
+            out[keys[i]].append(v)
     for k in out:
         out[k].sort(key=_order)
     if write:
-        for s in setups:
-            write_verdicts(s.export, out[str(s.export)])
+        for k in keys:
+            write_verdicts(Path(k), out[k])
     return out
+
+
+def _not_applicable(eng: Engine, s: Setup, given: str) -> str | None:
+    """Why ``eng`` cannot check what was given (None: it can). llama.cpp runs GGUF files, the
+    others safetensors exports; a GGUF folder stands for the GGUF, not for its export."""
+    from bakery.engines.llamacpp import GGUFFolderError, gguf_of
+
+    is_gguf = getattr(s, "gguf", None) is not None
+    if eng.gguf:
+        try:
+            gguf_of(s)
+        except GGUFFolderError as e:
+            return str(e)
+        return None
+    if is_gguf:
+        return (f"{given} is a GGUF folder, which only llama.cpp runs: verify it with --engine llama.cpp, "
+                f"and its export {s.export} with the other engines")
+    return None
 
 
 def _order(v: Verdict) -> int:
@@ -157,7 +194,8 @@ def write_verdicts(export: Path, verdicts: Sequence[Verdict]) -> None:
     folder.mkdir(exist_ok=True)
     path = folder / "verify.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    old.update({v.engine: v.to_dict() for v in verdicts})
+    # "not applicable" says something of the input, not of the export: not recorded
+    old.update({v.engine: v.to_dict() for v in verdicts if v.kind != "not-applicable"})
     merged = sorted((Verdict.from_dict(d) for d in old.values()), key=_order)
     old = {v.engine: v.to_dict() for v in merged}  # older entries re-labelled too
     tmp = path.with_name(".verify.json.tmp")

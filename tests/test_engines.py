@@ -18,7 +18,8 @@ from bakery.engines.common import Setup, Verdict
 from bakery.engines.transformers import verify_transformers
 from bakery.engines.verify import (ENGINES, Engine, EngineNotInstalled, exit_status, parse_verify_engines,
                                    verdicts_markdown, verify, write_verdicts)
-from bakery.engines.vllm import find_vllm_python, gap
+from bakery.engines.common import gap
+from bakery.engines.vllm import find_vllm_python
 from bakery.fidelity.exact import EXACT_R
 from bakery.io.manifest import ManifestError
 from test_compare import PROMPTS, make_bias_bake, random_vector, real_bake, two_vector_bake, weakened_copy

@@ -22,7 +22,8 @@ import torch
 
 from bakery.bakers import bake
 from bakery.engines.common import Setup
-from bakery.engines.vllm import _run_worker, _tf_scores, _vllm_verdict, find_vllm_python
+from bakery.engines.common import tf_scores
+from bakery.engines.vllm import _run_worker, _vllm_verdict, find_vllm_python
 from bakery.models import load_model
 from bakery.vectors.artifact import VectorArtifact
 from bakery.arch import hidden_size_of, num_layers_of
@@ -124,9 +125,9 @@ def vllm_runs(tmp_path_factory):
                 offset += len(rs)
         v_bake = res["models"][f"{arch}|{name}"]["prompts"]
         v_base = res["models"][f"{arch}|base"]["prompts"][offset:offset + len(r)]
-        tf_steered = _tf_scores(s.base, r, s.ref.context(s.base))
-        tf_base = _tf_scores(s.base, r)
-        tf_bake = _tf_scores(load_model(s.export), r)
+        tf_steered = tf_scores(s.base, r, s.ref.context(s.base))
+        tf_base = tf_scores(s.base, r)
+        tf_bake = tf_scores(load_model(s.export), r)
         verdicts[(arch, name)] = _vllm_verdict(s, r, v_bake, v_base, tf_steered, tf_base, tf_bake, res)
         print(f"FIGURE vllm {arch} {name}: {verdicts[(arch, name)].status} {verdicts[(arch, name)].message}")
     return verdicts
@@ -208,7 +209,7 @@ def test_vllm_qwen3_5_drops_the_attn_out_bias_silently(arch, tmp_path):
     without an error and scores exactly like the unedited model: vLLM drops it silently. The ortho
     bake is scored too; bfloat16 rounding is too coarse for verify's float32 thresholds, so its
     figures are printed, and it must at least be nearer ablation than the unedited model is."""
-    from bakery.engines.vllm import gap
+    from bakery.engines.common import gap
 
     try:
         real = find_vllm_python()
@@ -229,12 +230,12 @@ def test_vllm_qwen3_5_drops_the_attn_out_bias_silently(arch, tmp_path):
     base_a, base_o = res["base"]["prompts"][:len(ra)], res["base"]["prompts"][len(ra):]
     # the attn-out bias: silently dropped by vLLM, kept by transformers
     assert res["attn"]["prompts"] == base_a
-    tf_attn, tf_base = _tf_scores(load_model(attn), ra), _tf_scores(sa.base, ra)
+    tf_attn, tf_base = tf_scores(load_model(attn), ra), tf_scores(sa.base, ra)
     assert gap(tf_attn, tf_base, ra)["mean_abs_logprob_gap"] > 0.01
     # ortho against transformers runtime ablation
-    ablated = _tf_scores(so.base, ro, so.ref.context(so.base))
+    ablated = tf_scores(so.base, ro, so.ref.context(so.base))
     g_bake, g_base = gap(res["ortho"]["prompts"], ablated, ro), gap(base_o, ablated, ro)
-    floor = gap(base_o, _tf_scores(so.base, ro), ro)
+    floor = gap(base_o, tf_scores(so.base, ro), ro)
     print(f"FIGURE vllm {arch} ortho (bf16): top-1 {g_bake['top1']:.3f}, mean |dlogprob| "
           f"{g_bake['mean_abs_logprob_gap']:.4f}; unedited {g_base['top1']:.3f}, "
           f"{g_base['mean_abs_logprob_gap']:.4f}; bf16 floor {floor['top1']:.3f}, "

@@ -293,15 +293,15 @@ def verify_llamacpp(setups: Sequence[Setup], *, log=None, timeout: float = 1800)
 
 
 def _verdict(p: dict, res: dict) -> Verdict:
-    from bakery.engines.vllm import _tf_scores, gap
+    from bakery.engines.common import gap, tf_scores
     from bakery.models import load_model
 
     s, g, rows = p["s"], p["g"], p["rows"]
     out = {k: res["runs"][p[k]] for k in ("bake", "source", "cvec", "jitter") if k in p}
     sc = {k: v["prompts"] for k, v in out.items()}
-    tf_steered = _tf_scores(s.base, rows, s.ref.context(s.base))
-    tf_base = _tf_scores(s.base, rows)
-    tf_bake = _tf_scores(load_model(s.export), rows)  # the export's own weights, for the diagnosis
+    tf_steered = tf_scores(s.base, rows, s.ref.context(s.base))
+    tf_base = tf_scores(s.base, rows)
+    tf_bake = tf_scores(load_model(s.export), rows)  # the export's own weights, for the diagnosis
     if s.manifest.exact:
         target = tf_steered
         target_name = "transformers runtime ablation" if s.ref.ablation else "transformers runtime steering"

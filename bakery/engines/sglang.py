@@ -202,7 +202,7 @@ def score_token_ids(engines: Sequence[dict], prompts: list[list[int]], *, python
 def verify_sglang(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> list[Verdict]:
     """One verdict per export, from a real sglang run: each export and each base model started once
     per implementation (native, Transformers backend), all in one worker process."""
-    from bakery.engines.vllm import _tf_scores
+    from bakery.engines.common import tf_scores
     from bakery.models import load_model
 
     python = find_sglang_python()
@@ -218,8 +218,8 @@ def verify_sglang(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -
     verdicts = []
     for i, (s, (a, b)) in enumerate(zip(setups, spans)):
         rows = all_rows[a:b]
-        tf = {"steered": _tf_scores(s.base, rows, s.ref.context(s.base)), "base": _tf_scores(s.base, rows),
-              "bake": _tf_scores(load_model(s.export), rows)}
+        tf = {"steered": tf_scores(s.base, rows, s.ref.context(s.base)), "base": tf_scores(s.base, rows),
+              "bake": tf_scores(load_model(s.export), rows)}
         name, o = base_of[i]
         runs = {k: (res["engines"][f"bake{i}-{k}"]["prompts"],
                     res["engines"][f"{name}-{k}"]["prompts"][o:o + b - a]) for k in IMPLS}
@@ -251,7 +251,8 @@ def engine_plan(exports: Sequence[tuple[Path, Path, list[list[int]]]]) -> tuple[
 
 def _measure(s: Setup, rows, bake, base, tf: dict, target_name: str) -> dict[str, Any]:
     """One implementation's figures against the target, and whether they pass (vLLM's thresholds)."""
-    from bakery.engines.vllm import VLLM_GAP_RATIO, VLLM_TOP1, gap
+    from bakery.engines.common import gap
+    from bakery.engines.vllm import VLLM_GAP_RATIO, VLLM_TOP1
 
     target = tf["steered"] if s.manifest.exact else tf["bake"]
     d: dict[str, Any] = {

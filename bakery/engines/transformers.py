@@ -47,11 +47,10 @@ def changed_tensors(export: Path, base: Path) -> tuple[list[str], list[str]]:
 
 
 def verify_transformers(setup: Setup, *, trust_remote_code: bool = False) -> Verdict:
-    from transformers import AutoModelForCausalLM
+    from bakery.models import load_model
 
-    model, info = AutoModelForCausalLM.from_pretrained(setup.export, dtype=torch.float32, output_loading_info=True,
-                                                       trust_remote_code=trust_remote_code)
-    model.eval()
+    # where the base model is (the command's --device), in float32: the exactness rule's dtype
+    model, info = load_model(setup.export, dtype="float32", trust_remote_code=trust_remote_code, loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from bakery.errors import BakeryError
-from bakery.engines.common import (EngineNotInstalled, Setup, Verdict, nonzero_biases, transformers_param_names,
+from bakery.engines.common import (EngineNotInstalled, gap, tf_scores, Setup, Verdict, nonzero_biases, transformers_param_names,
                                    undeclared_message)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -135,43 +135,6 @@ def _context_length(model_dir: Path) -> int:
 
 
 # ---- the check ------------------------------------------------------------------------------------
-@torch.no_grad()
-def _tf_scores(model, rows: list[tuple[list[int], int]], context=None) -> list[dict[str, list]]:
-    """Per position, unpadded: log-prob of the actual token and the top-1 token (transformers)."""
-    out = []
-    for seq, start in rows:
-        ids = torch.tensor([seq])
-        ctx = context(start) if context else None
-        if ctx is not None:
-            with ctx:
-                logits = model(input_ids=ids).logits[0].float()
-        else:
-            logits = model(input_ids=ids).logits[0].float()
-        lp = torch.log_softmax(logits[:-1], -1)
-        actual = lp.gather(1, ids[0, 1:, None])[:, 0]
-        out.append({"logprob": [None] + actual.tolist(), "top1": [None] + lp.argmax(-1).tolist()})
-    return out
-
-
-def gap(a: list[dict], b: list[dict], rows: list[tuple[list[int], int]]) -> dict[str, float]:
-    """Top-1 agreement and mean |log-prob gap| of the actual token, over response positions."""
-    agree = total = n = 0
-    worst = 0.0
-    for sa, sb, (seq, start) in zip(a, b, rows):
-        for t in range(start, len(seq)):
-            la, lb = sa["logprob"][t], sb["logprob"][t]
-            if la is None or lb is None:
-                continue
-            agree += int(sa["top1"][t] == sb["top1"][t])
-            d = abs(la - lb)
-            total += d
-            worst = max(worst, d)
-            n += 1
-    if n == 0:
-        raise ValueError("no response positions to compare")
-    return {"top1": agree / n, "mean_abs_logprob_gap": total / n, "max_abs_logprob_gap": worst, "positions": n}
-
-
 def verify_vllm(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> list[Verdict]:
     """One vLLM process for every export and the base model(s): each is loaded once, in turn."""
     python = find_vllm_python()
@@ -189,25 +152,33 @@ def verify_vllm(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> 
     bases = {str(p): f"base{j}" for j, p in enumerate(dict.fromkeys(s.base_dir for s in setups))}
     for path, name in bases.items():
         models[name] = Path(path)
+    # each model scores only its own rows: ids of one tokenizer may be out of another's vocabulary
+    own: dict[str, list[list[int]]] = {name: [] for name in bases.values()}
+    base_span: dict[int, tuple[int, int]] = {}
+    for i, (s, (a, b)) in enumerate(zip(setups, spans)):
+        own[f"bake{i}"] = [r[0] for r in all_rows[a:b]]
+        mine = own[bases[str(s.base_dir)]]
+        base_span[i] = (len(mine), len(mine) + b - a)
+        mine.extend(own[f"bake{i}"])
     longest = max(len(r[0]) for r in all_rows)
     # a power of two above the longest row, within every model's context (vLLM refuses more)
     limit = min(_context_length(p) for p in models.values())
     max_len = min(max(256, 1 << (longest + 1).bit_length()), limit)
     if longest + 1 > limit:
         raise BakeryError(f"a trajectory of {longest} tokens exceeds the models' context of {limit}: "
-                         "use shorter prompts or --max-new-tokens")
-    own = {f"bake{i}": [r[0] for r in all_rows[a:b]] for i, (a, b) in enumerate(spans)}
-    res = score_token_ids(models, [r[0] for r in all_rows], max_model_len=max_len, timeout=timeout,
-                          python=python, log=log, own_prompts=own)
+                          "use shorter prompts or --max-new-tokens")
+    res = score_token_ids(models, [], max_model_len=max_len, timeout=timeout, python=python, log=log,
+                          own_prompts=own)
     verdicts = []
     for i, s in enumerate(setups):
         a, b = spans[i]
         rows = all_rows[a:b]
         v_bake = res["models"][f"bake{i}"]["prompts"]  # its own rows only
-        v_base = res["models"][bases[str(s.base_dir)]]["prompts"][a:b]
-        tf_steered = _tf_scores(s.base, rows, s.ref.context(s.base))
-        tf_base = _tf_scores(s.base, rows)
-        tf_bake = _tf_scores(load_model(s.export), rows)
+        ba, bb = base_span[i]
+        v_base = res["models"][bases[str(s.base_dir)]]["prompts"][ba:bb]
+        tf_steered = tf_scores(s.base, rows, s.ref.context(s.base))
+        tf_base = tf_scores(s.base, rows)
+        tf_bake = tf_scores(load_model(s.export), rows)
         verdicts.append(_vllm_verdict(s, rows, v_bake, v_base, tf_steered, tf_base, tf_bake, res))
     return verdicts
 

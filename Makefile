@@ -54,11 +54,11 @@ $(LLAMACPP_VENV)/.installed: scripts/install-llamacpp.sh
 
 engines: vllm sglang llamacpp
 
-# Both demos show a real vLLM run, so they install it too.
-demo: install vllm
+# Both demos run every engine for real, so they install them too.
+demo: install engines
 	bash scripts/demo.sh
 
-demo-full: install vllm
+demo-full: install engines
 	bash scripts/demo.sh full
 
 test: install engines

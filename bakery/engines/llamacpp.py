@@ -22,16 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bakery.engines.common import EngineNotInstalled, Setup, Verdict
+from bakery.engines.common import EngineNotInstalled, Setup, Verdict, run_worker
 from bakery.errors import BakeryError
 from bakery.gguf import MANIFEST
 
@@ -222,34 +220,8 @@ def score_gguf(runs: list[dict], *, n_ctx: int = 512, python: Path | None = None
 
 
 def _run_worker(spec: dict, tmp: Path, *, python: Path, timeout: float, log=None) -> dict[str, Any]:
-    worker = Path(__file__).with_name("llamacpp_worker.py")
-    src, dst, errf = tmp / "in.json", tmp / "out.json", tmp / "stderr.log"
-    src.write_text(json.dumps(spec))
-    env = {**os.environ}
-    env.pop("PYTHONPATH", None)  # the worker imports nothing from bakery's environment
-    t0 = time.time()
-    with open(errf, "w") as err:
-        proc = subprocess.Popen([str(python), str(worker), str(src), str(dst)], stdout=err,
-                                stderr=subprocess.STDOUT, env=env, cwd=tmp)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"the llama.cpp worker ran past {timeout:.0f} s and was stopped")
-    text = errf.read_text(errors="replace")
-    if rc != 0 or not dst.is_file():
-        tail = "\n".join(text.strip().splitlines()[-25:])
-        if "No module named 'llama_cpp'" in text:
-            raise EngineNotInstalled(f"{python} has no llama_cpp module. To install it, {INSTALL_LLAMACPP}.")
-        raise RuntimeError(f"the llama.cpp worker failed (exit {rc}) after {time.time() - t0:.0f} s:\n{tail}")
-    if log:
-        for line in text.splitlines():
-            if line.startswith("[llamacpp_worker]"):
-                log(line)
-    out = json.loads(dst.read_text())
-    out["wall_seconds"] = round(time.time() - t0, 1)
-    return out
+    return run_worker(Path(__file__).with_name("llamacpp_worker.py"), spec, python=python, timeout=timeout,
+                      engine="llama.cpp", module="llama_cpp", install=INSTALL_LLAMACPP, tmp=tmp, log=log)
 
 
 # ---- the check --------------------------------------------------------------------------------------

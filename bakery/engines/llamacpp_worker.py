@@ -32,7 +32,6 @@ Output (a JSON file, second argument)::
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import sys
 import time
@@ -133,19 +132,10 @@ def run(spec: dict) -> dict:
     return out
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python llamacpp_worker.py INPUT.json OUTPUT.json", file=sys.stderr)
-        return 2
-    with open(argv[1]) as f:
-        spec = json.load(f)
-    result = run(spec)
-    tmp = argv[2] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, argv[2])
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    import importlib.util  # worker_io by path: this folder is off sys.path (its vllm.py would shadow vLLM)
+
+    _io = importlib.util.spec_from_file_location("worker_io", os.path.join(_HERE, "worker_io.py"))
+    worker_io = importlib.util.module_from_spec(_io)
+    _io.loader.exec_module(worker_io)
+    worker_io.serve(run, sys.argv)

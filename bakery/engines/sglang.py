@@ -23,14 +23,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bakery.engines.common import (RULES_ONLY, EngineNotInstalled, Setup, Verdict, nonzero_biases,
+from bakery.engines.common import (RULES_ONLY, EngineNotInstalled, Setup, Verdict, nonzero_biases, run_worker,
                                    transformers_param_names)
 
 FLAG = "--model-impl transformers"
@@ -190,35 +187,9 @@ def score_token_ids(engines: Sequence[dict], prompts: list[list[int]], *, python
     python = python or find_sglang_python()
     spec = {"engines": [{**e, "path": str(Path(e["path"]).resolve())} for e in engines], "prompts": prompts,
             "dtype": dtype, "keep_going": keep_going}
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="bakery-sglang-") as tmp:
-        src, dst, errf = Path(tmp) / "in.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
-        src.write_text(json.dumps(spec))
-        env = {**os.environ, "BAKERY_SGLANG_STUB": str(STUB), "SGLANG_USE_CPU_ENGINE": "1",
-               "HF_HUB_OFFLINE": "1"}  # a local folder only: never reach for the Hub
-        env.pop("PYTHONPATH", None)  # the worker imports nothing from bakery's environment
-        with open(errf, "w") as err:
-            proc = subprocess.Popen([str(python), str(WORKER), str(src), str(dst)], stdout=err,
-                                    stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the engine's own subprocesses too
-                proc.wait()
-                raise RuntimeError(f"the sglang worker ran past {timeout:.0f} s and was stopped")
-        text = errf.read_text(errors="replace")
-        if rc != 0 or not dst.is_file():
-            tail = "\n".join(text.strip().splitlines()[-25:])
-            if "No module named 'sglang'" in text:
-                raise EngineNotInstalled(f"{python} has no sglang module. To install it, {INSTALL_SGLANG}.")
-            raise RuntimeError(f"the sglang worker failed (exit {rc}) after {time.time() - t0:.0f} s:\n{tail}")
-        if log:
-            for line in text.splitlines():
-                if line.startswith("[sglang_worker]"):
-                    log(line)
-        out = json.loads(dst.read_text())
-    out["wall_seconds"] = round(time.time() - t0, 1)
-    return out
+    env = {"BAKERY_SGLANG_STUB": str(STUB), "SGLANG_USE_CPU_ENGINE": "1"}
+    return run_worker(WORKER, spec, python=python, timeout=timeout, engine="sglang", module="sglang",
+                      install=INSTALL_SGLANG, env=env, log=log)
 
 
 # ---- the check ------------------------------------------------------------------------------------

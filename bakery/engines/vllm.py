@@ -12,10 +12,7 @@ gap to the same target. The unedited model's vLLM-vs-transformers gap is reporte
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from bakery.errors import BakeryError
-from bakery.engines.common import (EngineNotInstalled, gap, tf_scores, Setup, Verdict, nonzero_biases, transformers_param_names,
+from bakery.engines.common import (EngineNotInstalled, gap, run_worker, tf_scores, Setup, Verdict, nonzero_biases, transformers_param_names,
                                    undeclared_message)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -95,35 +92,10 @@ def sample_token_ids(model: Path, prompts: list[list[int]], *, max_tokens: int, 
 
 
 def _run_worker(spec: dict, *, python: Path, timeout: float, log=None) -> dict[str, Any]:
-    worker = Path(__file__).with_name("vllm_worker.py")
-    with tempfile.TemporaryDirectory(prefix="bakery-vllm-") as tmp:
-        src, dst, errf = Path(tmp) / "in.json", Path(tmp) / "out.json", Path(tmp) / "stderr.log"
-        src.write_text(json.dumps(spec))
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-               "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
-               "HF_HUB_OFFLINE": "1"}  # a local folder only: never reach for the Hub
-        env.pop("PYTHONPATH", None)  # the worker imports nothing from bakery's environment
-        t0 = time.time()
-        with open(errf, "w") as err:
-            proc = subprocess.Popen([str(python), str(worker), str(src), str(dst)], stdout=err,
-                                    stderr=subprocess.STDOUT, env=env, cwd=tmp)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"the vLLM worker ran past {timeout:.0f} s and was stopped")
-        text = errf.read_text(errors="replace")
-        if rc != 0 or not dst.is_file():
-            tail = "\n".join(text.strip().splitlines()[-25:])
-            if "No module named 'vllm'" in text:
-                raise EngineNotInstalled(f"{python} has no vllm module. To install it, {INSTALL_VLLM}.")
-            raise RuntimeError(f"the vLLM worker failed (exit {rc}) after {time.time() - t0:.0f} s:\n{tail}")
-        if log:
-            for line in text.splitlines():
-                if line.startswith("[vllm_worker]"):
-                    log(line)
-        return json.loads(dst.read_text())
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
+    return run_worker(Path(__file__).with_name("vllm_worker.py"), spec, python=python, timeout=timeout,
+                      engine="vLLM", module="vllm", install=INSTALL_VLLM, env=env, log=log)
 
 
 def _context_length(model_dir: Path) -> int:

@@ -29,7 +29,6 @@ loaded one after another in the same process, so vLLM starts once per run, not p
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time
@@ -110,22 +109,10 @@ def run(spec: dict) -> dict:
     return out
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python vllm_worker.py INPUT.json OUTPUT.json", file=sys.stderr)
-        return 2
-    with open(argv[1]) as f:
-        spec = json.load(f)
-    result = run(spec)
-    tmp = argv[2] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, argv[2])
-    return 0
-
-
 if __name__ == "__main__":
-    code = main(sys.argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    import importlib.util  # worker_io by path: this folder is off sys.path (its vllm.py would shadow vLLM)
+
+    _io = importlib.util.spec_from_file_location("worker_io", os.path.join(_HERE, "worker_io.py"))
+    worker_io = importlib.util.module_from_spec(_io)
+    _io.loader.exec_module(worker_io)
+    worker_io.serve(run, sys.argv, hard_exit=True)

@@ -154,6 +154,23 @@ class Trained:
     work: Path
 
 
+def _close_group_at_exit() -> None:
+    """Close the process group of our own launch before the interpreter exits: a gloo group left
+    open let a rank abort at exit ("terminate called without an active exception", seen once
+    on a fresh clone) after the export was written."""
+    import atexit
+
+    import torch.distributed as dist
+
+    def close() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    if not getattr(_close_group_at_exit, "registered", False):
+        atexit.register(close)
+        _close_group_at_exit.registered = True  # type: ignore[attr-defined]
+
+
 def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
                     stop_after: int | None = None, out: Path | None = None) -> Trained:
     """Sample (or reuse) trajectories from the steered model and train the student on them."""
@@ -175,6 +192,8 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     out = Path(out or req.out)
     work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator is None and acc.num_processes > 1:
+        _close_group_at_exit()
 
     if is_wrapper(config) and req.dtype != "source" and getattr(torch, req.dtype) != source_dtype(config):
         raise DistillError(

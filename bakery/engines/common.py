@@ -248,7 +248,22 @@ def gap(a: list[dict], b: list[dict], rows: list[tuple[list[int], int]]) -> dict
     return {"top1": agree / n, "mean_abs_logprob_gap": total / n, "max_abs_logprob_gap": worst, "positions": n}
 
 
-# ---- the engine workers: a script run by the engine's own python -----------------------------------
+# ---- the engine workers: a script run by the engine's own python --------------------------------
+def find_engine_python(engine: str, env_var: str, venv: str, install: str, repo_root: Path) -> Path:
+    """The python of an engine's own environment: ``$env_var``, else ``venv/bin/python`` in the
+    checkout (``repo_root``) or the working directory. Raises :class:`EngineNotInstalled` saying
+    how to install it (``install``)."""
+    env = os.environ.get(env_var)
+    candidates = [Path(env)] if env else []
+    candidates += [repo_root / venv / "bin" / "python", Path.cwd() / venv / "bin" / "python"]
+    for c in candidates:
+        if c.is_file() and (c.parent.parent / "lib").is_dir():
+            return c
+    where = f"{env_var}={env} does not exist; " if env and not Path(env).is_file() else ""
+    raise EngineNotInstalled(f"{engine} is not installed: {where}bakery runs it from its own virtual "
+                             f"environment. To install it, {install}.")
+
+
 def run_worker(worker: Path, spec: dict, *, python: Path, timeout: float, engine: str, module: str,
                install: str, env: dict[str, str] | None = None, tmp: Path | None = None, log=None) -> dict[str, Any]:
     """Run ``worker`` (a script that imports nothing from bakery) with ``python``, the python of

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bakery.engines.common import EngineNotInstalled, Setup, Verdict, run_worker
+from bakery.engines.common import Setup, Verdict, find_engine_python, run_worker
 from bakery.errors import BakeryError
 from bakery.gguf import MANIFEST
 
@@ -150,15 +150,7 @@ def gguf_of(s: Setup) -> GGUFBake:
 # ---- the runner -------------------------------------------------------------------------------------
 def find_llamacpp_python() -> Path:
     """The python of the llama.cpp environment: $BAKERY_LLAMACPP_PYTHON, else ./.venv-llamacpp/bin/python."""
-    env = os.environ.get("BAKERY_LLAMACPP_PYTHON")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO_ROOT / ".venv-llamacpp" / "bin" / "python", Path.cwd() / ".venv-llamacpp" / "bin" / "python"]
-    for c in candidates:
-        if c.is_file() and (c.parent.parent / "lib").is_dir():
-            return c
-    where = f"BAKERY_LLAMACPP_PYTHON={env} does not exist; " if env and not Path(env).is_file() else ""
-    raise EngineNotInstalled(f"llama.cpp is not installed: {where}bakery runs it from its own virtual "
-                             f"environment. To install it, {INSTALL_LLAMACPP}.")
+    return find_engine_python("llama.cpp", "BAKERY_LLAMACPP_PYTHON", ".venv-llamacpp", INSTALL_LLAMACPP, REPO_ROOT)
 
 
 @dataclass

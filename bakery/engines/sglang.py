@@ -21,14 +21,13 @@ never pass.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bakery.engines.common import (RULES_ONLY, EngineNotInstalled, Setup, Verdict, nonzero_biases, run_worker,
-                                   transformers_param_names)
+from bakery.engines.common import (RULES_ONLY, EngineNotInstalled, Setup, Verdict, find_engine_python, nonzero_biases,
+                                   run_worker, transformers_param_names)
 
 FLAG = "--model-impl transformers"
 SGLANG_VERSION = "0.5.23"
@@ -166,15 +165,7 @@ def missing_verdict(setup: Setup, error: EngineNotInstalled) -> Verdict:
 def find_sglang_python() -> Path:
     """The python of sglang's venv: $BAKERY_SGLANG_PYTHON, else .venv-sglang/bin/python in the
     checkout or the working directory. Raises :class:`EngineNotInstalled` with how to install it."""
-    env = os.environ.get("BAKERY_SGLANG_PYTHON")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO_ROOT / ".venv-sglang" / "bin" / "python", Path.cwd() / ".venv-sglang" / "bin" / "python"]
-    for c in candidates:
-        if c.is_file() and (c.parent.parent / "lib").is_dir():
-            return c
-    where = f"BAKERY_SGLANG_PYTHON={env} does not exist; " if env and not Path(env).is_file() else ""
-    raise EngineNotInstalled(f"sglang is not installed: {where}bakery runs it from its own virtual "
-                             f"environment. To install it, {INSTALL_SGLANG}.")
+    return find_engine_python("sglang", "BAKERY_SGLANG_PYTHON", ".venv-sglang", INSTALL_SGLANG, REPO_ROOT)
 
 
 def score_token_ids(engines: Sequence[dict], prompts: list[list[int]], *, python: Path | None = None,

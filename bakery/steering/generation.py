@@ -71,8 +71,11 @@ class Generation:
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
-             suppress_eos: bool = False, keep_topk: int = 0) -> Generation:
+             suppress_eos: bool = False, keep_topk: int = 0, synced: bool = False) -> Generation:
     """Generate for rendered prompt texts in one left-padded batch.
+
+    ``synced``: the model is sharded over a process group (every forward is a collective), so
+    every process keeps stepping until all are done (transformers' ``synced_gpus``).
 
     ``temperature=0`` is greedy. The returned attention mask marks generated tokens after the end
     of sequence as padding, so teacher-forced scoring can skip them. ``keep_topk=k`` also returns
@@ -84,6 +87,8 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64,
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    if synced:
+        kwargs["synced_gpus"] = True
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:

@@ -1,6 +1,8 @@
 """Resumable checkpoints of a distillation run: the trained weights, the optimizer, the best
 weights so far and the RNG, written atomically (``work/checkpoint``, the previous one kept until
-the new one is complete); sharded runs gather full tensors first."""
+the new one is complete). A sharded run writes its shards with ``torch.distributed.checkpoint``
+(each process its own part, nobody gathers the whole), and resumes from them with any number of
+processes."""
 
 from __future__ import annotations
 
@@ -14,9 +16,8 @@ from pathlib import Path
 import torch
 
 from bakery.bakers.distill.errors import TrainingCheckpointError
-from bakery.bakers.distill.sharding import full_optimizer_state, full_tensors, like_params, load_full_optimizer_state
-
 CKPT_DIR = "checkpoint"
+SHARDS = "shards"  # the torch.distributed.checkpoint folder of a sharded run
 RESUME_KEYS = ("method", "rank", "alpha", "target_modules", "rslora", "batch_size", "seed", "warm_start", "experts")
 
 
@@ -34,31 +35,48 @@ def _nbytes(obj) -> int:
 class Checkpoints:
     """Checkpoint methods of :class:`~bakery.bakers.distill.train.Distiller` (a mixin)."""
 
+    def _sharded_state(self, best: bool) -> dict:
+        """This process's shards of the resumable state (DTensors), for ``torch.distributed.checkpoint``."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        st = {"trainable": self.trainable_state(),
+              "optimizer": get_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer)}
+        if best:
+            st["best"] = self.best_state if self.best_state is not None else self.trainable_state()
+        return st
+
     def save_checkpoint(self, work_dir: str | os.PathLike) -> Path | None:
-        """Write the resumable state to ``work_dir/checkpoint`` atomically (main process only)."""
+        """Write the resumable state to ``work_dir/checkpoint`` atomically (every process calls it;
+        sharded, each writes its own shards)."""
         self.acc.wait_for_everyone()
         work = Path(work_dir)
         final = work / CKPT_DIR
-        if self.sharded:  # full tensors, gathered by every process, written by the main one
-            state = {"trainable": full_tensors(self.trainable_state()),
-                     "optimizer": full_optimizer_state(self.unwrapped, self.optimizer.optimizer),
-                     "best": None if self.best_state is None else full_tensors(self.best_state),
-                     "rng": torch.get_rng_state()}
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+
+            tmp = work / (CKPT_DIR + ".tmp")
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.acc.wait_for_everyone()
+            dcp.save(self._sharded_state(best=self.best_state is not None), checkpoint_id=str(tmp / SHARDS))
+            self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return None
         tmp, old = work / (CKPT_DIR + ".tmp"), work / (CKPT_DIR + ".old")
-        if not self.sharded:
-            state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                     "best": self.best_state, "rng": torch.get_rng_state()}
+        state = ({"rng": torch.get_rng_state()} if self.sharded else
+                 {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                  "best": self.best_state, "rng": torch.get_rng_state()})
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            if not self.sharded:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
             torch.save(state, tmp / "state.pt")
             (tmp / "trainer.json").write_text(json.dumps({
                 "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "history": self.history, "elapsed": self.elapsed,
-                "warm_start": self.warm_start_info,
-                "config": asdict(self.cfg)}, indent=1))
+                "warm_start": self.warm_start_info, "sharded": self.sharded,
+                "has_best": self.best_state is not None, "config": asdict(self.cfg)}, indent=1))
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
@@ -96,11 +114,21 @@ class Checkpoints:
                     f"cannot resume from {ck}: it was trained with {key}={saved.get(key)!r}, this run "
                     f"has {key}={getattr(self.cfg, key)!r}. Use the same settings, or start afresh "
                     "without --resume (in a new --work-dir)")
+        if meta.get("sharded", False) != self.sharded:
+            how = ("under accelerate launch --use_fsdp (it was written by a sharded run)" if meta.get("sharded")
+                   else "without --use_fsdp (it was written by a run that was not sharded)")
+            raise TrainingCheckpointError(f"cannot resume from {ck} this way: resume {how}, or start afresh "
+                                          "without --resume (in a new --work-dir)")
         state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-        if self.sharded:  # the file holds full tensors: lay them out as this process's shards
-            self.load_trainable_state(like_params(self.unwrapped, state["trainable"]))
-            load_full_optimizer_state(self.unwrapped, self.optimizer.optimizer, state["optimizer"])
-            self.best_state = None if state["best"] is None else like_params(self.unwrapped, state["best"])
+        if self.sharded:  # each process reads its own shards, in whatever layout they were written
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            st = self._sharded_state(best=meta.get("has_best", False))
+            dcp.load(st, checkpoint_id=str(ck / SHARDS))
+            self.load_trainable_state(st["trainable"])
+            set_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer, st["optimizer"])
+            self.best_state = st.get("best")
         else:
             self.load_trainable_state(state["trainable"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -41,8 +41,20 @@ class DistilledWeights(Weights):
         self.model_dir, self.config = model_dir, config or {}
 
     def write(self, folder: Path, *, progress: bool, max_shard_bytes: int | None) -> BakeFacts:
-        merged = merged_copy(self.student, self.method).to(self.dtype)
         info = dict(self.info)
+        self.write_weights(folder, info, progress=progress, max_shard_bytes=max_shard_bytes)
+        if self.method == "lora":
+            _fix_adapter_base(folder / "adapter", self.source)
+        notes = info.pop("notes", [])
+        return BakeFacts(route="lora-merged" if self.method == "lora" else "full", positions=self.positions,
+                         exact=False, engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"},
+                         notes=notes, extra=info,
+                         card_section=("distill", card_body(self.method, self.term, self.positions,
+                                                            self.source, info)))
+
+    def write_weights(self, folder: Path, info: dict, *, progress: bool, max_shard_bytes: int | None) -> None:
+        """The weights, ``config.json`` and, for LoRA, ``adapter/``."""
+        merged = merged_copy(self.student, self.method).to(self.dtype)
         wrapper = is_wrapper(self.config)
         if wrapper:
             scratch = folder / ".trained"
@@ -64,13 +76,20 @@ class DistilledWeights(Weights):
             self.student.save_pretrained(folder / "adapter")
             if wrapper:
                 _adapter_to_wrapper(folder / "adapter", self.config, self.student)
-            _fix_adapter_base(folder / "adapter", self.source)
-        notes = info.pop("notes", [])
-        return BakeFacts(route="lora-merged" if self.method == "lora" else "full", positions=self.positions,
-                         exact=False, engines={"transformers": "ok", "vllm": "ok", "sglang": "ok"},
-                         notes=notes, extra=info,
-                         card_section=("distill", card_body(self.method, self.term, self.positions,
-                                                            self.source, info)))
+
+
+class StagedWeights(DistilledWeights):
+    """A sharded student's export, already written from its shards into ``staging``
+    (:func:`~bakery.bakers.distill.sharded_export.stage_sharded`): moved into the folder."""
+
+    def __init__(self, staging: Path, **kw):
+        super().__init__(None, **kw)
+        self.staging = staging
+
+    def write_weights(self, folder: Path, info: dict, *, progress: bool, max_shard_bytes: int | None) -> None:
+        for p in sorted(self.staging.iterdir()):
+            shutil.move(str(p), str(folder / p.name))
+        self.staging.rmdir()
 
 
 def is_wrapper(config: dict) -> bool:

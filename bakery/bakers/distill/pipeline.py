@@ -24,7 +24,10 @@ import torch
 
 from bakery.bakers.base import refuse_quantized
 from bakery.io.folders import EXPORT, check_output
-from bakery.bakers.distill.export import DistilledWeights, is_wrapper
+from bakery.bakers.distill.export import DistilledWeights, StagedWeights, is_wrapper
+from bakery.bakers.distill.sharded_export import stage_sharded
+from bakery.bakers.distill.sharded_load import build_sharded_student, refuse_unshardable
+from bakery.bakers.distill.sharding import fsdp_requested
 from bakery.io.export import source_info_for
 from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora
 from bakery.steering.hooks import steer
@@ -127,6 +130,50 @@ def sample_from_bias_bake(req: DistillRequest, model_dir: Path, model, tok, vec:
                        keep_topk=req.train.teacher_topk)
 
 
+def sample_sharded(model, tok, pool: list[str], context, req: DistillRequest, meta: dict, path: Path, acc, *,
+                   progress: bool) -> None:
+    """Sample the teacher's trajectories with a sharded model: each process takes every n-th prompt,
+    generation steps in sync (every forward is a collective), and the main process joins the
+    parts into ``path``."""
+    import math
+
+    n, rank = acc.num_processes, acc.process_index
+    if len(pool) < n:
+        raise DistillError(f"{len(pool)} prompts cannot be shared by {n} processes: raise --num-prompts")
+    mine = pool[rank::n]
+    calls = math.ceil(math.ceil(len(pool) / n) * req.samples_per_prompt / req.sample_batch_size)
+    t0 = time.perf_counter()
+    part = sample(model, tok, mine, context, samples_per_prompt=req.samples_per_prompt,
+                  max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                  batch_size=req.sample_batch_size, seed=req.train.seed + 7919 * rank, meta=meta,
+                  progress=progress and acc.is_main_process, keep_topk=req.train.teacher_topk,
+                  synced_calls=calls)
+    part.save(path.with_name(f"{path.name}.part{rank}"))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        parts = [path.with_name(f"{path.name}.part{r}") for r in range(n)]
+        ts = TrajectorySet(meta={**part.meta, "sample_seconds": round(time.perf_counter() - t0, 1),
+                                 "sampled_by_processes": n})
+        for p in parts:
+            ts.items += TrajectorySet.load(p).items
+        ts.save(path)
+        for p in parts:
+            p.unlink()
+
+
+def trains_down(model, block: int) -> bool:
+    """Whether block ``block``'s down-projection (or its experts') trains: the warm start edits it,
+    and the teacher keeps the source values of the weights that train only."""
+    from bakery.arch import spec_for
+    from bakery.bakers.rank1 import down_module, experts_of
+
+    spec = spec_for(model.config)
+    mod = model.get_submodule(spec.blocks)[block]
+    experts = experts_of(spec, mod)
+    down = experts if experts is not None else mod.get_submodule(down_module(spec, mod))
+    return any(p.requires_grad for p in down.parameters())
+
+
 def source_dtype(config: dict) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)
@@ -199,11 +246,19 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         raise DistillError(
             f"dtype={req.dtype}: a multimodal wrapper's export keeps the source checkpoint's dtype "
             f"({source_dtype(config)}), so that its vision tower stays byte for byte; leave dtype at source")
-    model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
+    sharded = fsdp_requested() and acc.num_processes > 1
     tok = load_tokenizer(model_dir, trust_remote_code=req.trust_remote_code)
+    targets = None
+    if sharded:  # every process builds its shard of the student from the checkpoint, never the whole model
+        refuse_unshardable(config, req)
+        model, targets = build_sharded_student(model_dir, req.train, device=acc.device,
+                                               trust_remote_code=req.trust_remote_code)
+    else:
+        model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vec = req.vector if isinstance(req.vector, VectorArtifact) else load_vector(
-        req.vector, num_layers=model.config.num_hidden_layers)
-    vec.check_model(model.config)
+        req.vector, num_layers=base.config.num_hidden_layers)
+    vec.check_model(base.config)
     vec.check_layer(req.layer, for_bake=True)
     trait = req.trait or (vec.trait if vec.trait != "unknown" else Path(str(req.vector)).stem)
     row = vec.row(req.layer)
@@ -216,20 +271,24 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     traj_path = Path(req.trajectories) if req.trajectories else work / "trajectories.jsonl"
     if acc.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
-        if traj_path.is_file():
-            TrajectorySet.load(traj_path).check_matches(expect, where=str(traj_path))
+    have = traj_path.is_file()
+    if have and acc.is_main_process:
+        TrajectorySet.load(traj_path).check_matches(expect, where=str(traj_path))
+    elif not have and sharded and req.teacher_engine == "transformers":
+        pool, _ = build_pool(req)
+        sample_sharded(base, tok, pool, context_for(base), req, expect, traj_path, acc, progress=progress)
+    elif not have and acc.is_main_process:
+        pool, _ = build_pool(req, model, tok, progress=progress)
+        t0 = time.perf_counter()
+        if req.teacher_engine == "vllm":
+            ts = sample_from_bias_bake(req, model_dir, base, tok, vec, trait, pool, expect, work)
         else:
-            pool, _ = build_pool(req, model, tok, progress=progress)
-            t0 = time.perf_counter()
-            if req.teacher_engine == "vllm":
-                ts = sample_from_bias_bake(req, model_dir, model, tok, vec, trait, pool, expect, work)
-            else:
-                ts = sample(model, tok, pool, context_for(model), samples_per_prompt=req.samples_per_prompt,
-                            max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                            batch_size=req.sample_batch_size, seed=req.train.seed, meta=expect,
-                            progress=progress, keep_topk=req.train.teacher_topk)
-            ts.meta["sample_seconds"] = round(time.perf_counter() - t0, 1)
-            ts.save(traj_path)
+            ts = sample(model, tok, pool, context_for(model), samples_per_prompt=req.samples_per_prompt,
+                        max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                        batch_size=req.sample_batch_size, seed=req.train.seed, meta=expect,
+                        progress=progress, keep_topk=req.train.teacher_topk)
+        ts.meta["sample_seconds"] = round(time.perf_counter() - t0, 1)
+        ts.save(traj_path)
     acc.wait_for_everyone()
     ts = TrajectorySet.load(traj_path)
     ts.check_matches(expect, where=str(traj_path))
@@ -241,10 +300,14 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     train, val = ts.split(req.val_prompts, seed=req.train.seed)
 
     def warm_start(m):
+        if not trains_down(m, req.layer - 1):
+            return {"skipped": f"the warm start writes block {req.layer - 1}'s down-projection, which this run "
+                               "does not train (target_modules / first_block)"}
         return apply_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer, coef=req.coef,
                                 positions=req.positions)
 
-    d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc, warm_start=warm_start)
+    d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc, warm_start=warm_start,
+                  targets=targets)
     source = source_info_for(req.model_name or str(req.model), model_dir, config)
     dtype = source_dtype(config) if req.dtype == "source" else getattr(torch, req.dtype)
 
@@ -286,26 +349,27 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                 i["notes"] = [f"no warm start: {ws['skipped']}"]
         return {**i, **(extra or {})}
 
-    def fresh():  # an untrained student of the same structure, for weights gathered from shards
-        # on the CPU: the gathered full state is written from here, never a second copy on the GPU
-        m = load_model(model_dir, device="cpu", dtype="float32", trust_remote_code=req.trust_remote_code)
-        return add_lora(m, req.train) if req.train.method == "lora" else m
-
-    def weights(dd: Distiller, extra: dict | None = None) -> DistilledWeights | None:
-        """Call on every process (sharded weights are gathered); ``None`` off the main one."""
-        student = dd.plain_student(fresh)
-        if student is None:
+    def weights(dd: Distiller, extra: dict | None = None, staging: Path | None = None) -> DistilledWeights | None:
+        """Call on every process (a sharded student is written from its shards, every process
+        gathering each tensor in turn); ``None`` off the main one."""
+        kw = dict(method=req.train.method, dtype=dtype, source=source,
+                  term={"layer": req.layer, "coef": req.coef, "trait": trait}, positions=req.positions,
+                  model_dir=model_dir, config=config)
+        if dd.sharded:
+            staging = staging or work / "export-staging"
+            stage_sharded(dd.unwrapped, method=req.train.method, dtype=dtype, staging=staging,
+                          is_main=acc.is_main_process, progress=progress)
+            acc.wait_for_everyone()
+            return StagedWeights(staging, info=info_now(dd, extra), **kw) if acc.is_main_process else None
+        if not acc.is_main_process:
             return None
-        return DistilledWeights(student, method=req.train.method, dtype=dtype, source=source,
-                                term={"layer": req.layer, "coef": req.coef, "trait": trait},
-                                positions=req.positions, info=info_now(dd, extra), model_dir=model_dir,
-                                config=config)
+        return DistilledWeights(dd.unwrapped, info=info_now(dd, extra), **kw)
 
     def on_save(dd: Distiller, step: int) -> None:
         from bakery.bakers.distilled import job_for
         from bakery.io.export import write_export
 
-        w = weights(dd, {"halfbaked_step": step})
+        w = weights(dd, {"halfbaked_step": step}, staging=work / f"halfbaked-staging-{step:06d}")
         if w is not None:  # a half-baked export: the same folder as the final one, in the work dir
             write_export(req.job or job_for(req), w, force=True, progress=False,
                          folder=work / "halfbaked" / f"step-{step:06d}")

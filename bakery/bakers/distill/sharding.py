@@ -40,11 +40,30 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full CPU copies of (possibly sharded) tensors; a collective, in the dict's order."""
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a DTensor's local shard (a view of its storage), or ``t``."""
     from torch.distributed.tensor import DTensor
 
-    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone() for n, t in tensors.items()}
+    return t.to_local() if isinstance(t, DTensor) else t.data
+
+
+@torch.no_grad()
+def add_outer(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: int | None = None) -> None:
+    """``W += a b^T`` (``W[index] += a b^T`` with ``index``), in place; on a first-dimension
+    shard, only the rows this process holds are touched."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(W, DTensor):
+        (W if index is None else W[index]).addr_(a.to(W), b.to(W))
+        return
+    from bakery.bakers.distill.sharded_load import shard_rows
+
+    start, end = shard_rows(W.shape[0], W)
+    mine = W.to_local()
+    if index is None:
+        mine.addr_(a[start:end].to(mine), b.to(mine))
+    elif start <= index < end:
+        mine[index - start].addr_(a.to(mine), b.to(mine))
 
 
 def like_params(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,24 +77,3 @@ def like_params(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, to
         out[n] = (distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements) if isinstance(p, DTensor)
                   else t)
     return out
-
-
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict with full tensors, on the main process (others get ``{}``)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))

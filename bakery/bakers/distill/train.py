@@ -17,12 +17,12 @@ response tokens of sampled trajectories.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -36,7 +36,7 @@ from bakery.bakers.distill.errors import DistillError, TrainingCheckpointError
 from bakery.bakers.distill.losses import kl_per_token, kl_topk
 from bakery.bakers.distill.targets import (EXPERT_CHOICES, check_targets, full_parameters,  # noqa: F401
                                            linear_module_names, lora_targets, module_pattern)
-from bakery.bakers.distill.sharding import fsdp_requested, full_model_state, is_sharded, shard_blocks
+from bakery.bakers.distill.sharding import fsdp_requested, is_sharded, like_params, local, shard_blocks
 from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
                                  require_topk)
 
@@ -113,16 +113,23 @@ class TrainConfig:
                 raise DistillError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def add_lora(model: nn.Module, cfg: TrainConfig):
+def add_lora(model: nn.Module, cfg: TrainConfig, *, init: bool = True):
     """Wrap ``model`` with a fresh peft LoRA adapter (the adapter lives inside the model object):
-    on the block linears and, on mixture-of-experts blocks, the chosen fused expert weights."""
+    on the block linears and, on mixture-of-experts blocks, the chosen fused expert weights.
+    Its starting matrices are drawn per name from ``cfg.seed`` (``init=False``: left to the caller,
+    for a model on the meta device)."""
     from peft import LoraConfig, get_peft_model
+
+    from bakery.bakers.distill.lora_init import init_lora
 
     t = lora_targets(model, cfg.target_modules, cfg.experts)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha(), target_modules=module_pattern(model, t.modules),
                       target_parameters=t.parameters or None, lora_dropout=0.0, bias="none",
                       use_rslora=cfg.rslora, task_type="CAUSAL_LM", fan_in_fan_out=spec_for(model.config).conv1d)
-    return get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, lcfg)
+    if init:
+        init_lora(peft_model, cfg.seed)
+    return peft_model
 
 
 @dataclass
@@ -135,6 +142,17 @@ class TrainResult:
     wall_s: float = 0.0
 
 
+@torch.no_grad()
+def _swap(params: dict[str, nn.Parameter], other: dict[str, torch.Tensor]) -> None:
+    """Exchange the values of ``params[n]`` and ``other[n]`` in place, one tensor at a time (local
+    shards when sharded: an FSDP all-gather reads the shard's storage)."""
+    for n, t in other.items():
+        a, b = local(params[n]), local(t)
+        tmp = a.clone()
+        a.copy_(b)
+        b.copy_(tmp)
+
+
 class Distiller(Checkpoints):
     """Owns the student (and, for full fine-tuning, a frozen teacher copy) and trains it.
 
@@ -145,7 +163,7 @@ class Distiller(Checkpoints):
 
     def __init__(self, model: nn.Module, pad_id: int, cfg: TrainConfig,
                  context_for: Callable[[nn.Module], ContextFactory], *, accelerator=None,
-                 warm_start: Callable[[nn.Module], dict] | None = None):
+                 warm_start: Callable[[nn.Module], dict] | None = None, targets: dict | None = None):
         cfg.check()
         from accelerate import Accelerator
 
@@ -158,33 +176,44 @@ class Distiller(Checkpoints):
         model.float().eval()  # distillation runs in float32; no dropout in teacher or student
         for p in model.parameters():
             p.requires_grad_(False)
-        # what trains and what does not, read before peft wraps the target linears
-        self.targets = lora_targets(model, cfg.target_modules, cfg.experts).describe(model, lora=cfg.method == "lora")
+        # what trains and what does not, read before peft wraps the target linears (``targets``: a
+        # sharded student comes wrapped already, described before)
+        self.targets = targets or lora_targets(model, cfg.target_modules, cfg.experts).describe(
+            model, lora=cfg.method == "lora")
+        self.teacher = None  # a separate teacher model (bench/distill.py's two-copy baseline only)
+        self.teacher_state: dict[str, torch.Tensor] = {}
+        self._as_teacher = False
         if cfg.method == "lora":
-            self.student = add_lora(model, cfg)
-            self.teacher = None
+            self.student = model if hasattr(model, "peft_config") else add_lora(model, cfg)
+            if hasattr(model, "peft_config"):  # the sharded student: its LoRA is there, trainable
+                for n, p in model.named_parameters():
+                    p.requires_grad_(".lora_" in n)
             self.teacher_ctx = context_for(self.student.get_base_model())
         else:
-            self.teacher = copy.deepcopy(model).eval()
             self.student = model
             for p in full_parameters(model, cfg.target_modules, cfg.first_block or 0, cfg.experts):
                 p.requires_grad_(True)
-            self.teacher_ctx = context_for(self.teacher)
-            if warm_start is not None and cfg.warm_start:  # before sharding: it edits whole weights
-                self.warm_start_info = warm_start(self.student)
-                if "skipped" in self.warm_start_info:  # train from the source: its default lr
-                    cfg.warm_start = False
-        # FSDP asked for but not applied by accelerate (it shards on GPUs only): shard here
+            self.teacher_ctx = context_for(self.student)
+        # FSDP asked for but not applied by accelerate (it shards on GPUs only): shard here, unless
+        # the model came sharded already (bakery.bakers.distill.sharded_load)
         self.sharding: str | None = None
         kind = str(self.acc.distributed_type).split(".")[-1]
         if kind == "FSDP" and getattr(self.acc.state.fsdp_plugin, "fsdp_version", 2) == 1:
             raise DistillError("FSDP version 1 keeps flattened parameters that bakery's checkpoints and exports "
                                "cannot gather: launch with accelerate launch --use_fsdp --fsdp_version 2")
         if fsdp_requested() and kind != "FSDP" and self.acc.num_processes > 1:
-            for m in (self.student, self.teacher):
-                if m is not None:
-                    shard_blocks(m)
+            if not is_sharded(self.student):
+                shard_blocks(self.student)
             self.sharding = f"FSDP2 by bakery (accelerate runs {kind})"
+        if cfg.method == "full":
+            # the teacher is the student with the source values of the weights that move: only
+            # those are kept (this process's shards when sharded), never a second model
+            self.teacher_state = {n: p.detach().clone() for n, p in self.student.named_parameters()
+                                  if p.requires_grad}
+            if warm_start is not None and cfg.warm_start:
+                self.warm_start_info = warm_start(self.student)
+                if "skipped" in self.warm_start_info:  # train from the source: its default lr
+                    cfg.warm_start = False
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
         if self.sharding:  # no data-parallel wrapper around a sharded model: FSDP syncs the gradients
@@ -194,6 +223,8 @@ class Distiller(Checkpoints):
             if kind == "FSDP":
                 self.sharding = "FSDP by accelerate"
         self.sharded = is_sharded(self.unwrapped)
+        if self.sharded and self.teacher_state:  # accelerate sharded after the snapshot: lay it out likewise
+            self.teacher_state = like_params(self.unwrapped, self.teacher_state)
         self.step = 0
         self.best_val = math.inf
         self.best_step = 0
@@ -213,22 +244,6 @@ class Distiller(Checkpoints):
         """Copies of the trained weights (this process's shards when sharded)."""
         return {n: p.detach().clone() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
 
-    def plain_student(self, fresh: Callable[[], nn.Module]) -> nn.Module | None:
-        """The trained student as one unsharded model on the main process (None elsewhere).
-        Sharded, every process must call it (a gather); ``fresh()`` builds an untrained model of
-        the same structure (peft-wrapped for LoRA) to load the gathered weights into."""
-        if not self.sharded:
-            return self.unwrapped if self.acc.is_main_process else None
-        full = full_model_state(self.unwrapped)
-        if not self.acc.is_main_process:
-            return None
-        m = fresh()
-        missing, unexpected = m.load_state_dict(full, strict=False)
-        if unexpected or missing:
-            raise TrainingCheckpointError(f"the gathered weights do not fit the model: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
-        return m.eval()
-
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.unwrapped.named_parameters())
         missing = [n for n in state if n not in params]
@@ -237,6 +252,23 @@ class Distiller(Checkpoints):
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t)
+
+    @contextmanager
+    def teacher_weights(self):
+        """Within: the student holds the teacher's (source) values of the weights that train, in
+        place, one tensor at a time (no second model, no second copy of the trained weights).
+        Forwards only: a graph built before entering must not be used after (its weights changed)."""
+        if not self.teacher_state or self._as_teacher:
+            yield
+            return
+        params = dict(self.unwrapped.named_parameters())
+        self._as_teacher = True
+        _swap(params, self.teacher_state)
+        try:
+            yield
+        finally:
+            _swap(params, self.teacher_state)
+            self._as_teacher = False
 
     # ---- forwards ------------------------------------------------------------------------------
     def _forward(self, model, ids, mask, P):
@@ -247,14 +279,18 @@ class Distiller(Checkpoints):
 
     @torch.no_grad()
     def teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
-        """Response-position log-probs of the steered teacher: the base model, adapter OFF."""
-        if self.teacher is None:
+        """Response-position log-probs of the steered teacher: the base model (adapter OFF for
+        LoRA, the source values of the trained weights for full fine-tuning), steered."""
+        if self.teacher is not None:
+            with self.teacher_ctx(P):
+                logits, kept = self._forward(self.teacher, ids, mask, P)
+        elif self.cfg.method == "lora":
             peft_model = self.unwrapped
             with peft_model.disable_adapter(), self.teacher_ctx(P):
                 logits, kept = self._forward(peft_model, ids, mask, P)
         else:
-            with self.teacher_ctx(P):
-                logits, kept = self._forward(self.teacher, ids, mask, P)
+            with self.teacher_weights(), self.teacher_ctx(P):
+                logits, kept = self._forward(self.unwrapped, ids, mask, P)
         return response_logprobs(logits, mask, P, kept)
 
     def student_logprobs(self, ids, mask, P) -> torch.Tensor:
@@ -266,9 +302,9 @@ class Distiller(Checkpoints):
         return list(items[self.acc.process_index::self.acc.num_processes])
 
     @torch.no_grad()
-    def validate(self, val: TrajectorySet, student: nn.Module | None = None) -> float:
+    def validate(self, val: TrajectorySet, as_teacher: bool = False) -> float:
         """Mean per-token KL(teacher || student) over the validation responses (all processes);
-        ``student`` replaces the trained one (e.g. the unedited teacher copy, unsteered)."""
+        ``as_teacher``: the student side holds the teacher's weights, unsteered (the unedited model)."""
         # sharded, every forward is a collective: each process runs every batch
         mine = list(val.items) if self.sharded else self._shard(val.items)
         batches = [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
@@ -277,7 +313,8 @@ class Distiller(Checkpoints):
         total = torch.zeros(2, device=self.acc.device)
         for b, t in zip(batches, self._val_teacher):
             ids, mask, P = collate(b, self.pad_id)
-            logits, kept = self._forward(student if student is not None else self.unwrapped, ids, mask, P)
+            with self.teacher_weights() if as_teacher else nullcontext():
+                logits, kept = self._forward(self.unwrapped, ids, mask, P)
             s = response_logprobs(logits, mask, P, kept)
             total[0] += kl_per_token(t, s).sum()
             total[1] += t.shape[0]
@@ -337,9 +374,11 @@ class Distiller(Checkpoints):
         if resume and work_dir is not None:
             self.load_checkpoint(work_dir)
         if not self.history:
-            if self.warm_start_info is not None and self.teacher is not None:
-                # R's scale: the unedited model is the teacher copy without its steering
-                self.warm_start_info["source_val_kl"] = round(self.validate(val, student=self.teacher), 6)
+            if self.warm_start_info is not None and self.teacher_state:
+                # R's scale: the unedited model is the teacher's weights without the steering
+                self._val_teacher = None
+                v0 = self.validate(val, as_teacher=True)
+                self.warm_start_info["source_val_kl"] = round(v0, 6)
             v = self.validate(val)
             self.best_val, self.best_step = v, 0
             self.best_state = self.trainable_state()
@@ -359,11 +398,13 @@ class Distiller(Checkpoints):
                 break
             batch = self.batch_for(train, self.step)
             ids, mask, P = collate(batch, self.pad_id)
+            # the teacher first: its forward swaps weights that the student's graph will need
+            t = None if cfg.teacher_topk else self.teacher_logits(ids, mask, P)
             s = self.student_logprobs(ids, mask, P)
             if cfg.teacher_topk:  # the teacher's distribution, kept from the sampling pass
                 loss = kl_topk(*collate_topk(batch), s).mean()
             else:
-                loss = kl_per_token(self.teacher_logits(ids, mask, P), s).mean()
+                loss = kl_per_token(t, s).mean()
             self.optimizer.zero_grad(set_to_none=True)
             for g in self.optimizer.param_groups:
                 g["lr"] = cfg.lr_at(self.step)

@@ -318,11 +318,16 @@ def to_fidelity(ts: TrajectorySet | Sequence[Trajectory], pad_id: int, batch_siz
 def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], ContextManager], *,
            samples_per_prompt: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
            top_p: float = 0.95, batch_size: int = 8, seed: int = 0, system: str | None = None,
-           meta: dict[str, Any] | None = None, progress: bool = True, keep_topk: int = 0) -> TrajectorySet:
+           meta: dict[str, Any] | None = None, progress: bool = True, keep_topk: int = 0,
+           synced_calls: int | None = None) -> TrajectorySet:
     """Sample ``samples_per_prompt`` responses per prompt from ``model`` under ``context`` (the
     steered teacher: ``lambda P: steer(model, vec, L, coef, positions=...)``), in batches.
     ``keep_topk=k`` keeps the teacher's top-k log-probabilities at every response position from
-    the sampling pass, so training needs no teacher forward (:func:`kl_topk`)."""
+    the sampling pass, so training needs no teacher forward (:func:`kl_topk`).
+
+    ``synced_calls=n``: the model is sharded over a process group; generation steps in sync with
+    the other processes and makes exactly ``n`` batched calls (the extra ones repeat the last
+    batch and are discarded), so that every process runs the same number of collectives."""
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -333,11 +338,19 @@ def sample(model, tok, prompts: Sequence[str], context: Callable[[int | None], C
                               "max_new_tokens": max_new_tokens, "seed": seed,
                               "samples_per_prompt": samples_per_prompt, "teacher_topk": keep_topk})
     bar = tqdm(total=len(jobs), desc="sampling teacher", unit="traj", disable=not progress)
-    for i in range(0, len(jobs), batch_size):
+    starts = list(range(0, len(jobs), batch_size))
+    if synced_calls is not None:
+        if len(starts) > synced_calls:
+            raise TrajectoryError(f"{len(starts)} batches exceed the {synced_calls} synced calls asked for")
+        for _ in range(synced_calls - len(starts)):
+            with context(None):
+                generate(model, tok, rendered[-batch_size:], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed, synced=True)
+    for i in starts:
         chunk = rendered[i:i + batch_size]
         with context(None):
             g = generate(model, tok, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, seed=seed + i, keep_topk=keep_topk)
+                         top_p=top_p, seed=seed + i, keep_topk=keep_topk, synced=synced_calls is not None)
         P = g.prompt_len
         for j in range(len(chunk)):
             pmask = g.attention_mask[j, :P].bool()

@@ -32,6 +32,7 @@ from torch import nn
 from bakery.placement import input_device
 from bakery.arch import spec_for
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
+from bakery.bakers.distill.sharding import add_outer
 from bakery.bakers.distill.trajectories import Trajectory, collate
 from bakery.bakers.rank1 import down_module, expert_count, expert_inputs, experts_of
 
@@ -130,13 +131,58 @@ def apply_warm_start(model: nn.Module, items: Sequence[Trajectory], pad_id: int,
         fit = fit_expert_gates(model, list(items)[:max_trajectories], pad_id, block, positions)
         W = experts.down_proj
         for e, u in fit.pop("u_experts").items():  # [E, hidden, inter], gpt-oss [E, inter, hidden]
-            W[e].addr_(u.to(W), w.to(W)) if getattr(experts, "is_transposed", False) else W[e].addr_(w.to(W), u.to(W))
+            add_outer(W, u, w, e) if getattr(experts, "is_transposed", False) else add_outer(W, w, u, e)
     else:
         fit = fit_gate(model, list(items)[:max_trajectories], pad_id, block, positions)
         u = fit.pop("u")
         W = mod.get_submodule(down_module(spec, mod)).weight
         if spec.conv1d:  # Conv1D stores [in, out]
-            W.addr_(u.to(W), w.to(W))
+            add_outer(W, u, w)
         else:
-            W.addr_(w.to(W), u.to(W))
+            add_outer(W, w, u)
     return {"block": block, **{k: round(v, 4) if isinstance(v, float) else v for k, v in fit.items()}}
+
+
+@torch.no_grad()
+def apply_lora_warm_start(peft_model: nn.Module, items: Sequence[Trajectory], pad_id: int, *,
+                          vector: torch.Tensor, layer: int, coef: float, positions: str,
+                          max_trajectories: int = 256, adapter: str | None = None) -> dict:
+    """kl-lora's warm start: the same gated rank-one write as :func:`apply_warm_start`, held by
+    one component of the LoRA on block ``layer - 1``'s down-projection instead of the weight.
+
+    ``scale * B A`` gains ``coef * v u^T``: column 0 of ``lora_B`` and row 0 of ``lora_A`` are
+    set to ``w/|w| * sqrt(|w| |u| / scale)`` and ``u/|u| * sqrt(|w| |u| / scale)`` (``w = coef *
+    v``; the product is the write, the two factors of equal norm so that Adam moves both alike);
+    the other columns of ``lora_B`` are zeroed, so the adapter adds nothing else. Call it on a
+    freshly wrapped model (the fit runs through the adapter, which adds nothing then).
+
+    Returns the fit statistics, or ``{"skipped": why}`` where there is no single LoRA'd
+    down-projection to hold the write (sandwich norms, mixture-of-experts blocks, an adapter that
+    leaves the down-projection out)."""
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    spec = spec_for(base.config)
+    if spec.sandwich:
+        return {"skipped": "sandwich-norm block: the MLP output is renormalised, no plain rank-one write"}
+    block = layer - 1
+    mod = base.get_submodule(spec.blocks)[block]
+    if experts_of(spec, mod) is not None:
+        return {"skipped": f"block {block} is a mixture-of-experts block: no single down-projection for "
+                "one LoRA component to hold the write (training starts from a zero adapter)"}
+    down = mod.get_submodule(down_module(spec, mod))
+    name = adapter or getattr(peft_model, "active_adapter", None) or "default"
+    lora_A, lora_B = getattr(down, "lora_A", {}), getattr(down, "lora_B", {})
+    if name not in lora_A or name not in lora_B:
+        return {"skipped": f"the adapter '{name}' does not train block {block}'s down-projection"}
+    A, B = lora_A[name].weight, lora_B[name].weight  # [r, in], [out, r]; delta = scale * B A
+    if B.abs().max() > 0:
+        raise ValueError("apply_lora_warm_start wants a fresh adapter (lora_B all zero)")
+    scale = float(down.scaling[name])
+    fit = fit_gate(base, list(items)[:max_trajectories], pad_id, block, positions)
+    u = fit.pop("u").float()
+    w = coef * vector.float()
+    g = (float(w.norm()) * float(u.norm()) / scale) ** 0.5
+    B.zero_()
+    B[:, 0] = (w / w.norm() * g).to(B)
+    A[0, :] = (u / u.norm() * g).to(A)
+    return {"block": block, "lora_component": 0, "scale": scale,
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in fit.items()}}

@@ -1,0 +1,110 @@
+"""Sharded loading for distillation under FSDP2: no process ever holds the whole model.
+
+The student is built on the ``meta`` device (no memory), wrapped with LoRA if asked, sharded with
+:func:`~bakery.bakers.distill.sharding.shard_blocks` (each parameter becomes a ``DTensor`` split
+along its first dimension), given real but empty storage for this process's rows only, and filled
+from the checkpoint's safetensors files: each process reads just the rows it holds
+(:meth:`~bakery.io.checkpoint.CheckpointReader.get_rows`). Non-persistent buffers (rotary frequencies) are computed on the
+CPU as at any load. LoRA's ``A`` matrices are drawn per name (:func:`~bakery.bakers.distill.
+lora_init.init_lora`), so a sharded run starts from the same adapter as an unsharded one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from bakery.bakers.distill.errors import DistillError
+
+
+def checkpoint_name(param_name: str) -> str:
+    """The checkpoint key of a (peft-wrapped) model parameter."""
+    n = param_name.removeprefix("base_model.model.")
+    return n.replace(".base_layer.", ".")
+
+
+def shard_rows(n: int, p) -> tuple[int, int]:
+    """The rows ``[start, end)`` of a first-dimension FSDP2 shard of ``n`` rows held here (its
+    ``torch.chunk`` layout)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return 0, n
+    (placement,) = p.placements
+    if not (isinstance(placement, Shard) and placement.dim == 0):
+        raise DistillError(f"unexpected FSDP placement {placement}: bakery shards along the first dimension")
+    mesh = p.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    c = math.ceil(n / world)
+    start = min(rank * c, n)
+    return start, min(start + c, n)
+
+
+def local_rows(full: torch.Tensor, p) -> torch.Tensor:
+    """The rows of ``full`` that this process holds of parameter ``p``."""
+    start, end = shard_rows(full.shape[0], p)
+    return full[start:end]
+
+
+def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_remote_code: bool = False):
+    """The student of a sharded run (``cfg``: a :class:`~bakery.bakers.distill.train.TrainConfig`),
+    float32, LoRA-wrapped for ``cfg.method == "lora"``, sharded over the process group, filled from
+    ``model_dir``; and the description of what trains (read before peft wraps the linears). Needs
+    ``torch.distributed`` initialised (accelerate's launch does it)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bakery.bakers.distill.lora_init import lora_init_value
+    from bakery.bakers.distill.sharding import local, shard_blocks
+    from bakery.bakers.distill.targets import lora_targets
+    from bakery.bakers.distill.train import add_lora
+    from bakery.io.checkpoint import CheckpointReader
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = lora_targets(model, cfg.target_modules, cfg.experts).describe(model, lora=cfg.method == "lora")
+    if cfg.method == "lora":
+        model = add_lora(model, cfg, init=False)  # adapters on meta too; drawn below per name
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # real: computed at construction
+    shard_blocks(model)
+    model.to_empty(device=device)
+    ckpt = CheckpointReader(model_dir)
+    params = dict(model.named_parameters())
+    missing = [n for n in params if ".lora_" not in n and checkpoint_name(n) not in ckpt]
+    if missing:
+        raise DistillError(
+            f"sharded loading reads each parameter's rows by name, and {len(missing)} are not stored under "
+            f"their names in {model_dir} (e.g. {checkpoint_name(missing[0])}): this layout needs transformers' "
+            "conversion at load time. Run data parallel (accelerate launch --multi_gpu) instead of --use_fsdp")
+    with torch.no_grad():
+        for n, p in params.items():
+            dest = local(p)
+            if ".lora_" in n:
+                dest.copy_(local_rows(lora_init_value(n, tuple(p.shape), cfg.seed), p))
+                continue
+            key = checkpoint_name(n)
+            start, end = shard_rows(ckpt.tensors[key].shape[0], p)
+            dest.copy_(ckpt.get_rows(key, start, end).to(torch.float32))
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n].to(b.device))
+    return model, targets
+
+
+def refuse_unshardable(config: dict, req) -> None:
+    """What sharded loading does not cover, refused before any work (``req``: the
+    :class:`~bakery.bakers.distill.pipeline.DistillRequest`)."""
+    from bakery.bakers.distill.export import is_wrapper
+
+    if is_wrapper(config):
+        raise DistillError("sharded distillation of a multimodal wrapper is not supported (its export keeps "
+                           "the source checkpoint's vision tower, written from a whole copy): run it in one "
+                           "process or data parallel (accelerate launch --multi_gpu)")
+    if req.model_prompts:
+        raise DistillError("model_prompts (questions the model writes itself) is not supported under FSDP: "
+                           "write them in a one-process run, or pass --set prompts_file=FILE")

@@ -270,6 +270,14 @@ def _rss_mb() -> float:
 
 
 def memory(args) -> None:
+    if args.processes > 1:  # FSDP2 against data parallel, per process: bench/sharded_memory.py
+        import sharded_memory
+
+        if args.processes != 2:
+            raise SystemExit("memory --processes: the two-process comparison only (2)")
+        return sharded_memory.main(["--vector", args.vector, "--layer", str(args.layer), "--coef", str(args.coef),
+                                    *(["--model", str(args.model)] if args.model else []),
+                                    *(["--out", args.out] if args.out != "/tmp/distill-bench" else [])])
     rows = []
     for setup in ("one-copy", "two-copy", "one-copy-topk"):
         cmd = [sys.executable, __file__, "_memory_child", "--setup", setup,
@@ -529,6 +537,8 @@ def main() -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the work folders' checkpoints")
     p.add_argument("--setup", default="one-copy")
+    p.add_argument("--processes", type=int, default=1,
+                   help="memory: 2 compares FSDP2 with data parallel per process (bench/sharded_memory.py)")
     args = p.parse_args()
     {"fidelity": fidelity, "memory": memory, "vllm-lora": vllm_lora, "teacher": teacher, "reload": reload, "plot": plot_only,
      "_memory_child": memory_child}[args.what](args)

@@ -62,6 +62,9 @@ class DistillConfig(BakerConfig):
     experts: str | None = option(None, "mixture-of-experts blocks: the experts' fused weights to train: "
                                  "down (default: each expert's down-projection), all (also gate_up), none",
                                  choices=("down", "all", "none"))
+    activation_checkpointing: bool | None = option(
+        None, "keep only each block's input in the forward pass and recompute the rest in the backward "
+        "(less memory for about a third more compute; default false)", kind=bool)
     seed: int | None = option(None, "sampling and training seed (default 0)", kind=int)
     min_trajectories: int | None = option(None, "fewest training trajectories (default 16)", kind=int)
     # the run

@@ -57,7 +57,7 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from bakery.bakers.distill.lora_init import lora_init_value
-    from bakery.bakers.distill.sharding import local, shard_blocks
+    from bakery.bakers.distill.sharding import checkpoint_blocks, local, shard_blocks
     from bakery.bakers.distill.targets import lora_targets
     from bakery.bakers.distill.train import add_lora
     from bakery.io.checkpoint import CheckpointReader
@@ -65,6 +65,7 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config leaves a tied head untied (from_pretrained ties it)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -72,6 +73,8 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
     if cfg.method == "lora":
         model = add_lora(model, cfg, init=False)  # adapters on meta too; drawn below per name
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # real: computed at construction
+    if cfg.activation_checkpointing:  # before sharding, as FSDP2 wants
+        checkpoint_blocks(model)
     shard_blocks(model)
     model.to_empty(device=device)
     ckpt = CheckpointReader(model_dir)

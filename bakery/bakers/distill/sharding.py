@@ -31,7 +31,22 @@ def shard_blocks(model: nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
     for block in base.get_submodule(spec_for(base.config).blocks):
         fully_shard(block)
-    fully_shard(model)
+    # said explicitly, or FSDP keeps the root's weights (embeddings, head) whole between forward
+    # and backward: the teacher's forward has no backward to free them
+    fully_shard(model, reshard_after_forward=True)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing per decoder block (PyTorch's composable ``checkpoint``: hooks, no
+    wrapper module, so parameter names and the steering hooks stay as they are). Applied before
+    sharding, as FSDP2 wants; a block already checkpointed is left alone."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed._composable.contract import _get_registry
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for block in base.get_submodule(spec_for(base.config).blocks):
+        if "checkpoint" not in (_get_registry(block) or {}):
+            checkpoint(block)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -36,7 +36,8 @@ from bakery.bakers.distill.errors import DistillError, TrainingCheckpointError
 from bakery.bakers.distill.losses import kl_per_token, kl_topk
 from bakery.bakers.distill.targets import (EXPERT_CHOICES, check_targets, full_parameters,  # noqa: F401
                                            linear_module_names, lora_targets, module_pattern)
-from bakery.bakers.distill.sharding import fsdp_requested, is_sharded, like_params, local, shard_blocks
+from bakery.bakers.distill.sharding import (checkpoint_blocks, fsdp_requested, is_sharded, like_params, local,
+                                            shard_blocks)
 from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
                                  require_topk)
 
@@ -71,6 +72,7 @@ class TrainConfig:
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
     warm_start: bool = True  # full: start from the gated rank-one steering write (bakery.bakers.distill.warm_start)
     experts: str = "down"  # MoE blocks: fused expert weights to train (down | all | none; targets.py)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -201,6 +203,8 @@ class Distiller(Checkpoints):
         if kind == "FSDP" and getattr(self.acc.state.fsdp_plugin, "fsdp_version", 2) == 1:
             raise DistillError("FSDP version 1 keeps flattened parameters that bakery's checkpoints and exports "
                                "cannot gather: launch with accelerate launch --use_fsdp --fsdp_version 2")
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(self.student)
         if fsdp_requested() and kind != "FSDP" and self.acc.num_processes > 1:
             if not is_sharded(self.student):
                 shard_blocks(self.student)
@@ -274,7 +278,8 @@ class Distiller(Checkpoints):
     def _forward(self, model, ids, mask, P):
         kept = ids.shape[1] - P + 1
         dev = self.acc.device
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=kept)
+        # no KV cache: nothing reads it, and a recomputed (checkpointed) block would append to it twice
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=kept, use_cache=False)
         return out.logits, kept
 
     @torch.no_grad()

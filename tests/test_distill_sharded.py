@@ -130,3 +130,31 @@ def test_activation_checkpointing_trains_the_same_weights(tied, vec_file, tmp_pa
     assert pa.keys() == pb.keys()  # no wrapper module renames anything
     for n in pa:
         torch.testing.assert_close(pa[n], pb[n], atol=1e-6, rtol=0), n
+
+
+@pytest.mark.slow
+def test_an_fsdp_launch_samples_its_own_trajectories_with_the_sharded_model(tied, vec_file, tmp_path):
+    """No trajectory file: each process samples its share of the prompts with its shards, stepping in
+    sync, and the main process joins them; the run trains and exports as usual."""
+    from bakery.bakers.distill.trajectories import TrajectorySet
+    from bakery.io.manifest import Manifest
+
+    acc = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "o"
+    cmd = [str(acc), "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bakery", "bake", "--model", str(tied),
+           "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "--method", "kl-lora", "--rank", "8",
+           "--steps", "2", "-o", str(out),
+           *[a for k, v in {"num_prompts": 21, "val_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 6,
+                            "sample_batch_size": 4, "val_every": 2, "checkpoint_every": 0, "min_trajectories": 4,
+                            "batch_size": 4, "dtype": "float32"}.items() for a in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ts = TrajectorySet.load(tmp_path / "o.work" / "trajectories.jsonl")
+    assert ts.meta["sampled_by_processes"] == 2
+    assert len({t.prompt for t in ts.items}) >= 19  # 21 prompts (11 and 10 per process); an empty answer is dropped
+    assert not list((tmp_path / "o.work").glob("*.part*"))
+    m = Manifest.load(out)
+    assert m.extra["processes"] == 2 and m.extra["sharding"].startswith("FSDP2 by bakery")
+    assert load_model(out).config.tie_word_embeddings

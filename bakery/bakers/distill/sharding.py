@@ -31,9 +31,10 @@ def shard_blocks(model: nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
     for block in base.get_submodule(spec_for(base.config).blocks):
         fully_shard(block)
-    # said explicitly, or FSDP keeps the root's weights (embeddings, head) whole between forward
-    # and backward: the teacher's forward has no backward to free them
-    fully_shard(model, reshard_after_forward=True)
+    # The root is the transformers model, not peft's wrapper (generation calls it directly), and
+    # resharding is said explicitly, or FSDP keeps the root's weights (embeddings, head) whole
+    # between forward and backward: the teacher's forward has no backward to free them.
+    fully_shard(base, reshard_after_forward=True)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:

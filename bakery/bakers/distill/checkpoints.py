@@ -40,7 +40,7 @@ class Checkpoints:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         st = {"trainable": self.trainable_state(),
-              "optimizer": get_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer)}
+              "optimizer": get_optimizer_state_dict(self.unwrapped, self.optimizer)}
         if best:
             st["best"] = self.best_state if self.best_state is not None else self.trainable_state()
         return st
@@ -127,7 +127,7 @@ class Checkpoints:
             st = self._sharded_state(best=meta.get("has_best", False))
             dcp.load(st, checkpoint_id=str(ck / SHARDS))
             self.load_trainable_state(st["trainable"])
-            set_optimizer_state_dict(self.unwrapped, self.optimizer.optimizer, st["optimizer"])
+            set_optimizer_state_dict(self.unwrapped, self.optimizer, st["optimizer"])
             self.best_state = st.get("best")
         else:
             self.load_trainable_state(state["trainable"])

@@ -29,7 +29,7 @@ from bakery.bakers.distill.sharded_export import stage_sharded
 from bakery.bakers.distill.sharded_load import build_sharded_student, refuse_unshardable
 from bakery.bakers.distill.sharding import fsdp_requested
 from bakery.io.export import source_info_for
-from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult, add_lora
+from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)

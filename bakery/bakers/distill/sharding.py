@@ -1,17 +1,17 @@
-"""FSDP for the distilled bakers: shard a model's blocks across processes, and gather them back.
+"""FSDP2 for the distilled bakers: shard a model's blocks across processes, checkpoint their
+activations, and edit or swap sharded weights in place.
 
-``accelerate launch --use_fsdp`` shards the model on GPUs, but on CPU accelerate silently runs
-plain data parallel (every process holds the whole model). When FSDP is asked for and accelerate
-did not apply it, bakery applies PyTorch's FSDP2 (``fully_shard``, one unit per decoder block
-plus the root) itself; it runs over gloo on CPU. Either way the parameters become sharded
-``DTensor``s, and checkpoints and exports need the full tensors: the helpers here gather them
-(collectives: every process must call them) and put them back.
+Under ``accelerate launch --use_fsdp`` bakery applies PyTorch's FSDP2 itself (``fully_shard``,
+one unit per decoder block plus the transformers model as root), on GPUs over NCCL and on the
+CPU over gloo, where accelerate would silently run plain data parallel. The student comes
+sharded from :mod:`~bakery.bakers.distill.sharded_load`; checkpoints and exports are written
+from the shards (:mod:`~bakery.bakers.distill.checkpoints`, :mod:`~bakery.bakers.distill.
+sharded_export`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -80,16 +80,3 @@ def add_outer(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: int | No
         mine.addr_(a[start:end].to(mine), b.to(mine))
     elif start <= index < end:
         mine[index - start].addr_(a.to(mine), b.to(mine))
-
-
-def like_params(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full tensors laid out as ``model``'s parameters of the same name (sharded where they are)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    params = dict(model.named_parameters())
-    out = {}
-    for n, t in full.items():
-        p = params[n]
-        out[n] = (distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements) if isinstance(p, DTensor)
-                  else t)
-    return out

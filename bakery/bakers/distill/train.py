@@ -5,14 +5,17 @@ response tokens of sampled trajectories.
   off (``disable_adapter()``) and the steering hook on. Forgetting the switch would make the
   teacher include the adapter, silently; :meth:`Distiller.teacher_logits` is the one place that
   builds teacher logits, and a test pins it to the unadapted model.
-- Full fine-tuning needs a frozen teacher copy (the student's own weights move). It starts from
-  the closed-form warm start (:mod:`bakery.bakers.distill.warm_start`) when one is given: Adam's per-weight steps
+- Full fine-tuning needs the source values of the weights that train (the student's own move):
+  only those are kept, and the teacher's forward runs the student with them swapped in
+  (:meth:`Distiller.teacher_weights`), so no second model exists. It starts from the closed-form
+  warm start (:mod:`bakery.bakers.distill.warm_start`) when one is given: Adam's per-weight steps
   are too small to build the steering write itself in a few hundred steps.
 - Validation KL on held-out trajectories with early stopping (the best weights are kept), a
   progress bar with loss and validation KL, checkpoints every N steps with ``resume``, and a
   callback for half-baked exports.
 - Runs unchanged under ``accelerate launch`` (data parallel): each process takes its share of the
-  global batch, gradients are averaged by the wrapper, only the main process writes.
+  global batch, gradients are averaged by the wrapper, only the main process writes. Sharded
+  (FSDP2) students are built by :mod:`bakery.bakers.distill.sharded_load`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ from bakery.bakers.distill.errors import DistillError, TrainingCheckpointError
 from bakery.bakers.distill.losses import kl_per_token, kl_topk
 from bakery.bakers.distill.targets import (EXPERT_CHOICES, check_targets, full_parameters,  # noqa: F401
                                            linear_module_names, lora_targets, module_pattern)
-from bakery.bakers.distill.sharding import (checkpoint_blocks, fsdp_requested, is_sharded, like_params, local,
-                                            shard_blocks)
+from bakery.bakers.distill.sharding import checkpoint_blocks, fsdp_requested, is_sharded, local, shard_blocks
 from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
                                  require_topk)
 
@@ -156,11 +158,12 @@ def _swap(params: dict[str, nn.Parameter], other: dict[str, torch.Tensor]) -> No
 
 
 class Distiller(Checkpoints):
-    """Owns the student (and, for full fine-tuning, a frozen teacher copy) and trains it.
+    """Owns the student (and, for full fine-tuning, the source values of its trained weights) and
+    trains it.
 
-    ``context(P)`` is the steering of the teacher, a factory over the *base* model's blocks
-    (``lambda P: steer(base, vec, L, coef, positions=..., prompt_len=P)``); for full fine-tuning
-    ``teacher_context`` steers the frozen copy instead.
+    ``context_for(m)`` builds the steering of the teacher over model ``m``'s blocks
+    (``lambda P: steer(m, vec, L, coef, positions=..., prompt_len=P)``); the teacher is the base
+    model (adapter off) or, for full fine-tuning, the student with the source values swapped in.
     """
 
     def __init__(self, model: nn.Module, pad_id: int, cfg: TrainConfig,
@@ -196,16 +199,14 @@ class Distiller(Checkpoints):
             for p in full_parameters(model, cfg.target_modules, cfg.first_block or 0, cfg.experts):
                 p.requires_grad_(True)
             self.teacher_ctx = context_for(self.student)
-        # FSDP asked for but not applied by accelerate (it shards on GPUs only): shard here, unless
-        # the model came sharded already (bakery.bakers.distill.sharded_load)
+        # FSDP asked for: bakery shards with FSDP2 itself, on GPUs too (accelerate's plugin would
+        # shard a whole model loaded in every process; on CPU it silently runs data parallel),
+        # unless the model came sharded already (bakery.bakers.distill.sharded_load)
         self.sharding: str | None = None
         kind = str(self.acc.distributed_type).split(".")[-1]
-        if kind == "FSDP" and getattr(self.acc.state.fsdp_plugin, "fsdp_version", 2) == 1:
-            raise DistillError("FSDP version 1 keeps flattened parameters that bakery's checkpoints and exports "
-                               "cannot gather: launch with accelerate launch --use_fsdp --fsdp_version 2")
-        if cfg.activation_checkpointing:
+        if cfg.activation_checkpointing and not is_sharded(self.student):
             checkpoint_blocks(self.student)
-        if fsdp_requested() and kind != "FSDP" and self.acc.num_processes > 1:
+        if fsdp_requested() and self.acc.num_processes > 1:
             if not is_sharded(self.student):
                 shard_blocks(self.student)
             self.sharding = f"FSDP2 by bakery (accelerate runs {kind})"
@@ -220,15 +221,11 @@ class Distiller(Checkpoints):
                     cfg.warm_start = False
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
-        if self.sharding:  # no data-parallel wrapper around a sharded model: FSDP syncs the gradients
-            self.wrapped, self.optimizer = self.student, self.acc.prepare(optimizer)
+        if self.sharding:  # no wrapper around a sharded model: FSDP reduces the gradients itself
+            self.wrapped, self.optimizer = self.student, optimizer
         else:
             self.wrapped, self.optimizer = self.acc.prepare(self.student, optimizer)
-            if kind == "FSDP":
-                self.sharding = "FSDP by accelerate"
         self.sharded = is_sharded(self.unwrapped)
-        if self.sharded and self.teacher_state:  # accelerate sharded after the snapshot: lay it out likewise
-            self.teacher_state = like_params(self.unwrapped, self.teacher_state)
         self.step = 0
         self.best_val = math.inf
         self.best_step = 0
@@ -415,8 +412,11 @@ class Distiller(Checkpoints):
                 g["lr"] = cfg.lr_at(self.step)
             self.acc.backward(loss)
             if cfg.grad_clip:
-                self.acc.clip_grad_norm_([p for p in self.wrapped.parameters() if p.requires_grad],
-                                         cfg.grad_clip)
+                trained = [p for p in self.wrapped.parameters() if p.requires_grad]
+                if self.sharded:  # DTensor gradients: the norm is reduced over the shards
+                    torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+                else:
+                    self.acc.clip_grad_norm_(trained, cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
             run_steps += 1

@@ -1,19 +1,30 @@
 """``python bench/_rss_child.py ARGS...`` runs ``bakery ARGS...`` and, at exit, writes this
 process's peak resident memory to ``$BAKERY_BENCH_RSS_DIR/rank<RANK>.json`` (for
-bench/sharded_memory.py, one file per launched rank)."""
+bench/sharded_memory.py, one file per launched rank).
+
+The peak is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this process's own
+memory. ``getrusage``'s ``ru_maxrss`` survives ``execve`` on Linux, so a process started by a
+large parent would report the parent's peak."""
 
 import atexit
 import json
 import os
-import resource
 import sys
 from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def _record() -> None:
     folder = os.environ.get("BAKERY_BENCH_RSS_DIR")
     if folder:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
         Path(folder, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"peak_rss_mb": round(peak, 1)}))
 
 

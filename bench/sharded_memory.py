@@ -3,7 +3,7 @@ as swapped-in source values, streamed export) against plain data parallel (every
 the whole model), for kl-lora and kl-full, in one run; and whether the two exports are the same.
 
 Each configuration is a real ``accelerate launch --num_processes 2 -m bakery bake`` (through
-``bench/_rss_child.py``, which records every rank's peak RSS at exit) on the same trajectory
+``bench/_rss_child.py``, which records every rank's peak RSS, ``VmHWM``, at exit) on the same trajectory
 file, sampled once at the start. Run it as ``bench/distill.py memory --processes 2``.
 """
 
@@ -70,12 +70,14 @@ def _launch(args, mode: str, ac: bool, method: str, traj: Path, out: Path, rss_d
 def _import_baseline(args) -> float:
     """Peak RSS (MB) of a process that only imports what a bake imports (torch, transformers, peft,
     accelerate, bakery's distillation) and the tokenizer: the part no sharding can shrink."""
-    code = ("import resource, torch, transformers, peft, accelerate\n"
+    code = ("import torch, transformers, peft, accelerate\n"
             "import bakery.bakers.distill.pipeline, bakery.cli\n"
             "from bakery.models import load_tokenizer, resolve_model\n"
+            "from _rss_child import peak_rss_mb\n"
             f"load_tokenizer(resolve_model({args.model!r}))\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
+            "print(peak_rss_mb())")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold),
+           "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent}"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

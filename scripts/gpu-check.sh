@@ -5,6 +5,9 @@
 #   - the exact bakes (bias; ortho against runtime ablation) recover R >= 0.9999 in compare
 #   - vLLM agrees with the transformers target on top-1 >= 0.99 (verify's own pass rule)
 #   - verify passes bias and kl-lora in transformers and vLLM
+#   - with two or more GPUs: kl-lora distilled again sharded over two processes (FSDP2, every
+#     process reading only its rows of the checkpoint), on the same trajectories, gives the same
+#     weights (within 5e-3, the CPU test's bound)
 #
 # Needs .venv (make install, with a CUDA build of torch on the GPU host) and a vLLM environment
 # that can use the GPU: BAKERY_VLLM_PYTHON=/path/to/venv/bin/python (a CUDA vLLM; the .venv-vllm
@@ -18,6 +21,8 @@
 #                            steps): a check of the script itself, e.g. on a CPU machine
 #   GPU_CHECK_OUT=exports/gpu-check   outputs (replaced on every run)
 #   GPU_CHECK_VECTOR=FILE    skip the extraction and bake this vector (its recommended layer)
+#   GPU_CHECK_FSDP=auto      1: run the sharded stage anyway (on the CPU: two gloo processes);
+#                            0: skip it; auto: with two or more CUDA devices
 #   BAKERY_THREADS=N         --threads N for every command (CPU threads)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +96,17 @@ bakery bake "${T[@]}" "${ON[@]}" --method ortho -v "$V" -l "$L" -o "$D/ortho" --
 bakery bake "${T[@]}" "${ON[@]}" --method kl-lora -v "$V" -l "$L" -c 2 --positions all "${DISTILL[@]}" \
   -o "$D/kl-lora" --force
 
+FSDP="${GPU_CHECK_FSDP:-auto}"
+if [[ "$FSDP" == auto ]]; then
+  FSDP=$(python -c "import torch; print(int(torch.cuda.device_count() >= 2))")
+fi
+if [[ "$FSDP" == 1 ]]; then
+  stage "bake: kl-lora again, sharded over two processes (FSDP2), on the same trajectories"
+  accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 --num_machines 1 --mixed_precision no \
+    --dynamo_backend no -m bakery bake "${T[@]}" --method kl-lora -v "$V" -l "$L" -c 2 --positions all \
+    "${DISTILL[@]}" --set trajectories="$D/kl-lora.work/trajectories.jsonl" -o "$D/kl-lora-fsdp" --force
+fi
+
 stage "compare on $DEV in $DTYPE"
 bakery compare "${T[@]}" "${ON[@]}" --dtype "$DTYPE" "${EVAL[@]}" "$D/bias" "$D/kl-lora"
 bakery compare "${T[@]}" "${ON[@]}" --dtype "$DTYPE" "${EVAL[@]}" "$D/ortho"
@@ -116,6 +132,14 @@ for name, exact in (("bias", True), ("ortho", True), ("kl-lora", False)):
                  + (f", exact {row.get('exact')}" if exact else ""))
     if exact and not row["R"] >= EXACT_R:
         problems.append(f"{name}: R {row['R']:.6f} < {EXACT_R}")
+if (d / "kl-lora-fsdp").is_dir():  # the sharded run against the one-process run, weight by weight
+    from bakery.io.checkpoint import CheckpointReader
+
+    a, b = CheckpointReader(d / "kl-lora"), CheckpointReader(d / "kl-lora-fsdp")
+    worst = max(float((a.get(k).float() - b.get(k).float()).abs().max()) for k in a.keys())
+    lines.append(f"kl-lora sharded (FSDP2, 2 processes) vs one process: max |weight difference| {worst:.2e}")
+    if set(a.keys()) != set(b.keys()) or not worst <= 5e-3:
+        problems.append(f"kl-lora sharded: max |weight difference| {worst:.2e} > 5e-3 (or other tensors)")
 verdicts = json.loads((d / "verify.json").read_text())
 for export, vs in verdicts.items():
     for v in vs:

@@ -41,3 +41,16 @@ def smol_dir() -> Path:
     from bakery.models import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def vec_file(tmp_path_factory) -> Path:
+    """A random direction for the tiny models (hidden 32, 4 blocks): the distillation tests' vector."""
+    import torch
+
+    from bakery.vectors.artifact import VectorArtifact
+
+    torch.manual_seed(1)
+    p = tmp_path_factory.mktemp("vec") / "rand.safetensors"
+    VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(p)
+    return p

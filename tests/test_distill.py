@@ -39,14 +39,6 @@ def tiny(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def vec_file(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    p = tmp_path_factory.mktemp("vec") / "rand.safetensors"
-    VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(p)
-    return p
-
-
-@pytest.fixture(scope="module")
 def shared_traj(tiny, vec_file, tmp_path_factory) -> Path:
     """Trajectories sampled once for the module's training runs (44 prompts x 1, 10 tokens)."""
     work = tmp_path_factory.mktemp("traj")

@@ -19,7 +19,6 @@ from bakery.bakers.distill.train import TrainConfig, add_lora
 from bakery.io.checkpoint import CheckpointReader
 from bakery.models import load_model
 from bakery.steering.hooks import steer
-from bakery.vectors.artifact import VectorArtifact
 from tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,14 +29,6 @@ LAYER, COEF = 2, 4.0
 def tied(tmp_path_factory) -> Path:
     """A tiny Llama with a tied head, as SmolLM2 has (the head is no tensor of its own on disk)."""
     return make_tiny("llama", tmp_path_factory.mktemp("tied") / "m", seed=3, tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def vec_file(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    p = tmp_path_factory.mktemp("vec") / "rand.safetensors"
-    VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(p)
-    return p
 
 
 def test_lora_starts_from_the_same_matrices_however_it_was_built(tied):

@@ -12,19 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (``VmHWM``), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+from bake import _peak_mb  # VmHWM, as bench/bake.py measures its contenders
 
 
 def _record() -> None:
     folder = os.environ.get("BAKERY_BENCH_RSS_DIR")
     if folder:
-        peak = peak_rss_mb()
+        peak = _peak_mb()
         Path(folder, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"peak_rss_mb": round(peak, 1)}))
 
 

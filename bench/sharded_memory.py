@@ -73,9 +73,9 @@ def _import_baseline(args) -> float:
     code = ("import torch, transformers, peft, accelerate\n"
             "import bakery.bakers.distill.pipeline, bakery.cli\n"
             "from bakery.models import load_tokenizer, resolve_model\n"
-            "from _rss_child import peak_rss_mb\n"
+            "from bake import _peak_mb\n"
             f"load_tokenizer(resolve_model({args.model!r}))\n"
-            "print(peak_rss_mb())")
+            "print(_peak_mb())")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold),
            "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent}"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -105,6 +105,8 @@ if [[ "$FSDP" == 1 ]]; then
   accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 --num_machines 1 --mixed_precision no \
     --dynamo_backend no -m bakery bake "${T[@]}" --method kl-lora -v "$V" -l "$L" -c 2 --positions all \
     "${DISTILL[@]}" --set trajectories="$D/kl-lora.work/trajectories.jsonl" -o "$D/kl-lora-fsdp" --force
+else
+  stage "bake: the sharded (FSDP2) kl-lora stage NOT run (GPU_CHECK_FSDP=${GPU_CHECK_FSDP:-auto}: fewer than two CUDA devices, or 0)"
 fi
 
 stage "compare on $DEV in $DTYPE"

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled
-from bakery.bakers.distill.train import Distiller, TrainConfig, kl_per_token, kl_topk
+from bakery.bakers.distill.train import Distiller, TrainConfig
 from bakery.fidelity.metrics import measure, model_scorer
 from bakery.models import load_model, load_tokenizer, resolve_model
 from bakery.steering.hooks import steer
-from bakery.bakers.distill.trajectories import TrajectorySet, collate, collate_topk, prompt_pool, sample, to_fidelity
+from bakery.bakers.distill.trajectories import TrajectorySet, collate, prompt_pool, sample, to_fidelity
 from bakery.vectors.artifact import describe_layer, load_vector
 
 
@@ -146,7 +146,7 @@ def fidelity(args) -> None:
                          lr=args.lr_lora if method == "kl-lora" else args.lr_full,
                          lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full,
                          teacher_topk=args.teacher_topk,
-                         first_block=args.first_block_full if method == "kl-full" else None,
+                         first_block=args.first_block_full if method == "kl-full" else args.first_block_lora,
                          warm_start=not args.no_warm_start,
                          target_modules=args.targets_full.split(",") if method == "kl-full" and args.targets_full else None)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
@@ -236,7 +236,7 @@ def memory_child(args) -> None:
                 batch_size=args.batch_size, progress=False, keep_topk=topk)
     rss0 = _rss_mb()
     teacher = copy.deepcopy(model).eval() if args.setup == "two-copy" else None
-    cfg = TrainConfig(rank=args.rank, batch_size=args.batch_size, max_steps=10**6, min_trajectories=1)
+    cfg = TrainConfig(rank=args.rank, batch_size=args.batch_size, max_steps=10**6, min_trajectories=1, teacher_topk=topk)
     d = Distiller(model, tok.pad_token_id, cfg, ctx_base)
     if teacher is not None:  # the two-copy baseline: a frozen steered teacher beside the student
         d.teacher, d.teacher_ctx = teacher, ctx_base(teacher)
@@ -247,11 +247,7 @@ def memory_child(args) -> None:
             t0 = time.perf_counter()  # step 0 is warm-up
         batch = batches[step % len(batches)]
         ids, mask, P = collate(batch, tok.pad_token_id)
-        s = d.student_logprobs(ids, mask, P)
-        if topk:  # the teacher's top-k kept from sampling: no teacher forward
-            loss = kl_topk(*collate_topk(batch), s).mean()
-        else:
-            loss = kl_per_token(d.teacher_logits(ids, mask, P), s).mean()
+        loss = d.batch_loss(batch)  # the teacher's top-k kept from sampling, if any: no teacher forward
         d.optimizer.zero_grad()
         loss.backward()
         d.optimizer.step()
@@ -523,6 +519,7 @@ def main() -> None:
     p.add_argument("--warm-start-lora", action="store_true",
                    help="kl-lora from the gated rank-one write held by one LoRA component of the steered block's down_proj")
     p.add_argument("--first-block-full", type=int, default=None, help="default: the steered block")
+    p.add_argument("--first-block-lora", type=int, default=None, help="LoRA only on blocks from this one on (default: all)")
     p.add_argument("--targets-full", default=None, help="kl-full target modules, comma-separated")
     p.add_argument("--teacher-topk", type=int, default=0,
                    help="train on the teacher's top-k kept from sampling (no teacher forward per step)")

@@ -352,7 +352,7 @@ def test_two_process_accelerate_launch_trains_and_exports(tiny, vec_file, shared
            "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "-o", str(out), "--rank", "8", "--steps", "4",
            *_sets(trajectories=shared_traj, num_prompts=44, val_prompts=8, lr="5e-3", val_every=2,
                   checkpoint_every=2, dtype="float32")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = Manifest.load(out)
@@ -420,6 +420,19 @@ def test_a_target_module_the_architecture_lacks_is_refused(tiny, tiny_models):
     with pytest.raises(DistillError, match="c_attn.*do not exist in llama.*q_proj"):
         check_targets(m, ["q_proj", "c_attn"])
     assert "c_attn" in linear_module_names(load_model(tiny_models("gpt2")))
+
+
+def test_lora_from_a_first_block_adapts_only_the_blocks_from_there_on(tiny):
+    from bakery.bakers.distill.train import add_lora
+
+    m = load_model(tiny)
+    n = len(m.model.layers)
+    adapted = {int(name.split(".layers.")[1].split(".")[0])
+               for name, _ in add_lora(m, TrainConfig(rank=4, first_block=n - 1)).named_parameters()
+               if "lora_A" in name}
+    assert adapted == {n - 1}
+    with pytest.raises(DistillError, match=f"first_block must be between 0 and {n - 1}"):
+        add_lora(load_model(tiny), TrainConfig(rank=4, first_block=n))
 
 
 def _small_fs(path: Path):
@@ -608,7 +621,7 @@ def _launch(args: list[str], *, fsdp: bool) -> subprocess.CompletedProcess:
     mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
     cmd = [str(acc), "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "bakery", "bake", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

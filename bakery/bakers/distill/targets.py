@@ -82,9 +82,11 @@ def module_pattern(model: nn.Module, leaves: Sequence[str]) -> list[str] | str:
     return blocks_regex(blocks, leaves) if outside else list(leaves)
 
 
-def blocks_regex(blocks: str, leaves: Sequence[str]) -> str:
-    """A peft ``target_modules`` regex: the linears ``leaves`` in the blocks under ``blocks``."""
-    return rf"{re.escape(blocks)}\.\d+\.(?:.*\.)?(?:{'|'.join(map(re.escape, sorted(leaves)))})"
+def blocks_regex(blocks: str, leaves: Sequence[str], indices: Sequence[int] | None = None) -> str:
+    """A peft ``target_modules`` regex: the linears ``leaves`` in the blocks under ``blocks`` (those
+    numbered ``indices``, default all)."""
+    number = r"\d+" if indices is None else f"(?:{'|'.join(map(str, indices))})"
+    return rf"{re.escape(blocks)}\.{number}\.(?:.*\.)?(?:{'|'.join(map(re.escape, sorted(leaves)))})"
 
 
 def full_parameters(model: nn.Module, targets: Sequence[str] | None, first_block: int = 0,

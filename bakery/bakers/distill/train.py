@@ -3,8 +3,10 @@ response tokens of sampled trajectories.
 
 - LoRA (peft) keeps ONE copy of the model: the teacher is the same model with the adapter switched
   off (``disable_adapter()``) and the steering hook on. Forgetting the switch would make the
-  teacher include the adapter, silently; :meth:`Distiller.teacher_logits` is the one place that
-  builds teacher logits, and a test pins it to the unadapted model.
+  teacher include the adapter, silently; :meth:`Distiller.teacher_hidden` is the one place that
+  runs the teacher, and a test pins it to the unadapted model.
+- The forward stops before the head: the loss applies the head to a few response rows at a time
+  (:mod:`bakery.bakers.distill.head`), so no ``[tokens, vocab]`` tensor is ever whole.
 - Full fine-tuning needs the source values of the weights that train (the student's own move):
   only those are kept, and the teacher's forward runs the student with them swapped in
   (:meth:`Distiller.teacher_weights`), so no second model exists. It starts from the closed-form
@@ -30,14 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import spec_for
-from bakery.fidelity.metrics import response_logprobs
+from bakery.fidelity.metrics import response_logits
 from bakery.bakers.distill.checkpoints import CKPT_DIR, Checkpoints  # noqa: F401  (CKPT_DIR re-exported)
 from bakery.bakers.distill.errors import DistillError, TrainingCheckpointError
-from bakery.bakers.distill.losses import kl_per_token, kl_topk
-from bakery.bakers.distill.targets import (EXPERT_CHOICES, check_targets, full_parameters,  # noqa: F401
+from bakery.bakers.distill.head import head_function, hidden_as_logits, rows_per_chunk
+from bakery.bakers.distill.losses import chunked_kl, kl_per_token, kl_topk  # noqa: F401  (re-exported)
+from bakery.bakers.distill.targets import (EXPERT_CHOICES, blocks_regex, check_targets, full_parameters,  # noqa: F401
                                            linear_module_names, lora_targets, module_pattern)
 from bakery.bakers.distill.sharding import checkpoint_blocks, fsdp_requested, is_sharded, local, shard_blocks
 from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
@@ -127,8 +131,17 @@ def add_lora(model: nn.Module, cfg: TrainConfig, *, init: bool = True):
     from bakery.bakers.distill.lora_init import init_lora
 
     t = lora_targets(model, cfg.target_modules, cfg.experts)
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha(), target_modules=module_pattern(model, t.modules),
-                      target_parameters=t.parameters or None, lora_dropout=0.0, bias="none",
+    modules, parameters = module_pattern(model, t.modules), t.parameters
+    if cfg.first_block:  # only the blocks from first_block on
+        blocks = spec_for(model.config).blocks
+        n = len(model.get_submodule(blocks))
+        if not 0 <= cfg.first_block < n:
+            raise DistillError(f"first_block must be between 0 and {n - 1} (the model has {n} blocks); "
+                               f"got {cfg.first_block}")
+        modules = blocks_regex(blocks, t.modules, range(cfg.first_block, n))
+        parameters = [f"{blocks}.{i}.{p}" for i in range(cfg.first_block, n) for p in parameters]
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha(), target_modules=modules,
+                      target_parameters=parameters or None, lora_dropout=0.0, bias="none",
                       use_rslora=cfg.rslora, task_type="CAUSAL_LM", fan_in_fan_out=spec_for(model.config).conv1d)
     peft_model = get_peft_model(model, lcfg)
     if init:
@@ -272,32 +285,53 @@ class Distiller(Checkpoints):
             self._as_teacher = False
 
     # ---- forwards ------------------------------------------------------------------------------
-    def _forward(self, model, ids, mask, P):
+    def _hidden(self, model, ids, mask, P) -> torch.Tensor:
+        """The final hidden states at the positions that predict response tokens, [N, hidden]:
+        the forward stops before the head (the loss applies it a chunk at a time)."""
         kept = ids.shape[1] - P + 1
         dev = self.acc.device
-        # no KV cache: nothing reads it, and a recomputed (checkpointed) block would append to it twice
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=kept, use_cache=False)
-        return out.logits, kept
+        with hidden_as_logits(self.unwrapped):
+            # no KV cache: nothing reads it, and a recomputed (checkpointed) block would append to it twice
+            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=kept, use_cache=False)
+        return response_logits(out.logits, mask, P, kept)
+
+    @torch.no_grad()
+    def teacher_hidden(self, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        """Response-position final hidden states of the steered teacher: the base model (adapter
+        OFF for LoRA, the source values of the trained weights for full fine-tuning), steered.
+        The head, norm and embeddings never train, so teacher and student share the head."""
+        if self.teacher is not None:
+            with self.teacher_ctx(P):
+                return self._hidden(self.teacher, ids, mask, P)
+        if self.cfg.method == "lora":
+            peft_model = self.unwrapped
+            with peft_model.disable_adapter(), self.teacher_ctx(P):
+                return self._hidden(peft_model, ids, mask, P)
+        with self.teacher_weights(), self.teacher_ctx(P):
+            return self._hidden(self.unwrapped, ids, mask, P)
+
+    def kl_sum(self, student_h: torch.Tensor, teacher_h: torch.Tensor | None = None,
+               topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Summed per-token ``KL(teacher || student)`` of response hidden states, through the head."""
+        m = self.unwrapped
+        return chunked_kl(head_function(m), student_h, rows_per_chunk(m), teacher_h=teacher_h,
+                          topk=None if topk is None else tuple(t.to(student_h.device) for t in topk))
+
+    def batch_loss(self, batch: Sequence[Trajectory]) -> torch.Tensor:
+        """The training loss of a batch: mean per-token KL of the student from the teacher."""
+        ids, mask, P = collate(batch, self.pad_id)
+        if self.cfg.teacher_topk:  # the teacher's distribution, kept from the sampling pass
+            s = self._hidden(self.wrapped, ids, mask, P)
+            return self.kl_sum(s, topk=collate_topk(batch)) / s.shape[0]
+        # the teacher first: its forward swaps weights that the student's graph will need
+        t = self.teacher_hidden(ids, mask, P)
+        s = self._hidden(self.wrapped, ids, mask, P)
+        return self.kl_sum(s, t) / s.shape[0]
 
     @torch.no_grad()
     def teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
-        """Response-position log-probs of the steered teacher: the base model (adapter OFF for
-        LoRA, the source values of the trained weights for full fine-tuning), steered."""
-        if self.teacher is not None:
-            with self.teacher_ctx(P):
-                logits, kept = self._forward(self.teacher, ids, mask, P)
-        elif self.cfg.method == "lora":
-            peft_model = self.unwrapped
-            with peft_model.disable_adapter(), self.teacher_ctx(P):
-                logits, kept = self._forward(peft_model, ids, mask, P)
-        else:
-            with self.teacher_weights(), self.teacher_ctx(P):
-                logits, kept = self._forward(self.unwrapped, ids, mask, P)
-        return response_logprobs(logits, mask, P, kept)
-
-    def student_logprobs(self, ids, mask, P) -> torch.Tensor:
-        logits, kept = self._forward(self.wrapped, ids, mask, P)
-        return response_logprobs(logits, mask, P, kept)
+        """The teacher's response-position log-probs, [N, vocab] (whole: for checks, not training)."""
+        return F.log_softmax(head_function(self.unwrapped)(self.teacher_hidden(ids, mask, P)).float(), -1)
 
     # ---- validation ----------------------------------------------------------------------------
     def _shard(self, items: Sequence[Trajectory]) -> list[Trajectory]:
@@ -310,15 +344,14 @@ class Distiller(Checkpoints):
         # sharded, every forward is a collective: each process runs every batch
         mine = list(val.items) if self.sharded else self._shard(val.items)
         batches = [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
-        if self._val_teacher is None:  # the teacher never changes: compute its side once
-            self._val_teacher = [self.teacher_logits(*collate(b, self.pad_id)) for b in batches]
+        if self._val_teacher is None:  # the teacher never changes: keep its hidden states
+            self._val_teacher = [self.teacher_hidden(*collate(b, self.pad_id)) for b in batches]
         total = torch.zeros(2, device=self.acc.device)
         for b, t in zip(batches, self._val_teacher):
             ids, mask, P = collate(b, self.pad_id)
             with self.teacher_weights() if as_teacher else nullcontext():
-                logits, kept = self._forward(self.unwrapped, ids, mask, P)
-            s = response_logprobs(logits, mask, P, kept)
-            total[0] += kl_per_token(t, s).sum()
+                s = self._hidden(self.unwrapped, ids, mask, P)
+            total[0] += self.kl_sum(s, t)
             total[1] += t.shape[0]
         if not self.sharded:
             total = self.acc.reduce(total, reduction="sum")
@@ -398,15 +431,7 @@ class Distiller(Checkpoints):
             if cfg.patience and self.bad_evals >= cfg.patience:
                 stopped = True
                 break
-            batch = self.batch_for(train, self.step)
-            ids, mask, P = collate(batch, self.pad_id)
-            # the teacher first: its forward swaps weights that the student's graph will need
-            t = None if cfg.teacher_topk else self.teacher_logits(ids, mask, P)
-            s = self.student_logprobs(ids, mask, P)
-            if cfg.teacher_topk:  # the teacher's distribution, kept from the sampling pass
-                loss = kl_topk(*collate_topk(batch), s).mean()
-            else:
-                loss = kl_per_token(t, s).mean()
+            loss = self.batch_loss(self.batch_for(train, self.step))
             self.optimizer.zero_grad(set_to_none=True)
             for g in self.optimizer.param_groups:
                 g["lr"] = cfg.lr_at(self.step)

@@ -29,7 +29,7 @@ def main(model_dir: Path, out: Path) -> None:
     cfg = TrainConfig(rank=4, seed=5, activation_checkpointing=True)
     model, targets = build_sharded_student(model_dir, cfg, device=torch.device("cpu"))
     ckpt = CheckpointReader(model_dir)
-    report = {"rows_held": 0, "rows_total": 0, "params": 0, "max_local_fraction": 0.0}
+    report = {"rows_held": 0, "rows_total": 0, "params": 0, "max_local_fraction": 0.0, "whole_outside": []}
     with torch.no_grad():
         for n, p in model.named_parameters():
             mine = local(p)
@@ -38,10 +38,15 @@ def main(model_dir: Path, out: Path) -> None:
             elif ".lora_" not in n:
                 full = ckpt.get(checkpoint_name(n)).float()
                 assert torch.equal(mine, local_rows(full, p)), n
+                if ".layers." not in n:  # embeddings, final norm, head: not sharded
+                    report["whole_outside"].append([n, mine.shape == full.shape])
+                    continue
                 report["rows_held"] += mine.shape[0]
                 report["rows_total"] += full.shape[0]
                 report["params"] += 1
                 report["max_local_fraction"] = max(report["max_local_fraction"], mine.numel() / full.numel())
+    base = model.get_base_model()
+    report["tied"] = base.get_output_embeddings().weight is base.get_input_embeddings().weight
     stage_sharded(model, method="lora", dtype=torch.float32, staging=out / "staged", is_main=rank == 0)
     (out / f"rank{rank}.json").write_text(json.dumps({**report, "world": world, "targets": targets}))
     if rank == 0:  # the unsharded path, for the same adapter: peft's own merge

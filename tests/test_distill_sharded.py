@@ -51,11 +51,17 @@ def test_two_processes_each_hold_half_the_rows_and_write_the_export_from_them(ti
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
-    # every tensor split by rows: together the two processes hold each row once, each at most half
+    # every block tensor split by rows: together the two processes hold each row once, each at most half
     assert reports[0]["rows_held"] + reports[1]["rows_held"] == reports[0]["rows_total"]
     assert max(r["max_local_fraction"] for r in reports) <= 0.5
-    # the head is tied: one tensor on disk, one parameter
+    # the frozen embeddings, final norm and head are whole in each process (not sharded)
+    for r in reports:
+        assert sorted(n.removeprefix("base_model.model.") for n, _ in r["whole_outside"]) == [
+            "model.embed_tokens.weight", "model.norm.weight"]
+        assert all(whole for _, whole in r["whole_outside"])
+    # the head is tied: one tensor on disk, one parameter (tied again after to_empty)
     assert "lm_head.weight" not in CheckpointReader(tied)
+    assert all(r["tied"] for r in reports)
     # the export streamed from the shards equals peft's merge of the same adapter, unsharded
     staged, plain = CheckpointReader(tmp_path / "staged"), CheckpointReader(tmp_path / "plain")
     assert set(staged.keys()) == set(plain.keys())

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bakery.arch import cfg_get, text_config_of
@@ -34,20 +33,15 @@ def head_function(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The map from final hidden states to the logits the model's own forward makes: the head,
     then the scaling some architectures apply after it (Gemma 2's soft-capping, Granite's
     ``logits_scaling``, Cohere's ``logit_scale``). A test pins it to the forward for every
-    architecture bakery supports. A sharded head (FSDP2 reshards it after each forward) is
-    gathered once here, and the function holds it until it is dropped."""
+    architecture bakery supports. The head is whole in every process, sharded runs included
+    (:func:`~bakery.bakers.distill.sharding.shard_blocks` leaves it out)."""
     cfg = text_config_of(model.config)
     head = output_head(model)
-    if isinstance(head, nn.Linear):
-        weight, bias = _whole(head.weight), None if head.bias is None else _whole(head.bias)
-        project = lambda h: F.linear(h, weight, bias)
-    else:
-        project = head
     scaling, scale = cfg_get(cfg, "logits_scaling"), cfg_get(cfg, "logit_scale")
     cap = cfg_get(cfg, "final_logit_softcapping")
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = project(hidden)
+        out = head(hidden)
         if scaling:
             out = out / scaling
         if scale:
@@ -57,11 +51,6 @@ def head_function(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return out
 
     return logits
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A tensor as one piece: a DTensor shard is all-gathered (every process must call this)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def rows_per_chunk(model: nn.Module) -> int:

@@ -77,6 +77,9 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
         checkpoint_blocks(model)
     shard_blocks(model)
     model.to_empty(device=device)
+    # the root's weights are not sharded (shard_blocks), and to_empty gives a tied head its own
+    # storage: tie it again before filling
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
     ckpt = CheckpointReader(model_dir)
     params = dict(model.named_parameters())
     missing = [n for n in params if ".lora_" not in n and checkpoint_name(n) not in ckpt]

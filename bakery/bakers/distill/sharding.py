@@ -25,16 +25,20 @@ def fsdp_requested() -> bool:
 
 
 def shard_blocks(model: nn.Module) -> None:
-    """FSDP2 in place: each decoder block is one unit, the rest (embeddings, head) the root's."""
+    """FSDP2 in place: each decoder block is one unit; the rest (embeddings, norm, head) is the
+    root's and, where frozen (always, in distillation), is not sharded."""
     from torch.distributed.fsdp import fully_shard
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
-    for block in base.get_submodule(spec_for(base.config).blocks):
+    blocks = spec_for(base.config).blocks
+    for block in base.get_submodule(blocks):
         fully_shard(block)
-    # The root is the transformers model, not peft's wrapper (generation calls it directly), and
-    # resharding is said explicitly, or FSDP keeps the root's weights (embeddings, head) whole
-    # between forward and backward: the teacher's forward has no backward to free them.
-    fully_shard(base, reshard_after_forward=True)
+    # The root is the transformers model, not peft's wrapper (generation calls it directly). Its
+    # frozen weights (embeddings, final norm, head) stay whole in every process: every forward
+    # needs them whole from the embedding to the head, and gathering a shard of them holds the
+    # gathered copy and FSDP's all-gather buffer at once, more than the whole weights at rest.
+    frozen = {p for n, p in base.named_parameters() if not n.startswith(blocks + ".") and not p.requires_grad}
+    fully_shard(base, reshard_after_forward=True, ignored_params=frozen)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:

@@ -63,42 +63,6 @@ def held_out_questions(recipe: str | None) -> list[str]:
 
 
 def fidelity(args) -> None:
-    import contextlib
-
-    @contextlib.contextmanager
-    def lora_warm_start(on: bool):
-        """While on: kl-lora's student starts from the gated rank-one write held by one LoRA component
-        (:func:`~bakery.bakers.distill.warm_start.apply_lora_warm_start`). The pipeline does not do
-        this yet; here its ``Distiller`` is swapped for one that runs the pipeline's own warm-start
-        callback (fitted on the training split) on the LoRA student. Yields the fit's statistics."""
-        if not on:
-            yield {}
-            return
-        import bakery.bakers.distill.pipeline as pl
-        from bakery.bakers.distill.warm_start import apply_lora_warm_start
-
-        info: dict = {}
-        plain_fit, plain_distiller, plain_trains = pl.apply_warm_start, pl.Distiller, pl.trains_down
-
-        def either(m, *a, **k):
-            return (apply_lora_warm_start if hasattr(m, "peft_config") else plain_fit)(m, *a, **k)
-
-        def trains(m, block):  # apply_lora_warm_start checks the adapter's targets itself
-            return True if hasattr(m, "peft_config") else plain_trains(m, block)
-
-        class WarmLoraDistiller(Distiller):
-            def __init__(self, model, pad_id, cfg, context_for, *, warm_start=None, **kw):
-                super().__init__(model, pad_id, cfg, context_for, warm_start=warm_start, **kw)
-                if cfg.method == "lora" and warm_start is not None:  # before any step: Adam's state is lazy
-                    info.update(warm_start(self.student))
-                    print(f"[kl-lora] warm start: {info}", flush=True)
-
-        pl.apply_warm_start, pl.Distiller, pl.trains_down = either, WarmLoraDistiller, trains
-        try:
-            yield info
-        finally:
-            pl.apply_warm_start, pl.Distiller, pl.trains_down = plain_fit, plain_distiller, plain_trains
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(args.model)
@@ -147,7 +111,7 @@ def fidelity(args) -> None:
                          lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full,
                          teacher_topk=args.teacher_topk,
                          first_block=args.first_block_full if method == "kl-full" else args.first_block_lora,
-                         warm_start=not args.no_warm_start,
+                         warm_start=(not args.no_warm_start) if method == "kl-full" else (args.warm_start_lora or None),
                          target_modules=args.targets_full.split(",") if method == "kl-full" and args.targets_full else None)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
                              out=out / method, method=method, positions=args.positions, recipe=args.recipe,
@@ -158,8 +122,7 @@ def fidelity(args) -> None:
                              dtype=args.dtype, force=True, train=tc, command="bench/distill.py fidelity",
                              resume=args.resume)
         t0 = time.perf_counter()
-        with lora_warm_start(method == "kl-lora" and args.warm_start_lora) as lora_ws:
-            res = bake_distilled(req, on_eval=on_eval, progress=not args.no_progress)
+        res = bake_distilled(req, on_eval=on_eval, progress=not args.no_progress)
         total = time.perf_counter() - t0
         best = max(curve, key=lambda r: r["R"])
         final = next(r for r in curve if r["step"] == res.result.best_step)
@@ -170,7 +133,7 @@ def fidelity(args) -> None:
         results[method]["settings"] = {"lr": tc.resolved_lr(), "schedule": tc.lr_schedule, "rank": tc.rank,
                                        "max_steps": tc.max_steps, "patience": tc.patience,
                                        "max_new_tokens": args.max_new_tokens,
-                                       "warm_start": (lora_ws or None) if method == "kl-lora" else tc.warm_start}
+                                       "warm_start": res.info.get("warm_start")}
         print(f"[{method}] exported {res.out}: R {final['R']:.4f} at step {res.result.best_step} "
               f"(chosen by validation KL), {total:.0f} s in all", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -52,8 +52,9 @@ def test_the_write_is_coef_v_times_the_gate_at_the_steered_block(tiny_models, mo
     assert lam[on].mean() - lam[~on].mean() > 0.2 * COEF, (lam[on].mean(), lam[~on].mean())
 
 
-@pytest.mark.parametrize("positions", ["response", "all"])
-def test_kl_full_starts_from_the_warm_start_closer_to_the_teacher(tiny_models, tmp_path, positions):
+@pytest.mark.parametrize("method,positions", [("kl-full", "response"), ("kl-full", "all"), ("kl-lora", "response")])
+def test_a_warm_start_begins_closer_to_the_teacher(tiny_models, tmp_path, method, positions):
+    """kl-full writes it into the weight, kl-lora (asked for) into one LoRA component."""
     # a 256-wide MLP: with the default 64 a linear gate barely tells answers from prompts (u . a
     # about 0.33 on answers), and the response ratio below came out 0.27-0.46 over fresh draws of
     # vector, prompts and samples; at 256 it is 0.09-0.22 (all: under 0.05), and 1 with no write
@@ -64,15 +65,16 @@ def test_kl_full_starts_from_the_warm_start_closer_to_the_teacher(tiny_models, t
     kl0, info = {}, {}
     for warm in (True, False):
         req = DistillRequest(model=str(folder), vector=str(vec_file), layer=LAYER, coef=COEF,
-                             out=tmp_path / f"out-{warm}", method="kl-full", positions=positions, num_prompts=44,
+                             out=tmp_path / f"out-{warm}", method=method, positions=positions, num_prompts=44,
                              samples_per_prompt=1, max_new_tokens=10, val_prompts=8, sample_batch_size=22,
                              trajectories=str(tmp_path / "t.jsonl"), dtype="float32",
-                             train=TrainConfig(method="full", max_steps=1, val_every=1, checkpoint_every=0,
+                             train=TrainConfig(max_steps=1, val_every=1, checkpoint_every=0, rank=8,
                                                warm_start=warm, lr=1e-9))
         res = train_distilled(req, progress=False)
         kl0[warm], info[warm] = res.result.history[0]["val_kl"], res.info
     ws = info[True]["warm_start"]
-    assert ws["block"] == LAYER - 1 and ws["tokens"] > 100 and info[False]["warm_start"] is None
+    assert ws["block"] == LAYER - 1 and ws["tokens"] > 100 and info[False].get("warm_start") is None
+    assert ("lora_component" in ws) == (method == "kl-lora")
     assert kl0[True] < 0.5 * kl0[False], kl0
     # R is measured against the unedited model in both cases, and the manifest says so
     assert ws["source_val_kl"] == pytest.approx(kl0[False], rel=1e-4)
@@ -167,7 +169,7 @@ def test_kl_full_on_a_moe_model_starts_closer_to_the_teacher(tiny_models, tmp_pa
                              out=tmp_path / f"out-{warm}", method="kl-full", positions="all", num_prompts=40,
                              samples_per_prompt=1, max_new_tokens=8, val_prompts=8, sample_batch_size=20,
                              trajectories=str(tmp_path / "t.jsonl"), dtype="float32",
-                             train=TrainConfig(method="full", max_steps=1, val_every=1, checkpoint_every=0,
+                             train=TrainConfig(max_steps=1, val_every=1, checkpoint_every=0, rank=8,
                                                warm_start=warm, lr=1e-9))
         res = train_distilled(req, progress=False)
         kl0[warm], info[warm] = res.result.history[0]["val_kl"], res.info

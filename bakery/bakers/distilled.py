@@ -91,6 +91,10 @@ class KlLoraConfig(DistillConfig):
     rank: int | None = option(None, "LoRA rank (default 32)", flag="--rank", kind=int)
     alpha: float | None = option(None, "LoRA alpha (default 2 * rank)", kind=float)
     rslora: bool | None = option(None, "rank-stabilised LoRA scaling", kind=bool)
+    first_block: int | None = option(None, "LoRA on blocks from this index on (default: every block)", kind=int)
+    warm_start: bool | None = option(None, "start with one LoRA component of the steered block's "
+                                     "down-projection holding the gated rank-one steering write "
+                                     "(default false; lr then defaults to 1e-4)", kind=bool)
 
 
 @dataclass
@@ -101,6 +105,7 @@ class KlFullConfig(DistillConfig):
                                      "block, layer - 1)", kind=int)
     warm_start: bool | None = option(None, "start from the gated rank-one steering write (default true)",
                                      kind=bool)
+
 
 
 _RENAMED = {"steps": "max_steps"}  # config name -> TrainConfig name

@@ -34,7 +34,7 @@ from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
 from bakery.vectors.artifact import VectorArtifact, load_vector
-from bakery.bakers.distill.warm_start import apply_warm_start
+from bakery.bakers.distill.warm_start import apply_lora_warm_start, apply_warm_start
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
 TEACHER_ENGINES = ("transformers", "vllm")
@@ -300,6 +300,12 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     train, val = ts.split(req.val_prompts, seed=req.train.seed)
 
     def warm_start(m):
+        if req.train.method == "lora":  # one LoRA component holds the write; it checks the adapter's targets
+            if sharded:
+                return {"skipped": "the LoRA warm start is not built for a sharded adapter yet (training "
+                                   "starts from a zero adapter)"}
+            return apply_lora_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer,
+                                         coef=req.coef, positions=req.positions)
         if not trains_down(m, req.layer - 1):
             return {"skipped": f"the warm start writes block {req.layer - 1}'s down-projection, which this run "
                                "does not train (target_modules / first_block)"}
@@ -330,23 +336,28 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
         i.update(dd.targets, experts=req.train.experts)
         if req.train.method == "lora":
             i.update(rank=req.train.rank, alpha=req.train.resolved_alpha(), rslora=req.train.rslora)
+            if req.train.first_block:
+                i.update(first_block=req.train.first_block)
+            if dd.warm_start_info is not None:
+                i.update(warm_start=dd.warm_start_info)
         else:
             i.update(first_block=req.train.first_block, warm_start=dd.warm_start_info,
                      trained_parameters=sum(p.numel() for p in dd.unwrapped.parameters() if p.requires_grad))
-            ws = dd.warm_start_info or {}
-            if "block" in ws and dd.history:
-                off = ("" if ws["unsteered_mean"] is None
-                       else f", {ws['unsteered_mean']:.3f} at unsteered ones")
-                where = (f"the down-projections of {ws['experts_fitted']} of block {ws['block']}'s "
-                         f"{ws['experts']} experts (one u per expert, fitted on the tokens routed to it)"
-                         if "experts" in ws else f"block {ws['block']}'s down-projection")
-                i["notes"] = [
-                    f"warm start: coef * v written through {where}, gated "
-                    f"by u . a (mean {ws['steered_mean']:.3f} at steered tokens{off}; {ws['tokens']} "
-                    f"tokens); validation R {1 - dd.history[0]['val_kl'] / base_kl:.4f} before training, "
-                    f"{i['val_R']:.4f} at step {dd.best_step}"]
-            elif "skipped" in ws:
-                i["notes"] = [f"no warm start: {ws['skipped']}"]
+        ws = dd.warm_start_info or {}
+        if "block" in ws and dd.history:
+            off = ("" if ws["unsteered_mean"] is None
+                   else f", {ws['unsteered_mean']:.3f} at unsteered ones")
+            where = (f"the down-projections of {ws['experts_fitted']} of block {ws['block']}'s "
+                     f"{ws['experts']} experts (one u per expert, fitted on the tokens routed to it)"
+                     if "experts" in ws else f"one LoRA component of block {ws['block']}'s down-projection"
+                     if "lora_component" in ws else f"block {ws['block']}'s down-projection")
+            i["notes"] = [
+                f"warm start: coef * v written through {where}, gated "
+                f"by u . a (mean {ws['steered_mean']:.3f} at steered tokens{off}; {ws['tokens']} "
+                f"tokens); validation R {1 - dd.history[0]['val_kl'] / base_kl:.4f} before training, "
+                f"{i['val_R']:.4f} at step {dd.best_step}"]
+        elif "skipped" in ws:
+            i["notes"] = [f"no warm start: {ws['skipped']}"]
         return {**i, **(extra or {})}
 
     def weights(dd: Distiller, extra: dict | None = None, staging: Path | None = None) -> DistilledWeights | None:

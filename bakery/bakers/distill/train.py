@@ -72,21 +72,24 @@ class TrainConfig:
     save_every: int = 0  # 0 = no half-baked exports
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    first_block: int | None = None  # full: train blocks from this index on (kl-full: the steered block)
+    first_block: int | None = None  # train blocks from this index on (kl-full: the steered block; LoRA: all)
     seed: int = 0
     min_trajectories: int = 16
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
-    warm_start: bool = True  # full: start from the gated rank-one steering write (bakery.bakers.distill.warm_start)
+    warm_start: bool | None = None  # start from the gated rank-one steering write (default: full yes, LoRA no)
     experts: str = "down"  # MoE blocks: fused expert weights to train (down | all | none; targets.py)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        if self.method == "lora":
-            return 2e-4
         # the warm start is already close: a small step refines it, a large one adds noise
-        return 1e-5 if self.warm_start else 5e-5
+        if self.method == "lora":
+            return 1e-4 if self.uses_warm_start() else 2e-4
+        return 1e-5 if self.uses_warm_start() else 5e-5
+
+    def uses_warm_start(self) -> bool:
+        return self.warm_start if self.warm_start is not None else self.method == "full"
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): a pure function of the step, so a resumed
@@ -228,10 +231,10 @@ class Distiller(Checkpoints):
             # those are kept (this process's shards when sharded), never a second model
             self.teacher_state = {n: p.detach().clone() for n, p in self.student.named_parameters()
                                   if p.requires_grad}
-            if warm_start is not None and cfg.warm_start:
-                self.warm_start_info = warm_start(self.student)
-                if "skipped" in self.warm_start_info:  # train from the source: its default lr
-                    cfg.warm_start = False
+        if warm_start is not None and cfg.uses_warm_start():
+            self.warm_start_info = warm_start(self.student)
+            if "skipped" in self.warm_start_info:  # train from the source: its default lr
+                cfg.warm_start = False
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
         if self.sharding:  # no wrapper around a sharded model: FSDP reduces the gradients itself
@@ -283,6 +286,11 @@ class Distiller(Checkpoints):
         finally:
             _swap(params, self.teacher_state)
             self._as_teacher = False
+
+    def source_weights(self):
+        """Within: the student computes what the unedited source model does (LoRA: the adapter
+        off; full fine-tuning: the source values swapped in)."""
+        return self.unwrapped.disable_adapter() if self.cfg.method == "lora" else self.teacher_weights()
 
     # ---- forwards ------------------------------------------------------------------------------
     def _hidden(self, model, ids, mask, P) -> torch.Tensor:
@@ -340,7 +348,7 @@ class Distiller(Checkpoints):
     @torch.no_grad()
     def validate(self, val: TrajectorySet, as_teacher: bool = False) -> float:
         """Mean per-token KL(teacher || student) over the validation responses (all processes);
-        ``as_teacher``: the student side holds the teacher's weights, unsteered (the unedited model)."""
+        ``as_teacher``: the student side is the source model, unsteered (the unedited model)."""
         # sharded, every forward is a collective: each process runs every batch
         mine = list(val.items) if self.sharded else self._shard(val.items)
         batches = [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
@@ -349,7 +357,7 @@ class Distiller(Checkpoints):
         total = torch.zeros(2, device=self.acc.device)
         for b, t in zip(batches, self._val_teacher):
             ids, mask, P = collate(b, self.pad_id)
-            with self.teacher_weights() if as_teacher else nullcontext():
+            with self.source_weights() if as_teacher else nullcontext():
                 s = self._hidden(self.unwrapped, ids, mask, P)
             total[0] += self.kl_sum(s, t)
             total[1] += t.shape[0]
@@ -409,7 +417,7 @@ class Distiller(Checkpoints):
         if resume and work_dir is not None:
             self.load_checkpoint(work_dir)
         if not self.history:
-            if self.warm_start_info is not None and self.teacher_state:
+            if self.warm_start_info is not None and "skipped" not in self.warm_start_info:
                 # R's scale: the unedited model is the teacher's weights without the steering
                 self._val_teacher = None
                 v0 = self.validate(val, as_teacher=True)

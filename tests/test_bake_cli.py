@@ -407,7 +407,7 @@ def test_every_flag_of_another_method_is_refused(setup, method):
     ("bias", ["--calibration", "prompts"]),
     ("ortho", ["--target-engine", "vllm"]),  # only meaningful with --add
     ("kl-full", ["--set", "rank=8"]),
-    ("kl-lora", ["--set", "warm_start=false"]),
+    ("kl-full", ["--set", "alpha=16"]),  # LoRA only
     ("bias", ["--set", "no_such_setting=1"]),
 ])
 def test_settings_a_method_does_not_use_are_refused(setup, method, extra):

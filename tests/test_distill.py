@@ -647,6 +647,7 @@ def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny, v
     assert r.returncode == 0, r.stderr[-3000:]
     m = Manifest.load(out)
     assert m.extra["sharding"] == "FSDP2 by bakery (accelerate runs MULTI_CPU)" and m.extra["processes"] == 2
+    assert m.extra["activation_checkpointing"] is True  # the default under FSDP
     assert [h["step"] for h in m.extra["history"]] == [0, 2, 4, 6]
     assert m.extra["best_val_kl"] == pytest.approx(single.info["best_val_kl"], rel=2e-2)
     # against the unedited model's KL: kl-full's step 0 is already the warm start (0.69 of it here)

@@ -64,7 +64,7 @@ class DistillConfig(BakerConfig):
                                  choices=("down", "all", "none"))
     activation_checkpointing: bool | None = option(
         None, "keep only each block's input in the forward pass and recompute the rest in the backward "
-        "(less memory for about a third more compute; default false)", kind=bool)
+        "(less memory for about a third more compute; default: true under FSDP, false otherwise)", kind=bool)
     seed: int | None = option(None, "sampling and training seed (default 0)", kind=int)
     min_trajectories: int | None = option(None, "fewest training trajectories (default 16)", kind=int)
     # the run

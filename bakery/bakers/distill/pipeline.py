@@ -330,6 +330,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
              "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
              "history": dd.history, "processes": acc.num_processes,
              "distributed_type": str(acc.distributed_type).split(".")[-1], "sharding": dd.sharding,
+             "activation_checkpointing": req.train.checkpoints_activations(sharded),
              "replicas_in_sync": dd.replicas_in_sync,
              "sample_seconds": ts.meta.get("sample_seconds"),
              "teacher_engine": ts.meta.get("teacher_engine", "transformers"), "vector_norm": round(float(row.norm()), 4)}

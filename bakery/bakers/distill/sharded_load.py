@@ -73,7 +73,7 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
     if cfg.method == "lora":
         model = add_lora(model, cfg, init=False)  # adapters on meta too; drawn below per name
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # real: computed at construction
-    if cfg.activation_checkpointing:  # before sharding, as FSDP2 wants
+    if cfg.checkpoints_activations(sharded=True):  # before sharding, as FSDP2 wants
         checkpoint_blocks(model)
     shard_blocks(model)
     model.to_empty(device=device)

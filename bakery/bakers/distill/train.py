@@ -78,7 +78,9 @@ class TrainConfig:
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
     warm_start: bool | None = None  # start from the gated rank-one steering write (default: full yes, LoRA no)
     experts: str = "down"  # MoE blocks: fused expert weights to train (down | all | none; targets.py)
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # recompute each block's activations in the backward pass (default: on when sharded, where
+    # memory is the point, off otherwise)
+    activation_checkpointing: bool | None = None
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -99,6 +101,9 @@ class TrainConfig:
             return lr
         t = min(step / max(self.max_steps - 1, 1), 1.0)
         return lr * (self.lr_floor + (1 - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def checkpoints_activations(self, sharded: bool) -> bool:
+        return self.activation_checkpointing if self.activation_checkpointing is not None else sharded
 
     def resolved_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
@@ -220,9 +225,10 @@ class Distiller(Checkpoints):
         # unless the model came sharded already (bakery.bakers.distill.sharded_load)
         self.sharding: str | None = None
         kind = str(self.acc.distributed_type).split(".")[-1]
-        if cfg.activation_checkpointing and not is_sharded(self.student):
+        shard = fsdp_requested() and self.acc.num_processes > 1
+        if cfg.checkpoints_activations(shard) and not is_sharded(self.student):
             checkpoint_blocks(self.student)
-        if fsdp_requested() and self.acc.num_processes > 1:
+        if shard:
             if not is_sharded(self.student):
                 shard_blocks(self.student)
             self.sharding = f"FSDP2 by bakery (accelerate runs {kind})"

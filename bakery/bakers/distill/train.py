@@ -304,7 +304,7 @@ class Distiller(Checkpoints):
         the forward stops before the head (the loss applies it a chunk at a time)."""
         kept = ids.shape[1] - P + 1
         dev = self.acc.device
-        with hidden_as_logits(self.unwrapped):
+        with hidden_as_logits(self.teacher if model is self.teacher else self.unwrapped):
             # no KV cache: nothing reads it, and a recomputed (checkpointed) block would append to it twice
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=kept, use_cache=False)
         return response_logits(out.logits, mask, P, kept)

@@ -107,7 +107,6 @@ class KlFullConfig(DistillConfig):
                                      kind=bool)
 
 
-
 _RENAMED = {"steps": "max_steps"}  # config name -> TrainConfig name
 
 

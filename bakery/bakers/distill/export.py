@@ -16,6 +16,7 @@ from bakery.bakers.base import BakeFacts, Weights
 from bakery.io.export import write_overlay
 from bakery.naming import slug
 from bakery.vectors.artifact import describe_layer
+from bakery.bakers.distill.targets import unwrap_peft
 
 
 def merged_copy(student, method: str):
@@ -98,8 +99,7 @@ def is_wrapper(config: dict) -> bool:
 
 
 def _student_blocks(student) -> str:
-    base = student.get_base_model() if hasattr(student, "get_base_model") else student
-    return spec_for(base.config).blocks
+    return spec_for(unwrap_peft(student).config).blocks
 
 
 def text_tower_rename(config: dict, student):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bakery.arch import cfg_get, text_config_of
+from bakery.bakers.distill.targets import unwrap_peft
 
 # rows per chunk: about 4M logits (16 MB in float32) at a time
 CHUNK_LOGITS = 1 << 22
@@ -22,7 +23,7 @@ CHUNK_LOGITS = 1 << 22
 
 def output_head(model: nn.Module) -> nn.Module:
     """The model's output embedding (the ``lm_head``), through peft and multimodal wrappers."""
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    base = unwrap_peft(model)
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output embedding (get_output_embeddings() is None)")
@@ -64,7 +65,7 @@ def hidden_as_logits(model: nn.Module):
     the head's input, the final hidden states ``[batch, kept positions, hidden]``, as its
     ``logits``. They are an output of the outermost module, not a tensor caught inside it:
     FSDP2 starts a sharded root's backward from its outputs' gradients."""
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    base = unwrap_peft(model)
     caught: list[torch.Tensor] = []
 
     def skip_head(_module, args, kwargs):

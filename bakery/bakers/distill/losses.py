@@ -56,4 +56,3 @@ def chunked_kl(head: Callable[[torch.Tensor], torch.Tensor], student_h: torch.Te
         else:
             total = total + part(student_h[sl], *teacher)
     return total
-

@@ -28,6 +28,7 @@ from bakery.bakers.distill.export import DistilledWeights, StagedWeights, is_wra
 from bakery.bakers.distill.sharded_export import stage_sharded
 from bakery.bakers.distill.sharded_load import build_sharded_student, refuse_unshardable
 from bakery.bakers.distill.sharding import fsdp_requested
+from bakery.bakers.distill.targets import unwrap_peft
 from bakery.io.export import source_info_for
 from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult
 from bakery.steering.hooks import steer
@@ -255,7 +256,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                                                trust_remote_code=req.trust_remote_code)
     else:
         model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     vec = req.vector if isinstance(req.vector, VectorArtifact) else load_vector(
         req.vector, num_layers=base.config.num_hidden_layers)
     vec.check_model(base.config)

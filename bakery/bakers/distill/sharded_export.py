@@ -19,6 +19,7 @@ from torch import nn
 
 from bakery.bakers.distill.errors import DistillError
 from bakery.bakers.distill.sharded_load import checkpoint_name
+from bakery.bakers.distill.targets import unwrap_peft
 from bakery.io.checkpoint import DEFAULT_SHARD_BYTES, DTYPES, OutTensor, ShardedWriter
 
 ADAPTER = "default"
@@ -86,7 +87,7 @@ def stage_sharded(model: nn.Module, *, method: str, dtype: torch.dtype, staging:
                if ".lora_" in n}
     if not is_main:
         return
-    base = model.get_base_model() if method == "lora" else model
+    base = unwrap_peft(model)
     config = copy.deepcopy(base.config)
     config.dtype = dtype
     config.save_pretrained(staging)

@@ -58,7 +58,7 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
 
     from bakery.bakers.distill.lora_init import lora_init_value
     from bakery.bakers.distill.sharding import checkpoint_blocks, local, shard_blocks
-    from bakery.bakers.distill.targets import lora_targets
+    from bakery.bakers.distill.targets import lora_targets, unwrap_peft
     from bakery.bakers.distill.train import add_lora
     from bakery.io.checkpoint import CheckpointReader
 
@@ -79,7 +79,7 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
     model.to_empty(device=device)
     # the root's weights are not sharded (shard_blocks), and to_empty gives a tied head its own
     # storage: tie it again before filling
-    (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
+    unwrap_peft(model).tie_weights()
     ckpt = CheckpointReader(model_dir)
     params = dict(model.named_parameters())
     missing = [n for n in params if ".lora_" not in n and checkpoint_name(n) not in ckpt]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bakery.arch import spec_for
+from bakery.bakers.distill.targets import unwrap_peft
 
 
 def fsdp_requested() -> bool:
@@ -29,7 +30,7 @@ def shard_blocks(model: nn.Module) -> None:
     root's and, where frozen (always, in distillation), is not sharded."""
     from torch.distributed.fsdp import fully_shard
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+    base = unwrap_peft(model)
     blocks = spec_for(base.config).blocks
     for block in base.get_submodule(blocks):
         fully_shard(block)
@@ -48,7 +49,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
     from torch.distributed._composable import checkpoint
     from torch.distributed._composable.contract import _get_registry
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     for block in base.get_submodule(spec_for(base.config).blocks):
         if "checkpoint" not in (_get_registry(block) or {}):
             checkpoint(block)

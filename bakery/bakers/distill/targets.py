@@ -29,6 +29,11 @@ class TargetError(DistillError):
     """A LoRA or fine-tuning target that the architecture does not have."""
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (``model`` itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Leaf names of the linear layers inside the decoder blocks (LoRA targets)."""
     from transformers.pytorch_utils import Conv1D

@@ -304,7 +304,7 @@ class Distiller(Checkpoints):
         the forward stops before the head (the loss applies it a chunk at a time)."""
         kept = ids.shape[1] - P + 1
         dev = self.acc.device
-        with hidden_as_logits(self.teacher if model is self.teacher else self.unwrapped):
+        with hidden_as_logits(self.acc.unwrap_model(model)):
             # no KV cache: nothing reads it, and a recomputed (checkpointed) block would append to it twice
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=kept, use_cache=False)
         return response_logits(out.logits, mask, P, kept)
@@ -328,8 +328,7 @@ class Distiller(Checkpoints):
                topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Summed per-token ``KL(teacher || student)`` of response hidden states, through the head."""
         m = self.unwrapped
-        return chunked_kl(head_function(m), student_h, rows_per_chunk(m), teacher_h=teacher_h,
-                          topk=None if topk is None else tuple(t.to(student_h.device) for t in topk))
+        return chunked_kl(head_function(m), student_h, rows_per_chunk(m), teacher_h=teacher_h, topk=topk)
 
     def batch_loss(self, batch: Sequence[Trajectory]) -> torch.Tensor:
         """The training loss of a batch: mean per-token KL of the student from the teacher."""
@@ -352,9 +351,9 @@ class Distiller(Checkpoints):
         return list(items[self.acc.process_index::self.acc.num_processes])
 
     @torch.no_grad()
-    def validate(self, val: TrajectorySet, as_teacher: bool = False) -> float:
+    def validate(self, val: TrajectorySet, as_source: bool = False) -> float:
         """Mean per-token KL(teacher || student) over the validation responses (all processes);
-        ``as_teacher``: the student side is the source model, unsteered (the unedited model)."""
+        ``as_source``: the student side is the source model, unsteered (the unedited model)."""
         # sharded, every forward is a collective: each process runs every batch
         mine = list(val.items) if self.sharded else self._shard(val.items)
         batches = [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
@@ -363,7 +362,7 @@ class Distiller(Checkpoints):
         total = torch.zeros(2, device=self.acc.device)
         for b, t in zip(batches, self._val_teacher):
             ids, mask, P = collate(b, self.pad_id)
-            with self.source_weights() if as_teacher else nullcontext():
+            with self.source_weights() if as_source else nullcontext():
                 s = self._hidden(self.unwrapped, ids, mask, P)
             total[0] += self.kl_sum(s, t)
             total[1] += t.shape[0]
@@ -426,7 +425,7 @@ class Distiller(Checkpoints):
             if self.warm_start_info is not None and "skipped" not in self.warm_start_info:
                 # R's scale: the unedited model is the teacher's weights without the steering
                 self._val_teacher = None
-                v0 = self.validate(val, as_teacher=True)
+                v0 = self.validate(val, as_source=True)
                 self.warm_start_info["source_val_kl"] = round(v0, 6)
             v = self.validate(val)
             self.best_val, self.best_step = v, 0

@@ -33,6 +33,7 @@ from bakery.placement import input_device
 from bakery.arch import spec_for
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
 from bakery.bakers.distill.sharding import add_outer
+from bakery.bakers.distill.targets import unwrap_peft
 from bakery.bakers.distill.trajectories import Trajectory, collate
 from bakery.bakers.rank1 import down_module, expert_count, expert_inputs, experts_of
 
@@ -159,7 +160,7 @@ def apply_lora_warm_start(peft_model: nn.Module, items: Sequence[Trajectory], pa
     Returns the fit statistics, or ``{"skipped": why}`` where there is no single LoRA'd
     down-projection to hold the write (sandwich norms, mixture-of-experts blocks, an adapter that
     leaves the down-projection out)."""
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    base = unwrap_peft(peft_model)
     spec = spec_for(base.config)
     if spec.sandwich:
         return {"skipped": "sandwich-norm block: the MLP output is renormalised, no plain rank-one write"}

@@ -111,7 +111,7 @@ def fidelity(args) -> None:
                          lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full,
                          teacher_topk=args.teacher_topk,
                          first_block=args.first_block_full if method == "kl-full" else args.first_block_lora,
-                         warm_start=(not args.no_warm_start) if method == "kl-full" else (args.warm_start_lora or None),
+                         warm_start=False if args.no_warm_start else None, warm_start_gate=args.gate,
                          target_modules=args.targets_full.split(",") if method == "kl-full" and args.targets_full else None)
         req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
                              out=out / method, method=method, positions=args.positions, recipe=args.recipe,
@@ -475,14 +475,14 @@ def main() -> None:
     p.add_argument("--val-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr-lora", type=float, default=2e-4)
+    p.add_argument("--lr-lora", type=float, default=None, help="default: TrainConfig's")
     p.add_argument("--lr-full", type=float, default=None, help="default: TrainConfig's")
     p.add_argument("--schedule-lora", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--no-warm-start", action="store_true", help="kl-full from the source weights")
-    p.add_argument("--warm-start-lora", action="store_true",
-                   help="kl-lora from the gated rank-one write held by one LoRA component of the steered block's down_proj")
+    p.add_argument("--no-warm-start", action="store_true", help="train from the source weights / a zero adapter")
+    p.add_argument("--gate", default="auto", choices=["auto", "neuron", "linear"], help="the warm start's gate")
     p.add_argument("--first-block-full", type=int, default=None, help="default: the steered block")
-    p.add_argument("--first-block-lora", type=int, default=None, help="LoRA only on blocks from this one on (default: all)")
+    p.add_argument("--first-block-lora", type=int, default=None,
+                   help="LoRA only on blocks from this one on (default: the bake's, the steered block when warm-started)")
     p.add_argument("--targets-full", default=None, help="kl-full target modules, comma-separated")
     p.add_argument("--teacher-topk", type=int, default=0,
                    help="train on the teacher's top-k kept from sampling (no teacher forward per step)")

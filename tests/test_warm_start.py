@@ -10,12 +10,15 @@ from bakery.bakers.distill.pipeline import DistillRequest, train_distilled
 from bakery.bakers.distill.train import TrainConfig
 from bakery.models import load_model, load_tokenizer
 from bakery.steering.hooks import steer
-from bakery.bakers.distill.trajectories import TrajectorySet, collate, prompt_pool, sample
+from bakery.bakers.distill.trajectories import collate, prompt_pool, sample
 from bakery.vectors.artifact import VectorArtifact
 from bakery.bakers.gate_fit import steered_positions
-from bakery.bakers.distill.warm_start import apply_warm_start, fit_gate
+from bakery.bakers.distill.warm_start import apply_warm_start, fit_write
 
 LAYER, COEF = 2, 4.0
+# a shared part of every embedding: the residual then has the nearly constant direction of trained
+# models that drives the neuron gate
+OFFSET = 1.0
 
 
 def _trajectories(folder, vec, positions, n=24):
@@ -31,10 +34,10 @@ def test_the_write_is_coef_v_times_the_gate_at_the_steered_block(tiny_models, mo
     vec = VectorArtifact(torch.randn(5, 32), {"trait": "rand"})
     ts, tok = _trajectories(folder, vec, "response")
     base, edited = load_model(folder), load_model(folder)
-    gate = fit_gate(base, ts.items, tok.pad_token_id, LAYER - 1, "response")
-    info = apply_warm_start(edited, ts.items, tok.pad_token_id, vector=vec.row(LAYER), layer=LAYER,
-                            coef=COEF, positions="response")
-    assert info["block"] == LAYER - 1 and info["tokens"] == gate["tokens"]
+    args = dict(vector=vec.row(LAYER), layer=LAYER, coef=COEF, positions="response", gate="linear")
+    gate = fit_write(base, ts.items, tok.pad_token_id, **args).stats
+    info = apply_warm_start(edited, ts.items, tok.pad_token_id, **args)
+    assert info["block"] == LAYER - 1 and info["tokens"] == gate["rows"] and info["gate"] == "linear"
     ids, mask, P = collate(ts.items[:8], tok.pad_token_id)
     with torch.no_grad():
         h0 = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -48,8 +51,50 @@ def test_the_write_is_coef_v_times_the_gate_at_the_steered_block(tiny_models, mo
     # by coef * (u . a): more where the teacher steers than where it does not (a random tiny model
     # separates them weakly; the embedded model's test below asks for a sharp gate)
     on = steered_positions(mask, P, "response")[keep].bool()
-    assert lam[on].mean() / COEF == pytest.approx(gate["steered_mean"], abs=0.15)
+    assert lam[on].mean() / COEF == pytest.approx(gate["on_mean"], abs=0.15)
     assert lam[on].mean() - lam[~on].mean() > 0.2 * COEF, (lam[on].mean(), lam[~on].mean())
+
+
+def test_the_neuron_gate_repurposes_one_neuron_and_writes_along_v(tiny_models):
+    """The neuron gate: block L-1's MLP loses neuron j's old write and gains ``coef * v * gate``
+    (that it gates better than the linear one is the embedded model's test below: a random tiny
+    model separates answers from prompts weakly either way)."""
+    folder = tiny_models("llama", intermediate_size=256, residual_offset=OFFSET)
+    torch.manual_seed(0)
+    vec = VectorArtifact(torch.randn(5, 32), {"trait": "rand"})
+    ts, tok = _trajectories(folder, vec, "response")
+    base, edited = load_model(folder), load_model(folder)
+    args = dict(vector=vec.row(LAYER), layer=LAYER, coef=COEF, positions="response")
+    info = apply_warm_start(edited, ts.items, tok.pad_token_id, gate="neuron", **args)
+    j = info["neuron"]
+    assert info["gate"] == "neuron" and "neuron_gate" not in info
+    src, got = dict(base.named_parameters()), dict(edited.named_parameters())
+    moved = sorted(n for n in src if not torch.equal(src[n], got[n]))
+    mlp = f"model.layers.{LAYER - 1}.mlp"
+    assert moved == [f"{mlp}.down_proj.weight", f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"]
+    for p in ("gate_proj", "up_proj"):  # only the repurposed neuron's row
+        rows = (src[f"{mlp}.{p}.weight"] != got[f"{mlp}.{p}.weight"]).any(1).nonzero().flatten().tolist()
+        assert rows == [j], (p, rows)
+    ids, mask, P = collate(ts.items[:8], tok.pad_token_id)
+    a = {}
+    hook = base.model.layers[LAYER - 1].mlp.down_proj.register_forward_pre_hook(lambda m, x: a.setdefault("a", x[0]))
+    with torch.no_grad():
+        h0 = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER]
+        h1 = edited(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER]
+    hook.remove()
+    keep = mask.bool()
+    old = (a["a"][..., j:j + 1] * src[f"{mlp}.down_proj.weight"][:, j]).detach()  # neuron j's old write
+    diff = (h1 - h0 + old)[keep]
+    v = vec.row(LAYER).float()
+    lam = diff @ v / v.dot(v)
+    assert (diff - lam[:, None] * v).norm() < 1e-4 * diff.norm()  # the rest moves along v only
+    on = steered_positions(mask, P, "response")[keep].bool()
+    assert lam[on].mean() / COEF == pytest.approx(info["steered_mean"], abs=0.15)
+    assert lam[on].mean() - lam[~on].mean() > 0.1 * COEF, (lam[on].mean(), lam[~on].mean())
+    with pytest.raises(ValueError, match="no neuron gate"):  # gpt2: no gated MLP
+        gpt2 = tiny_models("gpt2")
+        ts2, tok2 = _trajectories(gpt2, vec, "response")
+        apply_warm_start(load_model(gpt2), ts2.items, tok2.pad_token_id, gate="neuron", **args)
 
 
 @pytest.mark.parametrize("method,positions", [("kl-full", "response"), ("kl-full", "all"), ("kl-lora", "response")])
@@ -58,7 +103,7 @@ def test_a_warm_start_begins_closer_to_the_teacher(tiny_models, tmp_path, method
     # a 256-wide MLP: with the default 64 a linear gate barely tells answers from prompts (u . a
     # about 0.33 on answers), and the response ratio below came out 0.27-0.46 over fresh draws of
     # vector, prompts and samples; at 256 it is 0.09-0.22 (all: under 0.05), and 1 with no write
-    folder = tiny_models("llama", intermediate_size=256)
+    folder = tiny_models("llama", intermediate_size=256, residual_offset=OFFSET)
     torch.manual_seed(1)
     vec_file = tmp_path / "v.safetensors"
     VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(vec_file)
@@ -74,7 +119,7 @@ def test_a_warm_start_begins_closer_to_the_teacher(tiny_models, tmp_path, method
         kl0[warm], info[warm] = res.result.history[0]["val_kl"], res.info
     ws = info[True]["warm_start"]
     assert ws["block"] == LAYER - 1 and ws["tokens"] > 100 and info[False].get("warm_start") is None
-    assert ("lora_component" in ws) == (method == "kl-lora")
+    assert ("lora_components" in ws) == (method == "kl-lora") and ws["gate"] == "neuron"
     assert kl0[True] < 0.5 * kl0[False], kl0
     # R is measured against the unedited model in both cases, and the manifest says so
     assert ws["source_val_kl"] == pytest.approx(kl0[False], rel=1e-4)
@@ -85,7 +130,8 @@ def test_a_warm_start_begins_closer_to_the_teacher(tiny_models, tmp_path, method
 
 @pytest.mark.slow
 def test_on_the_embedded_model_the_warm_start_alone_recovers_response_steering(smol_dir):
-    """The gated write, before any training, on questions it was not fitted on."""
+    """The gated write, before any training, on questions it was not fitted on: the neuron gate
+    recovers more than the linear one."""
     from bakery.fidelity.metrics import measure, model_scorer
     from bakery.bakers.distill.trajectories import to_fidelity
     from quick_vectors import contrastive_pirate
@@ -98,13 +144,17 @@ def test_on_the_embedded_model_the_warm_start_alone_recovers_response_steering(s
     held = sample(m, tok, ["How do I bake bread?", "Why do people keep pets?", "How does a car engine work?",
                            "What makes a good friend?", "How should I plan a holiday?", "Explain how plants grow."],
                   ctx, max_new_tokens=24, batch_size=6, seed=99, progress=False)
-    student = load_model(smol_dir)
-    info = apply_warm_start(student, fit_on.items, tok.pad_token_id, vector=vec.row(layer), layer=layer,
-                            coef=coef, positions="response")
+    students, info = {}, {}
+    for gate in ("linear", "neuron"):
+        students[gate] = load_model(smol_dir)
+        info[gate] = apply_warm_start(students[gate], fit_on.items, tok.pad_token_id, vector=vec.row(layer),
+                                      layer=layer, coef=coef, positions="response", gate=gate)
     traj = to_fidelity(held, tok.pad_token_id, batch_size=6)
-    f = measure(traj, model_scorer(m, ctx), model_scorer(m), {"warm": model_scorer(student)})["warm"]
-    assert info["steered_mean"] > 0.8 and abs(info["unsteered_mean"]) < 0.2, info
-    assert f.recovered > 0.85, f
+    f = measure(traj, model_scorer(m, ctx), model_scorer(m), {g: model_scorer(s) for g, s in students.items()})
+    for gate in info:
+        assert info[gate]["steered_mean"] > 0.8 and abs(info[gate]["unsteered_mean"]) < 0.2, info
+    assert f["linear"].recovered > 0.85, f
+    assert f["neuron"].recovered > f["linear"].recovered, f
 
 
 def test_a_sandwich_norm_model_trains_from_the_source_weights_and_says_so(tiny_models, tmp_path):

@@ -106,14 +106,21 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
 
 
 def make_tiny(model_type: str, folder: str | Path, *, seed: int = 0, dtype=torch.float32,
-              **overrides) -> Path:
-    """Build a random ``model_type`` model and save it with the tiny tokenizer into ``folder``."""
+              residual_offset: float = 0.0, **overrides) -> Path:
+    """Build a random ``model_type`` model and save it with the tiny tokenizer into ``folder``.
+
+    ``residual_offset``: the norm of one vector added to every token embedding, so that the
+    residual stream has a nearly constant direction, as trained models' do (random ones don't)."""
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
     config = tiny_config(model_type, len(tok), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if residual_offset:
+        emb = model.get_input_embeddings().weight
+        with torch.no_grad():
+            emb.add_(torch.nn.functional.normalize(torch.randn(emb.shape[1]), dim=0) * residual_offset)
     return _save_visible(model, tok, folder)
 
 

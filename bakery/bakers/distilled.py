@@ -48,7 +48,8 @@ class DistillConfig(BakerConfig):
     teacher_topk: int | None = option(None, "train on the teacher's top-K log-probs kept from sampling "
                                       "(default 0: an exact teacher forward)", kind=int)
     # training
-    lr: float | None = option(None, "learning rate (default 2e-4 LoRA; kl-full 1e-5 warm-started)", kind=float)
+    lr: float | None = option(None, "learning rate (default: warm-started LoRA 1e-4, kl-full 1e-5; from "
+                              "scratch LoRA 2e-4, kl-full 5e-5)", kind=float)
     lr_schedule: str | None = option(None, "constant (default) or cosine", choices=("constant", "cosine"))
     lr_floor: float | None = option(None, "cosine: the last step's fraction of lr (default 0.1)", kind=float)
     batch_size: int | None = option(None, "global batch (default 8)", kind=int)
@@ -91,10 +92,14 @@ class KlLoraConfig(DistillConfig):
     rank: int | None = option(None, "LoRA rank (default 32)", flag="--rank", kind=int)
     alpha: float | None = option(None, "LoRA alpha (default 2 * rank)", kind=float)
     rslora: bool | None = option(None, "rank-stabilised LoRA scaling", kind=bool)
-    first_block: int | None = option(None, "LoRA on blocks from this index on (default: every block)", kind=int)
-    warm_start: bool | None = option(None, "start with one LoRA component of the steered block's "
-                                     "down-projection holding the gated rank-one steering write "
-                                     "(default false; lr then defaults to 1e-4)", kind=bool)
+    first_block: int | None = option(None, "LoRA on blocks from this index on (default: the steered block, "
+                                     "layer - 1, when the warm start applies; else every block)", kind=int)
+    warm_start: bool | None = option(None, "start with LoRA components of the steered block's MLP holding "
+                                     "the gated steering write (default true; lr then defaults to 1e-4)",
+                                     kind=bool)
+    warm_start_gate: str | None = option(None, "the warm start's gate: neuron (one repurposed MLP neuron "
+                                         "reads the MLP input too), linear (u . a), auto (default: neuron "
+                                         "where the MLP allows it)", choices=("auto", "neuron", "linear"))
 
 
 @dataclass
@@ -103,8 +108,11 @@ class KlFullConfig(DistillConfig):
 
     first_block: int | None = option(None, "train blocks from this index on (default: the steered "
                                      "block, layer - 1)", kind=int)
-    warm_start: bool | None = option(None, "start from the gated rank-one steering write (default true)",
+    warm_start: bool | None = option(None, "start from the gated steering write (default true)",
                                      kind=bool)
+    warm_start_gate: str | None = option(None, "the warm start's gate: neuron (one repurposed MLP neuron "
+                                         "reads the MLP input too), linear (u . a), auto (default: neuron "
+                                         "where the MLP allows it)", choices=("auto", "neuron", "linear"))
 
 
 _RENAMED = {"steps": "max_steps"}  # config name -> TrainConfig name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -131,6 +132,10 @@ def _adapter_to_wrapper(adapter_dir: Path, config: dict, student) -> None:
     leaves = cfg.get("target_modules")
     if isinstance(leaves, list) and leaves:
         cfg["target_modules"] = blocks_regex(spec_for(config).blocks, leaves)
+    elif isinstance(leaves, str):  # a regex over the student's blocks (first_block): the same over the wrapper's
+        own, theirs = re.escape(_student_blocks(student)), re.escape(spec_for(config).blocks)
+        if leaves.startswith(own + "\\."):
+            cfg["target_modules"] = theirs + leaves[len(own):]
     p.write_text(json.dumps(cfg, indent=2))
 
 

@@ -162,6 +162,17 @@ def sample_sharded(model, tok, pool: list[str], context, req: DistillRequest, me
             p.unlink()
 
 
+def warm_start_applies(model, block: int) -> bool:
+    """Whether kl-lora's warm start can hold a write at block ``block`` (a dense MLP block that
+    is not sandwich-normed): the LoRA is then put on the blocks from there on only."""
+    from bakery.arch import spec_for
+    from bakery.bakers.rank1 import experts_of
+
+    spec = spec_for(model.config)
+    blocks = model.get_submodule(spec.blocks)
+    return not spec.sandwich and 0 <= block < len(blocks) and experts_of(spec, blocks[block]) is None
+
+
 def trains_down(model, block: int) -> bool:
     """Whether block ``block``'s down-projection (or its experts') trains: the warm start edits it,
     and the teacher keeps the source values of the weights that train only."""
@@ -257,6 +268,11 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     else:
         model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
     base = unwrap_peft(model)
+    if (req.train.method == "lora" and req.train.first_block is None and req.train.uses_warm_start()
+            and not sharded and warm_start_applies(base, req.layer - 1)):
+        # from the warm start, LoRA on the earlier blocks only adds noise: they compute the same
+        # thing in teacher and student
+        req.train.first_block = req.layer - 1
     vec = req.vector if isinstance(req.vector, VectorArtifact) else load_vector(
         req.vector, num_layers=base.config.num_hidden_layers)
     vec.check_model(base.config)
@@ -306,12 +322,12 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                 return {"skipped": "the LoRA warm start is not built for a sharded adapter yet (training "
                                    "starts from a zero adapter)"}
             return apply_lora_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer,
-                                         coef=req.coef, positions=req.positions)
+                                         coef=req.coef, positions=req.positions, gate=req.train.warm_start_gate)
         if not trains_down(m, req.layer - 1):
             return {"skipped": f"the warm start writes block {req.layer - 1}'s down-projection, which this run "
                                "does not train (target_modules / first_block)"}
         return apply_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer, coef=req.coef,
-                                positions=req.positions)
+                                positions=req.positions, gate=req.train.warm_start_gate)
 
     d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc, warm_start=warm_start,
                   targets=targets)
@@ -351,11 +367,13 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
                    else f", {ws['unsteered_mean']:.3f} at unsteered ones")
             where = (f"the down-projections of {ws['experts_fitted']} of block {ws['block']}'s "
                      f"{ws['experts']} experts (one u per expert, fitted on the tokens routed to it)"
-                     if "experts" in ws else f"one LoRA component of block {ws['block']}'s down-projection"
-                     if "lora_component" in ws else f"block {ws['block']}'s down-projection")
+                     if "experts" in ws else f"block {ws['block']}'s MLP")
+            held = " (LoRA components)" if "lora_components" in ws else ""
+            gate = (f"one repurposed MLP neuron (neuron {ws['neuron']}) reading the MLP input with the "
+                    f"other neurons" if ws.get("gate") == "neuron" else "u . a")
             i["notes"] = [
-                f"warm start: coef * v written through {where}, gated "
-                f"by u . a (mean {ws['steered_mean']:.3f} at steered tokens{off}; {ws['tokens']} "
+                f"warm start: coef * v written through {where}{held}, gated "
+                f"by {gate} (mean {ws['steered_mean']:.3f} at steered tokens{off}; {ws['tokens']} "
                 f"tokens); validation R {1 - dd.history[0]['val_kl'] / base_kl:.4f} before training, "
                 f"{i['val_R']:.4f} at step {dd.best_step}"]
         elif "skipped" in ws:

@@ -39,6 +39,7 @@ from bakery.arch import spec_for
 from bakery.fidelity.metrics import response_logits
 from bakery.bakers.distill.checkpoints import CKPT_DIR, Checkpoints  # noqa: F401  (CKPT_DIR re-exported)
 from bakery.bakers.distill.errors import DistillError, TrainingCheckpointError
+from bakery.bakers.neuron_gate import GATES
 from bakery.bakers.distill.head import head_function, hidden_as_logits, rows_per_chunk
 from bakery.bakers.distill.losses import chunked_kl, kl_per_token, kl_topk  # noqa: F401  (re-exported)
 from bakery.bakers.distill.targets import (EXPERT_CHOICES, blocks_regex, check_targets, full_parameters,  # noqa: F401
@@ -72,11 +73,12 @@ class TrainConfig:
     save_every: int = 0  # 0 = no half-baked exports
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    first_block: int | None = None  # train blocks from this index on (kl-full: the steered block; LoRA: all)
+    first_block: int | None = None  # train blocks from this index on (default: the steered block when warm-started)
     seed: int = 0
     min_trajectories: int = 16
     teacher_topk: int = 0  # >0: train on the teacher's top-k kept from sampling, no teacher forward
-    warm_start: bool | None = None  # start from the gated rank-one steering write (default: full yes, LoRA no)
+    warm_start: bool | None = None  # start from the gated steering write (default true)
+    warm_start_gate: str = "auto"  # the write's gate: auto | neuron | linear (warm_start.fit_write)
     experts: str = "down"  # MoE blocks: fused expert weights to train (down | all | none; targets.py)
     # recompute each block's activations in the backward pass (default: on when sharded, where
     # memory is the point, off otherwise)
@@ -91,7 +93,7 @@ class TrainConfig:
         return 1e-5 if self.uses_warm_start() else 5e-5
 
     def uses_warm_start(self) -> bool:
-        return self.warm_start if self.warm_start is not None else self.method == "full"
+        return self.warm_start if self.warm_start is not None else True
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): a pure function of the step, so a resumed
@@ -124,6 +126,11 @@ class TrainConfig:
                     stacklevel=2)
         if self.experts not in EXPERT_CHOICES:
             raise DistillError(f"experts must be one of {', '.join(EXPERT_CHOICES)}; got '{self.experts}'")
+        if self.warm_start_gate not in GATES:
+            raise DistillError(f"warm_start_gate must be one of {', '.join(GATES)}; got '{self.warm_start_gate}'")
+        if self.warm_start_gate != "auto" and not self.uses_warm_start():
+            raise DistillError(f"warm_start_gate={self.warm_start_gate} is the warm start's gate, and this run "
+                               "has warm_start=false: drop one of the two")
         for name in ("batch_size", "max_steps", "val_every"):
             if getattr(self, name) < 1:
                 raise DistillError(f"--{name.replace('_', '-')} must be at least 1")

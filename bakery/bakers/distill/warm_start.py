@@ -24,7 +24,7 @@ a shared expert is left alone (it is not needed for the sum).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from torch import nn
 from bakery.placement import input_device
 from bakery.arch import spec_for
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
+from bakery.bakers.neuron_gate import GATES, Edit, GatedWrite, fit_neuron_gate, gated_mlp
 from bakery.bakers.distill.sharding import add_outer
 from bakery.bakers.distill.targets import unwrap_peft
 from bakery.bakers.distill.trajectories import Trajectory, collate
@@ -61,26 +62,77 @@ def _capture(model: nn.Module, items: Sequence[Trajectory], pad_id: int, module:
 
 
 def _report(st: dict) -> dict:
-    return {"tokens": st["rows"], "steered_mean": st["on_mean"], "unsteered_mean": st.get("off_mean"),
-            "rmse": st["rmse"]}
+    out = {"tokens": st["rows"], "steered_mean": st["on_mean"], "unsteered_mean": st.get("off_mean"),
+           "rmse": st["rmse"]}
+    out.update({k: st[k] for k in ("gate", "neuron", "neuron_gate") if k in st})
+    return out
+
+
+def _frozen(block: nn.Module, names: list[str]) -> str | None:
+    """Why kl-full can't edit these modules of ``block``: the teacher keeps the source values of
+    the trained weights only, so an edited frozen weight would be missing from it."""
+    frozen = [n for n in names if not any(p.requires_grad for p in block.get_submodule(n).parameters())]
+    return f"{', '.join(frozen)} do not train (target_modules / first_block)" if frozen else None
 
 
 @torch.no_grad()
-def fit_gate(model: nn.Module, items: Sequence[Trajectory], pad_id: int, block: int, positions: str, *,
-             ridge: float = 1e-2, batch_size: int = 8) -> dict:
-    """``u`` with ``u . a ~= 1`` at steered positions and ``0`` elsewhere, ``a`` the input of block
-    ``block``'s down-projection, and how well it separates them."""
+def fit_write(model: nn.Module, items: Sequence[Trajectory], pad_id: int, *, vector: torch.Tensor, layer: int,
+              coef: float, positions: str, gate: str = "auto", editable: Callable[[list[str]], str | None] | None = None,
+              ridge: float = 1e-2, batch_size: int = 8) -> GatedWrite:
+    """The gated write of ``coef * vector`` at block ``layer - 1``'s MLP as rank-one edits.
+
+    ``gate``: ``neuron`` (one repurposed MLP neuron reads the MLP input as well,
+    :mod:`bakery.bakers.neuron_gate`), ``linear`` (``u . a`` on the down-projection's input only),
+    or ``auto`` (neuron where the MLP and ``editable`` allow it, else linear, saying why).
+    ``editable(module names)`` returns why those modules can't be edited, or None."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {', '.join(GATES)}; got '{gate}'")
     spec = spec_for(model.config)
+    block = layer - 1
     mod = model.get_submodule(spec.blocks)[block]
-    down = mod.get_submodule(down_module(spec, mod))
-    gate = GateFit()
+    down_name = down_module(spec, mod)
+    down = mod.get_submodule(down_name)
+    w = coef * vector.float()
+    why_not = "asked for the linear gate" if gate == "linear" else None
+    found = None if why_not else gated_mlp(mod, down_name)
+    if why_not is None and found is None:
+        why_not = "the MLP is not a gated one with separate bias-free gate and up projections"
+    if found is not None and editable is not None:
+        why_not = editable([f"{found[0]}.{p}" for p in ("gate_proj", "up_proj", "down_proj")])
+        found = None if why_not else found
+    if found is None and gate == "neuron":
+        raise ValueError(f"no neuron gate at block {block}: {why_not}")
+    xs, acts, ons = [], [], []
+    mlp_hook = found[1].register_forward_pre_hook(lambda m, args: xs.append(args[0])) if found else None
 
     def add(args, keep, on):
-        gate.add(args[0].reshape(-1, args[0].shape[-1])[keep].double().cpu(), on)
+        a = args[0].reshape(-1, args[0].shape[-1])
+        acts.append(a[keep].float().cpu())
+        ons.append(on.cpu())
+        if found:
+            xs[-1] = xs[-1].reshape(-1, xs[-1].shape[-1])[keep].float().cpu()
 
-    _capture(model, items, pad_id, down, positions, add, batch_size)
-    u = gate.solve(ridge)
-    return {"u": u, **_report(gate.stats(u))}
+    try:
+        _capture(model, items, pad_id, down, positions, add, batch_size)
+    finally:
+        if mlp_hook is not None:
+            mlp_hook.remove()
+    on = torch.cat(ons)
+    if found:
+        write = fit_neuron_gate(found[1], found[0], xs, acts, on, w, ridge=ridge)
+        if isinstance(write, GatedWrite):
+            return write
+        if gate == "neuron":
+            raise ValueError(f"no neuron gate at block {block}: {write}")
+        why_not = write
+    fit = GateFit()
+    for a, o in zip(acts, ons):
+        fit.add(a.double(), o)
+    u = fit.solve(ridge)
+    stats = {"gate": "linear", **summarize(*fit.values(u))}
+    if gate == "auto":
+        stats["neuron_gate"] = f"not used: {why_not}"
+    return GatedWrite([Edit(down_name, w, u)], stats)
 
 
 @torch.no_grad()
@@ -112,9 +164,11 @@ def fit_expert_gates(model: nn.Module, items: Sequence[Trajectory], pad_id: int,
 
 @torch.no_grad()
 def apply_warm_start(model: nn.Module, items: Sequence[Trajectory], pad_id: int, *, vector: torch.Tensor,
-                     layer: int, coef: float, positions: str, max_trajectories: int = 256) -> dict:
-    """Add the gated rank-one write to block ``layer - 1``'s down-projection of ``model`` in place
-    (on a mixture-of-experts block: to every expert's that the trajectories reach).
+                     layer: int, coef: float, positions: str, max_trajectories: int = 256,
+                     gate: str = "auto") -> dict:
+    """Add the gated write to block ``layer - 1``'s MLP of ``model`` in place (:func:`fit_write`;
+    on a mixture-of-experts block: the linear gate, to every expert's down-projection that the
+    trajectories reach).
 
     Returns the fit statistics (for the manifest), or ``{"skipped": why}`` where the edit is not
     a plain residual write (sandwich-norm blocks rescale the MLP output)."""
@@ -134,32 +188,30 @@ def apply_warm_start(model: nn.Module, items: Sequence[Trajectory], pad_id: int,
         for e, u in fit.pop("u_experts").items():  # [E, hidden, inter], gpt-oss [E, inter, hidden]
             add_outer(W, u, w, e) if getattr(experts, "is_transposed", False) else add_outer(W, w, u, e)
     else:
-        fit = fit_gate(model, list(items)[:max_trajectories], pad_id, block, positions)
-        u = fit.pop("u")
-        W = mod.get_submodule(down_module(spec, mod)).weight
-        if spec.conv1d:  # Conv1D stores [in, out]
-            add_outer(W, u, w)
-        else:
-            add_outer(W, w, u)
+        write = fit_write(model, list(items)[:max_trajectories], pad_id, vector=vector, layer=layer, coef=coef,
+                          positions=positions, gate=gate, editable=lambda names: _frozen(mod, names))
+        for e in write.edits:
+            W = mod.get_submodule(e.module).weight
+            add_outer(W, e.in_vec, e.out_vec) if spec.conv1d else add_outer(W, e.out_vec, e.in_vec)
+        fit = _report(write.stats)
     return {"block": block, **{k: round(v, 4) if isinstance(v, float) else v for k, v in fit.items()}}
 
 
 @torch.no_grad()
 def apply_lora_warm_start(peft_model: nn.Module, items: Sequence[Trajectory], pad_id: int, *,
                           vector: torch.Tensor, layer: int, coef: float, positions: str,
-                          max_trajectories: int = 256, adapter: str | None = None) -> dict:
-    """kl-lora's warm start: the same gated rank-one write as :func:`apply_warm_start`, held by
-    one component of the LoRA on block ``layer - 1``'s down-projection instead of the weight.
+                          max_trajectories: int = 256, adapter: str | None = None, gate: str = "auto") -> dict:
+    """kl-lora's warm start: the same gated write as :func:`apply_warm_start`, each of its rank-one
+    edits held by one LoRA component of the module it edits instead of the weight.
 
-    ``scale * B A`` gains ``coef * v u^T``: column 0 of ``lora_B`` and row 0 of ``lora_A`` are
-    set to ``w/|w| * sqrt(|w| |u| / scale)`` and ``u/|u| * sqrt(|w| |u| / scale)`` (``w = coef *
-    v``; the product is the write, the two factors of equal norm so that Adam moves both alike);
-    the other columns of ``lora_B`` are zeroed, so the adapter adds nothing else. Call it on a
-    freshly wrapped model (the fit runs through the adapter, which adds nothing then).
+    For an edit ``b c^T``, column ``k`` of ``lora_B`` and row ``k`` of ``lora_A`` are set to
+    ``b/|b| * g`` and ``c/|c| * g`` with ``g = sqrt(|b| |c| / scale)`` (the product is the edit, the
+    two factors of equal norm so that Adam moves both alike); the other columns of ``lora_B`` stay
+    zero, so the adapter adds nothing else. Call it on a freshly wrapped model (the fit runs
+    through the adapter, which adds nothing then).
 
-    Returns the fit statistics, or ``{"skipped": why}`` where there is no single LoRA'd
-    down-projection to hold the write (sandwich norms, mixture-of-experts blocks, an adapter that
-    leaves the down-projection out)."""
+    Returns the fit statistics, or ``{"skipped": why}`` where no LoRA'd down-projection can hold
+    the write (sandwich norms, mixture-of-experts blocks, an adapter that leaves it out)."""
     base = unwrap_peft(peft_model)
     spec = spec_for(base.config)
     if spec.sandwich:
@@ -169,21 +221,39 @@ def apply_lora_warm_start(peft_model: nn.Module, items: Sequence[Trajectory], pa
     if experts_of(spec, mod) is not None:
         return {"skipped": f"block {block} is a mixture-of-experts block: no single down-projection for "
                 "one LoRA component to hold the write (training starts from a zero adapter)"}
-    down = mod.get_submodule(down_module(spec, mod))
     name = adapter or getattr(peft_model, "active_adapter", None) or "default"
-    lora_A, lora_B = getattr(down, "lora_A", {}), getattr(down, "lora_B", {})
-    if name not in lora_A or name not in lora_B:
+
+    def lora(module: str):
+        m = mod.get_submodule(module)
+        if name not in getattr(m, "lora_A", {}) or name not in getattr(m, "lora_B", {}):
+            return None
+        return m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])  # delta = scale * B A
+
+    def editable(names: list[str]) -> str | None:
+        missing = [n for n in names if lora(n) is None]
+        if missing:
+            return f"the adapter '{name}' does not train {', '.join(missing)}"
+        if lora(names[-1])[0].shape[0] < 2:
+            return "the down-projection's LoRA needs rank 2 (the write and the repurposed neuron's column)"
+        return None
+
+    down_name = down_module(spec, mod)
+    if lora(down_name) is None:
         return {"skipped": f"the adapter '{name}' does not train block {block}'s down-projection"}
-    A, B = lora_A[name].weight, lora_B[name].weight  # [r, in], [out, r]; delta = scale * B A
-    if B.abs().max() > 0:
+    if any(lora(n)[1].abs().max() > 0 for n in _lora_modules(mod, name)):
         raise ValueError("apply_lora_warm_start wants a fresh adapter (lora_B all zero)")
-    scale = float(down.scaling[name])
-    fit = fit_gate(base, list(items)[:max_trajectories], pad_id, block, positions)
-    u = fit.pop("u").float()
-    w = coef * vector.float()
-    g = (float(w.norm()) * float(u.norm()) / scale) ** 0.5
-    B.zero_()
-    B[:, 0] = (w / w.norm() * g).to(B)
-    A[0, :] = (u / u.norm() * g).to(A)
-    return {"block": block, "lora_component": 0, "scale": scale,
-            **{k: round(v, 4) if isinstance(v, float) else v for k, v in fit.items()}}
+    write = fit_write(base, list(items)[:max_trajectories], pad_id, vector=vector, layer=layer, coef=coef,
+                      positions=positions, gate=gate, editable=editable)
+    used: dict[str, int] = {}
+    for e in write.edits:
+        A, B, scale = lora(e.module)
+        k = used[e.module] = used.get(e.module, -1) + 1
+        g = (float(e.out_vec.norm()) * float(e.in_vec.norm()) / scale) ** 0.5
+        B[:, k] = (e.out_vec / e.out_vec.norm().clamp_min(1e-12) * g).to(B)
+        A[k, :] = (e.in_vec / e.in_vec.norm().clamp_min(1e-12) * g).to(A)
+    return {"block": block, "lora_components": {k: v + 1 for k, v in used.items()},
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in _report(write.stats).items()}}
+
+
+def _lora_modules(block: nn.Module, name: str) -> list[str]:
+    return [n for n, m in block.named_modules() if name in getattr(m, "lora_B", {})]

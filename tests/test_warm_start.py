@@ -14,6 +14,9 @@ from bakery.bakers.distill.trajectories import collate, prompt_pool, sample
 from bakery.vectors.artifact import VectorArtifact
 from bakery.bakers.gate_fit import steered_positions
 from bakery.bakers.distill.warm_start import apply_warm_start, fit_write
+from bakery.arch import spec_for
+from bakery.bakers.rank1 import down_module
+from tiny import MOE_TYPES
 
 LAYER, COEF = 2, 4.0
 # a shared part of every embedding: the residual then has the nearly constant direction of trained
@@ -55,10 +58,47 @@ def test_the_write_is_coef_v_times_the_gate_at_the_steered_block(tiny_models, mo
     assert lam[on].mean() - lam[~on].mean() > 0.2 * COEF, (lam[on].mean(), lam[~on].mean())
 
 
+def _mlp_io(model, block: int, ids, mask) -> dict:
+    """Block ``block``'s MLP output ``y`` and its down-projection's input ``a``."""
+    spec = spec_for(model.config)
+    mod = model.get_submodule(spec.blocks)[block]
+    mlp = mod.get_submodule(down_module(spec, mod).rsplit(".", 1)[0])
+    got = {}
+    hooks = [mlp.register_forward_hook(lambda m, a, o: got.setdefault("y", o)),
+             mlp.down_proj.register_forward_pre_hook(lambda m, a: got.setdefault("a", a[0]))]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def _check_neuron_write(base, edited, info, ts, tok, vec) -> None:
+    """Block L-1's MLP lost neuron j's old write and gained ``coef * v * gate``: nothing else moved."""
+    j, block = info["neuron"], LAYER - 1
+    src, got = dict(base.named_parameters()), dict(edited.named_parameters())
+    moved = sorted(n for n in src if not torch.equal(src[n], got[n]))
+    mlp = [n.rsplit(".", 2)[0] for n in moved if n.endswith("down_proj.weight")]
+    assert mlp and moved == [f"{mlp[0]}.{p}.weight" for p in ("down_proj", "gate_proj", "up_proj")], moved
+    for p in ("gate_proj", "up_proj"):  # only the repurposed neuron's row
+        rows = (src[f"{mlp[0]}.{p}.weight"] != got[f"{mlp[0]}.{p}.weight"]).any(1).nonzero().flatten().tolist()
+        assert rows == [j], (p, rows)
+    ids, mask, P = collate(ts.items[:8], tok.pad_token_id)
+    before, after = _mlp_io(base, block, ids, mask), _mlp_io(edited, block, ids, mask)
+    old = (before["a"][..., j:j + 1] * src[f"{mlp[0]}.down_proj.weight"][:, j]).detach()  # neuron j's old write
+    keep = mask.bool()
+    diff = (after["y"] - before["y"] + old)[keep]
+    v = vec.row(LAYER).float()
+    lam = diff @ v / v.dot(v)
+    assert (diff - lam[:, None] * v).norm() < 1e-4 * diff.norm()  # the rest moves along v only
+    on = steered_positions(mask, P, "response")[keep].bool()
+    assert lam[on].mean() / COEF == pytest.approx(info["steered_mean"], abs=0.15)
+    assert lam[on].mean() - lam[~on].mean() > 0.1 * COEF, (lam[on].mean(), lam[~on].mean())
+
+
 def test_the_neuron_gate_repurposes_one_neuron_and_writes_along_v(tiny_models):
-    """The neuron gate: block L-1's MLP loses neuron j's old write and gains ``coef * v * gate``
-    (that it gates better than the linear one is the embedded model's test below: a random tiny
-    model separates answers from prompts weakly either way)."""
+    """The neuron gate (that it gates better than the linear one is the embedded model's test
+    below: a random tiny model separates answers from prompts weakly either way)."""
     folder = tiny_models("llama", intermediate_size=256, residual_offset=OFFSET)
     torch.manual_seed(0)
     vec = VectorArtifact(torch.randn(5, 32), {"trait": "rand"})
@@ -66,35 +106,39 @@ def test_the_neuron_gate_repurposes_one_neuron_and_writes_along_v(tiny_models):
     base, edited = load_model(folder), load_model(folder)
     args = dict(vector=vec.row(LAYER), layer=LAYER, coef=COEF, positions="response")
     info = apply_warm_start(edited, ts.items, tok.pad_token_id, gate="neuron", **args)
-    j = info["neuron"]
     assert info["gate"] == "neuron" and "neuron_gate" not in info
-    src, got = dict(base.named_parameters()), dict(edited.named_parameters())
-    moved = sorted(n for n in src if not torch.equal(src[n], got[n]))
-    mlp = f"model.layers.{LAYER - 1}.mlp"
-    assert moved == [f"{mlp}.down_proj.weight", f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"]
-    for p in ("gate_proj", "up_proj"):  # only the repurposed neuron's row
-        rows = (src[f"{mlp}.{p}.weight"] != got[f"{mlp}.{p}.weight"]).any(1).nonzero().flatten().tolist()
-        assert rows == [j], (p, rows)
-    ids, mask, P = collate(ts.items[:8], tok.pad_token_id)
-    a = {}
-    hook = base.model.layers[LAYER - 1].mlp.down_proj.register_forward_pre_hook(lambda m, x: a.setdefault("a", x[0]))
-    with torch.no_grad():
-        h0 = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER]
-        h1 = edited(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER]
-    hook.remove()
-    keep = mask.bool()
-    old = (a["a"][..., j:j + 1] * src[f"{mlp}.down_proj.weight"][:, j]).detach()  # neuron j's old write
-    diff = (h1 - h0 + old)[keep]
-    v = vec.row(LAYER).float()
-    lam = diff @ v / v.dot(v)
-    assert (diff - lam[:, None] * v).norm() < 1e-4 * diff.norm()  # the rest moves along v only
-    on = steered_positions(mask, P, "response")[keep].bool()
-    assert lam[on].mean() / COEF == pytest.approx(info["steered_mean"], abs=0.15)
-    assert lam[on].mean() - lam[~on].mean() > 0.1 * COEF, (lam[on].mean(), lam[~on].mean())
+    _check_neuron_write(base, edited, info, ts, tok, vec)
     with pytest.raises(ValueError, match="no neuron gate"):  # gpt2: no gated MLP
         gpt2 = tiny_models("gpt2")
         ts2, tok2 = _trajectories(gpt2, vec, "response")
         apply_warm_start(load_model(gpt2), ts2.items, tok2.pad_token_id, gate="neuron", **args)
+
+
+# gated MLPs with separate bias-free gate and up projections; the others fall back to the linear gate
+NEURON_GATED = {"llama", "mistral", "qwen2", "qwen3", "granite", "qwen3_5_text"}
+
+
+def test_which_architectures_get_the_neuron_gate(tiny_models, arch_type):
+    """``auto`` on every architecture: the neuron gate on the gated MLPs (its write checked as on
+    Llama), the linear gate elsewhere with the reason, per-expert gates on MoE blocks, nothing on
+    sandwich-norm blocks."""
+    folder = tiny_models(arch_type, residual_offset=OFFSET)
+    torch.manual_seed(0)
+    vec = VectorArtifact(torch.randn(5, 32), {"trait": "rand"})
+    ts, tok = _trajectories(folder, vec, "response")
+    base, edited = load_model(folder), load_model(folder)
+    info = apply_warm_start(edited, ts.items, tok.pad_token_id, vector=vec.row(LAYER), layer=LAYER, coef=COEF,
+                            positions="response")
+    spec = spec_for(base.config)
+    if spec.sandwich:
+        assert "sandwich" in info["skipped"]
+    elif "experts" in info:
+        assert arch_type in MOE_TYPES and "gate" not in info
+    elif arch_type in NEURON_GATED:
+        assert info["gate"] == "neuron", info
+        _check_neuron_write(base, edited, info, ts, tok, vec)
+    else:
+        assert info["gate"] == "linear" and "not a gated one" in info["neuron_gate"], info
 
 
 @pytest.mark.parametrize("method,positions", [("kl-full", "response"), ("kl-full", "all"), ("kl-lora", "response")])

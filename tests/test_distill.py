@@ -628,11 +628,14 @@ def _launch(args: list[str], *, fsdp: bool) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kl-full", "kl-lora"])
-def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny, vec_file, shared_traj, tmp_path,
-                                                                           method):
+def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny_models, vec_file, tmp_path, method):
     """`accelerate launch --use_fsdp` on CPU: accelerate itself would run plain data parallel, so
     bakery shards the blocks with FSDP2; the run matches one process, resumes from a checkpoint
-    gathered from the shards, and exports whole weights (plus adapter/ for LoRA)."""
+    gathered from the shards, and exports whole weights (plus adapter/ for LoRA). The model's
+    residual has a nearly constant direction, so kl-full's warm start takes the neuron gate, its
+    MLP rows and column written into each process's shards."""
+    tiny = tiny_models("llama", residual_offset=1.0)
+    shared_traj = tmp_path / "t.jsonl"  # sampled by the one-process run, reused by the launches
     lr = "5e-3" if method == "kl-lora" else "1e-3"
     # a sharded adapter has no warm start yet: the one-process run trains a zero adapter too
     lora = {"warm_start": False} if method == "kl-lora" else {}
@@ -655,6 +658,9 @@ def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny, v
     assert m.extra["best_val_kl"] == pytest.approx(single.info["best_val_kl"], rel=2e-2)
     # against the unedited model's KL: kl-full's step 0 is already the warm start (0.69 of it here)
     assert m.extra["best_val_kl"] < 0.5 * m.extra["val_kl_base"]
+    if method == "kl-full":
+        assert m.extra["warm_start"]["gate"] == single.info["warm_start"]["gate"] == "neuron"
+        assert m.extra["warm_start"]["neuron"] == single.info["warm_start"]["neuron"]
     # the export holds whole weights: the same model as the one-process run, reloadable as is
     a, b = load_model(single.out), load_model(out)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

@@ -632,19 +632,16 @@ def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny_mo
     """`accelerate launch --use_fsdp` on CPU: accelerate itself would run plain data parallel, so
     bakery shards the blocks with FSDP2; the run matches one process, resumes from a checkpoint
     gathered from the shards, and exports whole weights (plus adapter/ for LoRA). The model's
-    residual has a nearly constant direction, so kl-full's warm start takes the neuron gate, its
-    MLP rows and column written into each process's shards."""
+    residual has a nearly constant direction, so the warm start takes the neuron gate."""
     tiny = tiny_models("llama", residual_offset=1.0)
     shared_traj = tmp_path / "t.jsonl"  # sampled by the one-process run, reused by the launches
     lr = "5e-3" if method == "kl-lora" else "1e-3"
-    # a sharded adapter has no warm start yet: the one-process run trains a zero adapter too
-    lora = {"warm_start": False} if method == "kl-lora" else {}
     args = ["--model", str(tiny), "-v", str(vec_file), "-l", str(LAYER), "-c", str(COEF), "--method", method,
             *(["--rank", "8"] if method == "kl-lora" else []),
             *_sets(trajectories=shared_traj, num_prompts=44, val_prompts=8, lr=lr, val_every=2,
-                   checkpoint_every=2, patience=0, dtype="float32", **{k: str(v).lower() for k, v in lora.items()})]
+                   checkpoint_every=2, patience=0, dtype="float32")]
     single = bake_distilled(_req(tiny, vec_file, tmp_path / "single", method=method, steps=6,
-                                 trajectories=str(shared_traj), val_every=2, patience=0, lr=float(lr), **lora),
+                                 trajectories=str(shared_traj), val_every=2, patience=0, lr=float(lr)),
                             progress=False)
     out = tmp_path / "fsdp"
     r = _launch([*args, "-o", str(out), "--steps", "4"], fsdp=True)  # stops at step 4 ...
@@ -658,9 +655,11 @@ def test_fsdp_launch_on_cpu_shards_the_blocks_trains_resumes_and_exports(tiny_mo
     assert m.extra["best_val_kl"] == pytest.approx(single.info["best_val_kl"], rel=2e-2)
     # against the unedited model's KL: kl-full's step 0 is already the warm start (0.69 of it here)
     assert m.extra["best_val_kl"] < 0.5 * m.extra["val_kl_base"]
-    if method == "kl-full":
-        assert m.extra["warm_start"]["gate"] == single.info["warm_start"]["gate"] == "neuron"
-        assert m.extra["warm_start"]["neuron"] == single.info["warm_start"]["neuron"]
+    # the same warm start in both: the neuron gate, written into each process's shards (kl-lora:
+    # its LoRA components, on the blocks from the steered one on)
+    assert m.extra["warm_start"]["gate"] == single.info["warm_start"]["gate"] == "neuron"
+    assert m.extra["warm_start"]["neuron"] == single.info["warm_start"]["neuron"]
+    assert m.extra["first_block"] == single.info["first_block"] == LAYER - 1
     # the export holds whole weights: the same model as the one-process run, reloadable as is
     a, b = load_model(single.out), load_model(out)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

@@ -35,7 +35,7 @@ from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
 from bakery.vectors.artifact import VectorArtifact, load_vector
-from bakery.bakers.distill.warm_start import apply_lora_warm_start, apply_warm_start
+from bakery.bakers.distill.warm_start import apply_lora_warm_start, apply_warm_start, default_lora_first_block
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
 TEACHER_ENGINES = ("transformers", "vllm")
@@ -162,17 +162,6 @@ def sample_sharded(model, tok, pool: list[str], context, req: DistillRequest, me
             p.unlink()
 
 
-def warm_start_applies(model, block: int) -> bool:
-    """Whether kl-lora's warm start can hold a write at block ``block`` (a dense MLP block that
-    is not sandwich-normed): the LoRA is then put on the blocks from there on only."""
-    from bakery.arch import spec_for
-    from bakery.bakers.rank1 import experts_of
-
-    spec = spec_for(model.config)
-    blocks = model.get_submodule(spec.blocks)
-    return not spec.sandwich and 0 <= block < len(blocks) and experts_of(spec, blocks[block]) is None
-
-
 def trains_down(model, block: int) -> bool:
     """Whether block ``block``'s down-projection (or its experts') trains: the warm start edits it,
     and the teacher keeps the source values of the weights that train only."""
@@ -263,16 +252,12 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     targets = None
     if sharded:  # every process builds its shard of the student from the checkpoint, never the whole model
         refuse_unshardable(config, req)
-        model, targets = build_sharded_student(model_dir, req.train, device=acc.device,
+        model, targets = build_sharded_student(model_dir, req.train, device=acc.device, layer=req.layer,
                                                trust_remote_code=req.trust_remote_code)
     else:
         model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
+        default_lora_first_block(model, req.train, req.layer)
     base = unwrap_peft(model)
-    if (req.train.method == "lora" and req.train.first_block is None and req.train.uses_warm_start()
-            and not sharded and warm_start_applies(base, req.layer - 1)):
-        # from the warm start, LoRA on the earlier blocks only adds noise: they compute the same
-        # thing in teacher and student
-        req.train.first_block = req.layer - 1
     vec = req.vector if isinstance(req.vector, VectorArtifact) else load_vector(
         req.vector, num_layers=base.config.num_hidden_layers)
     vec.check_model(base.config)
@@ -317,10 +302,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
     train, val = ts.split(req.val_prompts, seed=req.train.seed)
 
     def warm_start(m):
-        if req.train.method == "lora":  # one LoRA component holds the write; it checks the adapter's targets
-            if sharded:
-                return {"skipped": "the LoRA warm start is not built for a sharded adapter yet (training "
-                                   "starts from a zero adapter)"}
+        if req.train.method == "lora":  # LoRA components hold the write; it checks the adapter's targets
             return apply_lora_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer,
                                          coef=req.coef, positions=req.positions, gate=req.train.warm_start_gate)
         if not trains_down(m, req.layer - 1):

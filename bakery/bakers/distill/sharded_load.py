@@ -48,11 +48,13 @@ def local_rows(full: torch.Tensor, p) -> torch.Tensor:
     return full[start:end]
 
 
-def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_remote_code: bool = False):
+def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, layer: int | None = None,
+                          trust_remote_code: bool = False):
     """The student of a sharded run (``cfg``: a :class:`~bakery.bakers.distill.train.TrainConfig`),
     float32, LoRA-wrapped for ``cfg.method == "lora"``, sharded over the process group, filled from
     ``model_dir``; and the description of what trains (read before peft wraps the linears). Needs
-    ``torch.distributed`` initialised (accelerate's launch does it)."""
+    ``torch.distributed`` initialised (accelerate's launch does it). ``layer``: the steered layer,
+    for kl-lora's default ``first_block``."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,6 +62,7 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
     from bakery.bakers.distill.sharding import checkpoint_blocks, local, shard_blocks
     from bakery.bakers.distill.targets import lora_targets, unwrap_peft
     from bakery.bakers.distill.train import add_lora
+    from bakery.bakers.distill.warm_start import default_lora_first_block
     from bakery.io.checkpoint import CheckpointReader
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -71,6 +74,8 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, trust_r
         p.requires_grad_(False)
     targets = lora_targets(model, cfg.target_modules, cfg.experts).describe(model, lora=cfg.method == "lora")
     if cfg.method == "lora":
+        if layer is not None:
+            default_lora_first_block(model, cfg, layer)
         model = add_lora(model, cfg, init=False)  # adapters on meta too; drawn below per name
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # real: computed at construction
     if cfg.checkpoints_activations(sharded=True):  # before sharding, as FSDP2 wants

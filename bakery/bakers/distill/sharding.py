@@ -69,6 +69,25 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def set_row(W: torch.Tensor, i: int, value: torch.Tensor) -> None:
+    """``W[i] = value``; on a first-dimension shard, only by the process that holds row ``i``."""
+    from bakery.bakers.distill.sharded_load import shard_rows
+
+    start, end = shard_rows(W.shape[0], W)
+    if start <= i < end:
+        local(W)[i - start] = value.to(local(W))
+
+
+@torch.no_grad()
+def set_column(W: torch.Tensor, j: int, value: torch.Tensor) -> None:
+    """``W[:, j] = value``; on a first-dimension shard, each process writes its rows."""
+    from bakery.bakers.distill.sharded_load import shard_rows
+
+    start, end = shard_rows(W.shape[0], W)
+    local(W)[:, j] = value[start:end].to(local(W))
+
+
+@torch.no_grad()
 def add_outer(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: int | None = None) -> None:
     """``W += a b^T`` (``W[index] += a b^T`` with ``index``), in place; on a first-dimension
     shard, only the rows this process holds are touched."""

@@ -33,7 +33,7 @@ from bakery.placement import input_device
 from bakery.arch import spec_for
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
 from bakery.bakers.neuron_gate import GATES, Edit, GatedWrite, fit_neuron_gate, gated_mlp
-from bakery.bakers.distill.sharding import add_outer
+from bakery.bakers.distill.sharding import add_outer, local, set_column, set_row
 from bakery.bakers.distill.targets import unwrap_peft
 from bakery.bakers.distill.trajectories import Trajectory, collate
 from bakery.bakers.rank1 import down_module, expert_count, expert_inputs, experts_of
@@ -240,7 +240,7 @@ def apply_lora_warm_start(peft_model: nn.Module, items: Sequence[Trajectory], pa
     down_name = down_module(spec, mod)
     if lora(down_name) is None:
         return {"skipped": f"the adapter '{name}' does not train block {block}'s down-projection"}
-    if any(lora(n)[1].abs().max() > 0 for n in _lora_modules(mod, name)):
+    if any(local(lora(n)[1]).abs().sum() > 0 for n in _lora_modules(mod, name)):
         raise ValueError("apply_lora_warm_start wants a fresh adapter (lora_B all zero)")
     write = fit_write(base, list(items)[:max_trajectories], pad_id, vector=vector, layer=layer, coef=coef,
                       positions=positions, gate=gate, editable=editable)
@@ -249,10 +249,27 @@ def apply_lora_warm_start(peft_model: nn.Module, items: Sequence[Trajectory], pa
         A, B, scale = lora(e.module)
         k = used[e.module] = used.get(e.module, -1) + 1
         g = (float(e.out_vec.norm()) * float(e.in_vec.norm()) / scale) ** 0.5
-        B[:, k] = (e.out_vec / e.out_vec.norm().clamp_min(1e-12) * g).to(B)
-        A[k, :] = (e.in_vec / e.in_vec.norm().clamp_min(1e-12) * g).to(A)
+        set_column(B, k, e.out_vec / e.out_vec.norm().clamp_min(1e-12) * g)  # sharded: this process's rows
+        set_row(A, k, e.in_vec / e.in_vec.norm().clamp_min(1e-12) * g)
     return {"block": block, "lora_components": {k: v + 1 for k, v in used.items()},
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in _report(write.stats).items()}}
+
+
+def warm_start_applies(model: nn.Module, block: int) -> bool:
+    """Whether kl-lora's warm start can hold a write at block ``block`` (a dense MLP block that
+    is not sandwich-normed)."""
+    spec = spec_for(model.config)
+    blocks = model.get_submodule(spec.blocks)
+    return not spec.sandwich and 0 <= block < len(blocks) and experts_of(spec, blocks[block]) is None
+
+
+def default_lora_first_block(model: nn.Module, cfg, layer: int) -> None:
+    """kl-lora from the warm start puts its LoRA on the blocks from the steered one on
+    (``cfg.first_block``, unless given): the blocks before it compute the same thing in teacher
+    and student, and LoRA there only adds noise. Call it before the adapter is built."""
+    if cfg.method == "lora" and cfg.first_block is None and cfg.uses_warm_start() and \
+            warm_start_applies(model, layer - 1):
+        cfg.first_block = layer - 1
 
 
 def _lora_modules(block: nn.Module, name: str) -> list[str]:

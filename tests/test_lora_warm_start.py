@@ -48,8 +48,7 @@ def test_the_lora_warm_start_is_the_kl_full_warm_start(tiny_models, model_type, 
     lora = add_lora(load_model(folder), TrainConfig(rank=8))
     info = apply_lora_warm_start(lora, ts.items, tok.pad_token_id, **args)
     assert info["block"] == LAYER - 1 and info["gate"] == info_full["gate"] == gate
-    mlp = "mlp"
-    assert info["lora_components"] == ({f"{mlp}.gate_proj": 1, f"{mlp}.up_proj": 1, f"{mlp}.down_proj": 2}
+    assert info["lora_components"] == ({"mlp.gate_proj": 1, "mlp.up_proj": 1, "mlp.down_proj": 2}
                                        if gate == "neuron" else {down_module(spec_for(full.config), None): 1})
     if model_type == "gpt2":
         assert "not a gated one" in info["neuron_gate"]

@@ -62,10 +62,11 @@ def _capture(model: nn.Module, items: Sequence[Trajectory], pad_id: int, module:
 
 
 def _report(st: dict) -> dict:
+    """The fit statistics as the manifest records them (floats to 4 places)."""
     out = {"tokens": st["rows"], "steered_mean": st["on_mean"], "unsteered_mean": st.get("off_mean"),
            "rmse": st["rmse"]}
     out.update({k: st[k] for k in ("gate", "neuron", "neuron_gate") if k in st})
-    return out
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _frozen(block: nn.Module, names: list[str]) -> str | None:
@@ -194,7 +195,7 @@ def apply_warm_start(model: nn.Module, items: Sequence[Trajectory], pad_id: int,
             W = mod.get_submodule(e.module).weight
             add_outer(W, e.in_vec, e.out_vec) if spec.conv1d else add_outer(W, e.out_vec, e.in_vec)
         fit = _report(write.stats)
-    return {"block": block, **{k: round(v, 4) if isinstance(v, float) else v for k, v in fit.items()}}
+    return {"block": block, **fit}
 
 
 @torch.no_grad()
@@ -252,7 +253,7 @@ def apply_lora_warm_start(peft_model: nn.Module, items: Sequence[Trajectory], pa
         set_column(B, k, e.out_vec / e.out_vec.norm().clamp_min(1e-12) * g)  # sharded: this process's rows
         set_row(A, k, e.in_vec / e.in_vec.norm().clamp_min(1e-12) * g)
     return {"block": block, "lora_components": {k: v + 1 for k, v in used.items()},
-            **{k: round(v, 4) if isinstance(v, float) else v for k, v in _report(write.stats).items()}}
+            **_report(write.stats)}
 
 
 def warm_start_applies(model: nn.Module, block: int) -> bool:

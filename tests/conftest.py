@@ -14,6 +14,40 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from tiny import ARCH_TYPES, make_tiny  # noqa: E402
 
+ENGINE_MARKS = ("vllm", "sglang", "llamacpp")
+
+
+def _session_threads() -> int:
+    """Torch threads for this test process: the cores shared by the xdist workers (at least 1)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def pytest_configure(config) -> None:
+    import torch
+
+    torch.set_num_threads(_session_threads())
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that start a real engine share one xdist group, so that two engines never run at once
+    (each takes every core; two together thrash and time out)."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ENGINE_MARKS):
+            item.add_marker(pytest.mark.xdist_group("engines"))
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """``--threads N`` sets torch's threads process-wide: put them back after every test, so a
+    test's speed does not depend on the order the tests ran in."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -108,7 +108,7 @@ def hf_edit(name: str, src: str, out: str, vec: str, layer: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     v = load_vector(vec).vectors[layer]
     kw = {"mlp_bias": True} if name == "hf-bias" else {}

@@ -30,12 +30,14 @@ from pathlib import Path
 import torch
 
 from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled
-from bakery.bakers.distill.train import Distiller, TrainConfig
+from bakery.bakers.distill.train import Distiller
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.fidelity.metrics import measure, model_scorer
 from bakery.models import load_model, load_tokenizer, resolve_model
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import TrajectorySet, collate, prompt_pool, sample, to_fidelity
-from bakery.vectors.artifact import describe_layer, load_vector
+from bakery.naming import describe_layer
+from bakery.vectors.load import load_vector
 
 
 class Cached:

@@ -23,7 +23,9 @@ from bakery.steering.generation import encode_prompts, render_chat  # noqa: E402
 from bakery.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from bakery.fidelity.persist import DEFAULT_PROMPTS, check_vector_for_persist, logits_kwargs, trace_batch  # noqa: E402
 from bakery.steering.hooks import Steering, SteeringTerm  # noqa: E402
-from bakery.vectors.artifact import VectorArtifact, describe_layer, load_vector  # noqa: E402
+from bakery.naming import describe_layer
+from bakery.vectors.artifact import VectorArtifact
+from bakery.vectors.load import load_vector  # noqa: E402
 
 
 @torch.no_grad()

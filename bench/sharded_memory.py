@@ -29,7 +29,7 @@ def _trajectories(args, model_dir: Path, path: Path) -> None:
     from bakery.bakers.distill.trajectories import prompt_pool, sample
     from bakery.models import load_model, load_tokenizer, read_config
     from bakery.steering.hooks import steer
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     vec = load_vector(args.vector)

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 
 from bakery.bakers.distill.sharded_export import stage_sharded
-from bakery.bakers.distill.sharded_load import build_sharded_student, checkpoint_name, local_rows
+from bakery.bakers.distill.sharded_load import build_sharded_student, checkpoint_name
+from bakery.bakers.distill.sharding import local_rows
 from bakery.bakers.distill.sharding import local
-from bakery.bakers.distill.train import TrainConfig
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.io.checkpoint import CheckpointReader
 
 
@@ -50,7 +51,7 @@ def main(model_dir: Path, out: Path) -> None:
     stage_sharded(model, method="lora", dtype=torch.float32, staging=out / "staged", is_main=rank == 0)
     (out / f"rank{rank}.json").write_text(json.dumps({**report, "world": world, "targets": targets}))
     if rank == 0:  # the unsharded path, for the same adapter: peft's own merge
-        from bakery.bakers.distill.train import add_lora
+        from bakery.bakers.distill.lora import add_lora
         from bakery.models import load_model
 
         plain = add_lora(load_model(model_dir), TrainConfig(rank=4, seed=5))

@@ -14,7 +14,7 @@ import torch
 
 from bakery.arch import spec_for
 from bakery.bakers import bake
-from bakery.bakers.base import BakeError
+from bakery.bakers.errors import BakeError
 from bakery.models import load_model
 from bakery.steering.hooks import Ablation, Steering, SteeringTerm, blocks_of, steer
 from test_bakers_bias import logits, reload_strict, vec

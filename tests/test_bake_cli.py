@@ -331,7 +331,7 @@ def test_recipe_without_coef_is_an_error_unless_the_flag_gives_one(setup):
 
 def test_library_bake_refuses_a_missing_coef(setup):
     from bakery.bakers import bake
-    from bakery.bakers.base import BakeError
+    from bakery.bakers.errors import BakeError
 
     src, vpath, tmp = setup
     for term in [{"vector": vpath, "layer": 2}, (vpath, 2, None)]:

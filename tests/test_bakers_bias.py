@@ -11,7 +11,7 @@ import torch
 
 from bakery.arch import ARCHITECTURES
 from bakery.bakers import bake
-from bakery.bakers.base import BakeError
+from bakery.bakers.errors import BakeError
 from bakery.models import load_model
 from bakery.steering.hooks import Steering, SteeringTerm, blocks_of, steer
 from bakery.vectors.artifact import VectorArtifact, VectorError

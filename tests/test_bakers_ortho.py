@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bakery.bakers import bake
-from bakery.bakers.base import BakeError
+from bakery.bakers.errors import BakeError
 from bakery.models import load_model
 from bakery.steering.hooks import Ablation, Steering, SteeringTerm
 from test_bakers_bias import logits, reload_strict, tree_digest, vec
@@ -131,7 +131,7 @@ def test_ortho_on_the_embedded_model(smol_dir, tmp_path):
 
 def test_large_tensors_are_streamed_in_row_blocks(tiny_models, tmp_path, monkeypatch):
     """Row-wise edits (embeddings, GPT-2 Conv1D writers) are applied block by block; same result."""
-    import bakery.io.export as export
+    import bakery.bakers.plan as export
 
     monkeypatch.setattr(export, "ROW_BLOCK_BYTES", 4096)  # a few rows per block on a tiny model
     for arch in ("llama", "gpt2"):

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from bakery.bakers import bake
-from bakery.bakers.base import BakeError
+from bakery.bakers.errors import BakeError
 from bakery.bakers.rank1 import CALIBRATION_PROMPTS
 from bakery.fidelity.metrics import measure, model_scorer, sample_trajectories
 from bakery.steering.generation import encode_prompts, render_chat

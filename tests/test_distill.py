@@ -18,9 +18,12 @@ import pytest
 import torch
 
 from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled, build_pool, train_distilled
-from bakery.bakers.base import BakeError
-from bakery.bakers.distill.train import (TrainingCheckpointError, Distiller, DistillError, TrainConfig,
-                                  check_targets, kl_per_token, kl_topk, linear_module_names)
+from bakery.bakers.errors import BakeError
+from bakery.bakers.distill.errors import TrainingCheckpointError, DistillError
+from bakery.bakers.distill.losses import kl_per_token, kl_topk
+from bakery.bakers.distill.targets import check_targets, linear_module_names
+from bakery.bakers.distill.train import Distiller
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.steering.generation import render_chat
 from bakery.io.manifest import Manifest
 from bakery.models import load_model, load_tokenizer
@@ -101,7 +104,7 @@ def test_the_embedded_model_writes_new_questions_for_the_pool(smol_dir):
 
 def test_trajectories_roundtrip_and_collate_layout(tiny, vec_file, tmp_path):
     m, tok = load_model(tiny), load_tokenizer(tiny)
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     vec = load_vector(vec_file)
     ctx = lambda P: steer(m, vec, LAYER, COEF, positions="response")
@@ -127,7 +130,7 @@ def test_trajectories_roundtrip_and_collate_layout(tiny, vec_file, tmp_path):
 
 def test_sampled_responses_follow_the_steered_model(tiny, vec_file):
     """Greedy 'sampling' (temperature 0) under steering reproduces the steered model's argmax."""
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     m, tok = load_model(tiny), load_tokenizer(tiny)
     v = load_vector(vec_file)
@@ -144,7 +147,7 @@ def test_sampled_responses_follow_the_steered_model(tiny, vec_file):
 
 # ---- the teacher ------------------------------------------------------------------------------------
 def test_teacher_logits_come_from_the_model_without_the_adapter(tiny, vec_file):
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     v = load_vector(vec_file)
     tok = load_tokenizer(tiny)
@@ -180,7 +183,7 @@ def test_teacher_logits_come_from_the_model_without_the_adapter(tiny, vec_file):
 def test_the_top_k_kept_from_sampling_is_the_teachers_distribution(tiny, vec_file):
     """--teacher-topk: what sampling keeps equals the teacher's teacher-forced top-k (the training
     target), so training on it needs no teacher forward."""
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     v = load_vector(vec_file)
     m, tok = load_model(tiny), load_tokenizer(tiny)
@@ -423,7 +426,7 @@ def test_a_target_module_the_architecture_lacks_is_refused(tiny, tiny_models):
 
 
 def test_lora_from_a_first_block_adapts_only_the_blocks_from_there_on(tiny):
-    from bakery.bakers.distill.train import add_lora
+    from bakery.bakers.distill.lora import add_lora
 
     m = load_model(tiny)
     n = len(m.model.layers)
@@ -443,7 +446,7 @@ def _small_fs(path: Path):
 
 
 def test_running_out_of_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, vec_file, tmp_path):
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     v = load_vector(vec_file)
     tok = load_tokenizer(tiny)
@@ -589,9 +592,9 @@ def test_a_library_bakes_command_reads_back_through_the_bake_cli(tiny, vec_file)
     """A kl-lora config's reproduce command parses back through `bakery bake` to the same term
     and the same config, lists and awkward strings included."""
     from bakery.bakers import get_baker, make_config, reproduce_command
-    from bakery.bakers.base import BakeRequest, Term
+    from bakery.bakers.request import BakeRequest, Term
     from bakery.cli.bake import _parse_settings, bake as bake_cli
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     opts = {"steps": 3, "rank": 8, "positions": "all", "num_prompts": 30, "lr": 5e-3, "rslora": True,
             "target_modules": ["q_proj", "v_proj"], "held_out": ["Is it 3, or 4?", "yes"], "recipe": "no",

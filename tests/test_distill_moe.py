@@ -14,7 +14,9 @@ from safetensors import safe_open
 from bakery.arch import spec_for
 from bakery.bakers import bake
 from bakery.bakers.distill.targets import expert_parameters, full_parameters, lora_targets
-from bakery.bakers.distill.train import DistillError, TrainConfig, add_lora
+from bakery.bakers.distill.errors import DistillError
+from bakery.bakers.distill.lora import add_lora
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.io.names import TensorNames
 from bakery.models import load_model
 from test_bakers_bias import vec

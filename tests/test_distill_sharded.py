@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bakery.bakers.distill.lora_init import lora_init_value
+from bakery.bakers.distill.lora import lora_init_value
 from bakery.bakers.distill.pipeline import DistillRequest, train_distilled
-from bakery.bakers.distill.train import TrainConfig, add_lora
+from bakery.bakers.distill.lora import add_lora
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.io.checkpoint import CheckpointReader
 from bakery.models import load_model
 from bakery.steering.hooks import steer

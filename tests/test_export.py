@@ -14,7 +14,7 @@ from bakery.io.card_sections import read_section, write_section
 from bakery.io.checkpoint import CheckpointError
 from bakery.io.folders import OutputError
 from bakery.io.manifest import Manifest
-from bakery.vectors.artifact import load_vector
+from bakery.vectors.load import load_vector
 from test_bakers_bias import reload_strict, tree_digest, vec
 from test_checkpoint import fail_after
 
@@ -109,10 +109,10 @@ def test_sharded_output_reloads(tiny_models, tmp_path):
 
 def test_default_output_is_descriptive(tiny_models):
     src = tiny_models("llama")
-    from bakery.bakers.base import Term
+    from bakery.bakers.request import Term
 
     from bakery.bakers import get_baker, make_config
-    from bakery.bakers.base import BakeRequest
+    from bakery.bakers.request import BakeRequest
 
     def name(model, method, coef=2.0, **options):
         req = BakeRequest(model_dir=src, model_name=model, config={}, method=method,

@@ -20,7 +20,8 @@ from bakery.extraction.extract import ExtractError, ExtractSettings, extract
 from bakery.steering.generation import NoChatTemplate, render_chat
 from bakery.extraction.judge import Judge, JudgeError
 from bakery.models import load_model, load_tokenizer
-from bakery.vectors.artifact import VARIANTS, load_vector
+from bakery.vectors.artifact import VARIANTS
+from bakery.vectors.load import load_vector
 
 FAST = dict(max_new_tokens=6, temperature=0.0, batch_size=8, eval_pairs=1)
 

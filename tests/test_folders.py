@@ -158,7 +158,7 @@ def test_atomic_files_write_all_or_nothing_under_the_rule(tmp_path):
 
 
 def _load(path):
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     return load_vector(path).vectors
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bakery.arch import spec_for
-from bakery.bakers.distill.train import TrainConfig, add_lora
+from bakery.bakers.distill.lora import add_lora
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.bakers.distill.trajectories import collate, prompt_pool, sample
 from bakery.bakers.distill.warm_start import apply_lora_warm_start, apply_warm_start
 from bakery.bakers.rank1 import down_module

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from bakery.arch import UnsupportedArchitecture, spec_for
 from bakery.bakers import bake
-from bakery.bakers.base import BakeError
+from bakery.bakers.errors import BakeError
 from bakery.models import load_model
 from bakery.steering.hooks import Ablation, blocks_of
 from bakery.vectors.artifact import VectorArtifact
@@ -209,7 +209,7 @@ def test_the_overlay_replaces_exactly_the_tensors_that_differ(wrappers, tmp_path
     from safetensors.torch import save_file
 
     from bakery.io.checkpoint import CheckpointError
-    from bakery.io.export import write_overlay
+    from bakery.bakers.plan import write_overlay
 
     src = wrappers("qwen3_5")
     config = json.loads((src / "config.json").read_text())

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from bakery.arch import spec_for
 from bakery.bakers import bake
-from bakery.bakers.base import BakeError
+from bakery.bakers.errors import BakeError
 from bakery.io.names import TensorNameError, TensorNames
 from bakery.models import load_model
 from bakery.steering.hooks import steer

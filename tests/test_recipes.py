@@ -247,7 +247,7 @@ def test_recipe_import_refuses_non_json_and_lists(tmp_path):
 
 
 def test_imported_recipe_runs_through_extract(tiny_models, tmp_path, monkeypatch):
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     monkeypatch.setenv("BAKERY_CACHE", str(tmp_path / "cache"))
     src = _reference_layout(tmp_path)

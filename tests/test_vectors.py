@@ -6,7 +6,8 @@ import torch
 from click.testing import CliRunner
 
 from bakery.cli import main
-from bakery.vectors.artifact import VectorArtifact, VectorError, cosine_by_layer, load_vector
+from bakery.vectors.artifact import VectorArtifact, VectorError, cosine_by_layer
+from bakery.vectors.load import load_vector
 
 
 def _art(n=4, h=32, seed=0):

@@ -93,7 +93,8 @@ def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
     under the unsteered model; prompts are the rendered chat, finished responses end with EOS; the
     top-k kept from vLLM's sampling (--teacher-topk) is the runtime-steered teacher's distribution."""
     from bakery.bakers.distill.pipeline import DistillRequest, sample_from_bias_bake
-    from bakery.bakers.distill.train import TrainConfig, kl_per_token, kl_topk
+    from bakery.bakers.distill.losses import kl_per_token, kl_topk
+    from bakery.bakers.distill.train_config import TrainConfig
     from bakery.bakers.distill.trajectories import collate, collate_topk
     from bakery.fidelity.metrics import model_scorer
     from bakery.steering.generation import eos_token_ids, render_chat

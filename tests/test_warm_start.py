@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bakery.bakers.distill.pipeline import DistillRequest, train_distilled
-from bakery.bakers.distill.train import TrainConfig
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.models import load_model, load_tokenizer
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import collate, prompt_pool, sample

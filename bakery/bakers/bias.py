@@ -18,9 +18,14 @@ from typing import Any
 import torch
 
 from bakery.arch import BiasRoute, cfg_get, is_parallel_residual, num_layers_of, text_config_of
-from bakery.bakers import register
-from bakery.bakers.base import (ENGINE_CHOICES, BakeError, BakePlan, BakeRequest, ClosedFormBaker, arch_name,
-                                check_engines, rehost_config)
+from bakery.bakers.registry import register
+from bakery.bakers.base import ClosedFormBaker
+from bakery.bakers.checks import check_engines
+from bakery.bakers.request import ENGINE_CHOICES
+from bakery.bakers.errors import BakeError
+from bakery.bakers.plan import BakePlan
+from bakery.bakers.rehost import arch_name, rehost_config
+from bakery.bakers.request import BakeRequest
 from bakery.bakers.config import BakerConfig, option
 from bakery.io.checkpoint import CheckpointReader
 from bakery.steering.hooks import POSITIONS

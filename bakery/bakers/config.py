@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Iterator
 
 import yaml
 
-from bakery.bakers.base import BakeError
+from bakery.bakers.errors import BakeError
 
 
 def option(default: Any = None, help: str = "", *, flag: str | None = None, choices: tuple | None = None,

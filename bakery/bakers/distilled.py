@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bakery.bakers import register
-from bakery.bakers.base import Baker, BakeRequest, Term, Weights
+from bakery.bakers.registry import register
+from bakery.bakers.base import Baker
+from bakery.bakers.plan import Weights
+from bakery.bakers.request import BakeRequest, Term
 from bakery.bakers.config import BakerConfig, option
 
 TEACHER_ENGINES = ("transformers", "vllm")
@@ -121,7 +123,7 @@ _RENAMED = {"steps": "max_steps"}  # config name -> TrainConfig name
 def request_for(job: BakeRequest):
     """The training run (:class:`~bakery.bakers.distill.pipeline.DistillRequest`) of a bake."""
     from bakery.bakers.distill.pipeline import DistillRequest
-    from bakery.bakers.distill.train import TrainConfig
+    from bakery.bakers.distill.train_config import TrainConfig
 
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = job.cfg.given()
@@ -137,11 +139,13 @@ def job_for(req) -> BakeRequest:
     """The bake of a training run built by hand (the library's ``bake_distilled``): its config
     holds every setting that differs from the defaults, so its manifest and reproduce command
     are those of ``bakery bake``."""
-    from bakery.bakers import get_baker, make_config, reproduce_command
+    from bakery.bakers.api import reproduce_command
+    from bakery.bakers.registry import get_baker, make_config
     from bakery.bakers.distill.pipeline import DistillRequest
-    from bakery.bakers.distill.train import TrainConfig
+    from bakery.bakers.distill.train_config import TrainConfig
     from bakery.models import read_config, resolve_model
-    from bakery.vectors.artifact import VectorArtifact, load_vector
+    from bakery.vectors.artifact import VectorArtifact
+    from bakery.vectors.load import load_vector
 
     baker = get_baker(req.method)
     names = baker.config_class.option_names()

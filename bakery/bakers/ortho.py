@@ -23,8 +23,12 @@ from typing import Any
 import torch
 
 from bakery.arch import num_layers_of, set_text_key, tied_embeddings
-from bakery.bakers import register
-from bakery.bakers.base import BakeError, BakePlan, BakeRequest, ClosedFormBaker, arch_name
+from bakery.bakers.registry import register
+from bakery.bakers.base import ClosedFormBaker
+from bakery.bakers.errors import BakeError
+from bakery.bakers.plan import BakePlan
+from bakery.bakers.rehost import arch_name
+from bakery.bakers.request import BakeRequest
 from bakery.bakers.bias import TARGET_ENGINE_HELP, plan_bias_terms
 from bakery.bakers.config import BakerConfig, fmt_float, option
 from bakery.io.checkpoint import CheckpointReader

@@ -28,7 +28,9 @@ import torch
 
 from bakery.arch import spec_for
 from bakery.placement import default_placement, input_device, parse_device_map, resolve_device, resolve_dtype
-from bakery.bakers.base import BakeError, BakePlan, BakeRequest
+from bakery.bakers.errors import BakeError
+from bakery.bakers.plan import BakePlan
+from bakery.bakers.request import BakeRequest
 from bakery.bakers.gate_fit import GateFit, StopForward, forward_until_stopped, steered_positions, summarize
 from bakery.steering.hooks import POSITIONS
 

@@ -34,7 +34,7 @@ TERM_KEYS = {"trait", "vector", "layer", "coef"}
 
 def option_keys() -> set[str]:
     """Every option any method's config takes."""
-    from bakery.bakers import config_classes
+    from bakery.bakers.registry import config_classes
 
     return set().union(*(c.option_names() for c in config_classes().values()))
 

@@ -11,7 +11,7 @@ import click
 
 from bakery.arch import auto_class
 from bakery.cli.common import clear_errors, echo_err, threads_option, device_options
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 
 
 def _parse_size(text: str | None) -> int | None:

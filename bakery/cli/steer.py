@@ -8,7 +8,7 @@ import textwrap
 import click
 
 from bakery.cli.common import clear_errors, model_option, threads_option, trust_option, device_options
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 
 
 @click.command()

@@ -48,7 +48,7 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
     from bakery.extraction.recipes import available_traits, load_trait_recipe
     from bakery.io.folders import SWEEP, check_output
     from bakery.models import load_model, load_tokenizer, resolve_model
-    from bakery.vectors.artifact import load_vector
+    from bakery.vectors.load import load_vector
 
     if bool(vector_path) == bool(trait):
         raise click.UsageError("give exactly one of --vector FILE or --trait NAME")

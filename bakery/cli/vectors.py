@@ -8,7 +8,9 @@ import click
 
 from bakery.cli.common import clear_errors
 from bakery.io.folders import CONTROL_VECTOR, VECTOR, atomic_files
-from bakery.vectors.artifact import cosine_by_layer, describe_layer, load_vector
+from bakery.naming import describe_layer
+from bakery.vectors.artifact import cosine_by_layer
+from bakery.vectors.load import load_vector
 
 FORCE_HELP = "Replace OUT if it is a previous {} (never another file)."
 

@@ -71,7 +71,7 @@ EXIT_PASS, EXIT_FAIL, EXIT_NOT_RUN = 0, 1, 3
 
 def parse_verify_engines(value: str | Sequence[str]) -> list[str]:
     """The engines ``bakery verify --engine`` asks to check: names, ``all``, or a comma-separated
-    list (default all). Not the baker's ``--target-engine`` (:func:`bakery.bakers.base.parse_engines`)."""
+    list (default all). Not the baker's ``--target-engine`` (:func:`bakery.bakers.request.parse_engines`)."""
     items = [value] if isinstance(value, str) else list(value)
     out: list[str] = []
     for item in items:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 
 # Rows between these fractions of the depth are steering candidates. On SmolLM2-135M (30 layers)
 # the pirate vector separates best at rows 22-29, yet steering there gives no pirate voice, while

@@ -36,7 +36,9 @@ from bakery.extraction.recipes import TraitRecipe, load_trait_recipe
 from bakery.io.folders import check_output
 from bakery.models import config_hash
 from bakery.steering.generation import render_chat
-from bakery.vectors.artifact import VARIANTS, VectorArtifact, describe_layer, load_vector
+from bakery.naming import describe_layer
+from bakery.vectors.artifact import VARIANTS, VectorArtifact
+from bakery.vectors.load import load_vector
 
 MAIN_VARIANT = "response_avg"
 

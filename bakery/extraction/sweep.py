@@ -39,7 +39,8 @@ from bakery.io.folders import SWEEP, atomic_folder
 from bakery.stats import mean_of
 from bakery.steering.generation import generate, render_chat
 from bakery.steering.hooks import steer
-from bakery.vectors.artifact import VectorArtifact, describe_layer, unit
+from bakery.naming import describe_layer
+from bakery.vectors.artifact import VectorArtifact, unit
 
 DEFAULT_PROMPTS = (
     "How do I cook rice?", "What is the capital of France?", "Tell me about your weekend.",

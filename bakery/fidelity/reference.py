@@ -22,7 +22,9 @@ from bakery.io.manifest import Manifest
 from bakery.models import config_hash, read_config, resolve_model
 from bakery.steering.hooks import Ablation, Steering, SteeringTerm, blocks_of
 from bakery.steering.sites import AttnOutSteering, attn_out_target
-from bakery.vectors.artifact import VectorArtifact, VectorError, describe_layer, load_vector
+from bakery.naming import describe_layer
+from bakery.vectors.artifact import VectorArtifact, VectorError
+from bakery.vectors.load import load_vector
 
 
 class CompareError(BakeryError):

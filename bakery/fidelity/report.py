@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bakery.fidelity.exact import EXACT_R
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 
 _COLUMNS = [("R", "R", "{:.5f}"), ("kl", "KL(steered‖·)", "{:.2e}"), ("exact", "exact", None),
             ("top1", "top-1", "{:.3f}"), ("greedy_agreement", "greedy agree", "{:.3f}"),

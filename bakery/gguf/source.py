@@ -12,7 +12,8 @@ import numpy as np
 from bakery.gguf.facts import HF_TO_GGUF
 from bakery.gguf.read import GGUFError, GGUFShape, dequantize, tensor_map
 from bakery.io.manifest import Manifest
-from bakery.vectors.artifact import VectorArtifact, load_vector
+from bakery.vectors.artifact import VectorArtifact
+from bakery.vectors.load import load_vector
 
 # final norm of the export, first name found wins; llama.cpp calls it output_norm.weight
 _FINAL_NORMS = ("model.norm.weight", "model.language_model.norm.weight")

@@ -142,7 +142,7 @@ def check_export(export_dir: str | os.PathLike) -> Manifest:
         if not vf.is_file():
             problems.append(f"{term.vector_file} (the vector of trait '{term.trait}') is missing")
             continue
-        from bakery.vectors.artifact import load_vector
+        from bakery.vectors.load import load_vector
 
         sha = load_vector(vf).sha256()
         if term.vector_sha256 and sha != term.vector_sha256:

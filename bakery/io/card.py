@@ -17,7 +17,7 @@ import yaml
 from bakery.arch import auto_class
 from bakery.io.card_sections import write_section
 from bakery.io.manifest import Manifest
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 
 SECTION = "bake"
 _FRONT = re.compile(r"\A---\n.*?\n---\n", re.S)

@@ -7,7 +7,7 @@ from typing import Sequence
 from bakery.steering.generation import generate, render_chat
 from bakery.models import load_model, load_tokenizer, resolve_model
 from bakery.steering.hooks import steer
-from bakery.vectors.artifact import load_vector
+from bakery.vectors.load import load_vector
 
 
 def steer_compare(prompts: Sequence[str], *, vector_path: str, layer: int, coef: float,

@@ -24,7 +24,9 @@ import torch
 from bakery.arch import cfg_get, hidden_size_of, num_layers_of
 from bakery.io.folders import CHECKPOINT_VECTORS, atomic_folder
 from bakery.models import config_hash
-from bakery.vectors.artifact import VectorArtifact, VectorError, describe_layer, load_vector
+from bakery.naming import describe_layer
+from bakery.vectors.artifact import VectorArtifact, VectorError
+from bakery.vectors.load import load_vector
 from bakery.vectors.pt import PtLayoutError, PtVectors, load_pt, parse_pt
 
 INDEX = CHECKPOINT_VECTORS.marker  # checkpoints.json

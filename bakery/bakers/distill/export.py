@@ -1,4 +1,4 @@
-"""The export side of the distilled bakers: the trained student as :class:`~bakery.bakers.base.Weights`
+"""The export side of the distilled bakers: the trained student as :class:`~bakery.bakers.plan.Weights`
 (merged weights, the peft adapter, the card section), and, for a multimodal wrapper, the source
 checkpoint with the trained text tower in place."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from bakery.arch import spec_for
-from bakery.bakers.base import BakeFacts, Weights
-from bakery.io.export import write_overlay
+from bakery.bakers.plan import BakeFacts, Weights
+from bakery.bakers.plan import write_overlay
 from bakery.naming import slug
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 from bakery.bakers.distill.targets import unwrap_peft
 
 
@@ -33,7 +33,7 @@ class DistilledWeights(Weights):
     fine-tuned weights), and for LoRA the peft adapter in ``adapter/``.
 
     A multimodal wrapper's export is its source checkpoint with the trained text-tower tensors in
-    place (:func:`~bakery.io.export.write_overlay`): the vision tower, projector and config stay
+    place (:func:`~bakery.bakers.plan.write_overlay`): the vision tower, projector and config stay
     byte for byte, and the folder loads as the wrapper class again."""
 
     def __init__(self, student, *, method: str, dtype: torch.dtype, source: dict, term: dict,

@@ -6,7 +6,7 @@ runtime-steered model (:mod:`~bakery.bakers.distill.trajectories`) -> ``KL(steer
 training on their response tokens (:mod:`~bakery.bakers.distill.train`) -> the weights to export:
 the LoRA merged into the base weights plus the peft adapter, or for ``kl-full`` the fine-tuned
 weights, which start from a gated rank-one steering write (:mod:`~bakery.bakers.distill.warm_start`).
-The export itself is the one every baker writes (:func:`bakery.io.export.write_export`).
+The export itself is the one every baker writes (:func:`bakery.bakers.export.write_export`).
 
 Run it as ``bakery bake --method kl-lora ...`` or ``bakery.bakers.bake("kl-lora", ...)``;
 data-parallel as ``accelerate launch --multi_gpu --num_processes 2 -m bakery bake --method kl-lora
@@ -22,19 +22,22 @@ from typing import Any
 
 import torch
 
-from bakery.bakers.base import refuse_quantized
+from bakery.bakers.checks import refuse_quantized
 from bakery.io.folders import EXPORT, check_output
 from bakery.bakers.distill.export import DistilledWeights, StagedWeights, is_wrapper
 from bakery.bakers.distill.sharded_export import stage_sharded
 from bakery.bakers.distill.sharded_load import build_sharded_student, refuse_unshardable
 from bakery.bakers.distill.sharding import fsdp_requested
 from bakery.bakers.distill.targets import unwrap_peft
-from bakery.io.export import source_info_for
-from bakery.bakers.distill.train import Distiller, DistillError, TrainConfig, TrainResult
+from bakery.bakers.export import source_info_for
+from bakery.bakers.distill.errors import DistillError
+from bakery.bakers.distill.train import Distiller, TrainResult
+from bakery.bakers.distill.train_config import TrainConfig
 from bakery.steering.hooks import steer
 from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
                                  sample_vllm)
-from bakery.vectors.artifact import VectorArtifact, load_vector
+from bakery.vectors.artifact import VectorArtifact
+from bakery.vectors.load import load_vector
 from bakery.bakers.distill.warm_start import apply_lora_warm_start, apply_warm_start, default_lora_first_block
 
 METHODS = {"kl-lora": "lora", "kl-full": "full"}
@@ -120,7 +123,7 @@ def sample_from_bias_bake(req: DistillRequest, model_dir: Path, model, tok, vec:
                           trait: str, pool: list[str], meta: dict, work: Path) -> TrajectorySet:
     """``positions=all``: bake ``coef * v`` exactly as a bias into ``work/teacher-bias`` and sample
     the teacher's trajectories from that checkpoint in vLLM."""
-    from bakery.bakers import bake as run_bake
+    from bakery.bakers.api import bake as run_bake
     from bakery.steering.generation import eos_token_ids
 
     teacher_dir = run_bake("bias", str(model_dir), [(vec, req.layer, req.coef, trait)], work / "teacher-bias",
@@ -380,7 +383,7 @@ def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, prog
 
     def on_save(dd: Distiller, step: int) -> None:
         from bakery.bakers.distilled import job_for
-        from bakery.io.export import write_export
+        from bakery.bakers.export import write_export
 
         w = weights(dd, {"halfbaked_step": step}, staging=work / f"halfbaked-staging-{step:06d}")
         if w is not None:  # a half-baked export: the same folder as the final one, in the work dir
@@ -400,7 +403,7 @@ def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progr
     entry with training hooks (``on_eval``, ``stop_after``, an accelerator). ``out`` is ``None``
     on the non-main processes and for a run stopped before its last step."""
     from bakery.bakers.distilled import job_for
-    from bakery.io.export import write_export
+    from bakery.bakers.export import write_export
 
     req.job = req.job or job_for(req)
     check_output(req.job.out, kind=EXPORT, source=req.job.model_dir, force=req.force)

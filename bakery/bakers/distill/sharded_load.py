@@ -6,12 +6,11 @@ along its first dimension), given real but empty storage for this process's rows
 from the checkpoint's safetensors files: each process reads just the rows it holds
 (:meth:`~bakery.io.checkpoint.CheckpointReader.get_rows`). Non-persistent buffers (rotary frequencies) are computed on the
 CPU as at any load. LoRA's ``A`` matrices are drawn per name (:func:`~bakery.bakers.distill.
-lora_init.init_lora`), so a sharded run starts from the same adapter as an unsharded one.
+lora.init_lora`), so a sharded run starts from the same adapter as an unsharded one.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -25,29 +24,6 @@ def checkpoint_name(param_name: str) -> str:
     return n.replace(".base_layer.", ".")
 
 
-def shard_rows(n: int, p) -> tuple[int, int]:
-    """The rows ``[start, end)`` of a first-dimension FSDP2 shard of ``n`` rows held here (its
-    ``torch.chunk`` layout)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(p, DTensor):
-        return 0, n
-    (placement,) = p.placements
-    if not (isinstance(placement, Shard) and placement.dim == 0):
-        raise DistillError(f"unexpected FSDP placement {placement}: bakery shards along the first dimension")
-    mesh = p.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    c = math.ceil(n / world)
-    start = min(rank * c, n)
-    return start, min(start + c, n)
-
-
-def local_rows(full: torch.Tensor, p) -> torch.Tensor:
-    """The rows of ``full`` that this process holds of parameter ``p``."""
-    start, end = shard_rows(full.shape[0], p)
-    return full[start:end]
-
-
 def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, layer: int | None = None,
                           trust_remote_code: bool = False):
     """The student of a sharded run (``cfg``: a :class:`~bakery.bakers.distill.train.TrainConfig`),
@@ -58,10 +34,10 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, layer: 
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bakery.bakers.distill.lora_init import lora_init_value
-    from bakery.bakers.distill.sharding import checkpoint_blocks, local, shard_blocks
+    from bakery.bakers.distill.lora import lora_init_value
+    from bakery.bakers.distill.sharding import checkpoint_blocks, local, local_rows, shard_blocks, shard_rows
     from bakery.bakers.distill.targets import lora_targets, unwrap_peft
-    from bakery.bakers.distill.train import add_lora
+    from bakery.bakers.distill.lora import add_lora
     from bakery.bakers.distill.warm_start import default_lora_first_block
     from bakery.io.checkpoint import CheckpointReader
 

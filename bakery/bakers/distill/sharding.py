@@ -11,12 +11,14 @@ sharded_export`).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import nn
 
 from bakery.arch import spec_for
+from bakery.bakers.distill.errors import DistillError
 from bakery.bakers.distill.targets import unwrap_peft
 
 
@@ -71,8 +73,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def set_row(W: torch.Tensor, i: int, value: torch.Tensor) -> None:
     """``W[i] = value``; on a first-dimension shard, only by the process that holds row ``i``."""
-    from bakery.bakers.distill.sharded_load import shard_rows
-
     start, end = shard_rows(W.shape[0], W)
     if start <= i < end:
         local(W)[i - start] = value.to(local(W))
@@ -81,8 +81,6 @@ def set_row(W: torch.Tensor, i: int, value: torch.Tensor) -> None:
 @torch.no_grad()
 def set_column(W: torch.Tensor, j: int, value: torch.Tensor) -> None:
     """``W[:, j] = value``; on a first-dimension shard, each process writes its rows."""
-    from bakery.bakers.distill.sharded_load import shard_rows
-
     start, end = shard_rows(W.shape[0], W)
     local(W)[:, j] = value[start:end].to(local(W))
 
@@ -96,11 +94,32 @@ def add_outer(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: int | No
     if not isinstance(W, DTensor):
         (W if index is None else W[index]).addr_(a.to(W), b.to(W))
         return
-    from bakery.bakers.distill.sharded_load import shard_rows
-
     start, end = shard_rows(W.shape[0], W)
     mine = W.to_local()
     if index is None:
         mine.addr_(a[start:end].to(mine), b.to(mine))
     elif start <= index < end:
         mine[index - start].addr_(a.to(mine), b.to(mine))
+
+
+def shard_rows(n: int, p) -> tuple[int, int]:
+    """The rows ``[start, end)`` of a first-dimension FSDP2 shard of ``n`` rows held here (its
+    ``torch.chunk`` layout)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return 0, n
+    (placement,) = p.placements
+    if not (isinstance(placement, Shard) and placement.dim == 0):
+        raise DistillError(f"unexpected FSDP placement {placement}: bakery shards along the first dimension")
+    mesh = p.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    c = math.ceil(n / world)
+    start = min(rank * c, n)
+    return start, min(start + c, n)
+
+
+def local_rows(full: torch.Tensor, p) -> torch.Tensor:
+    """The rows of ``full`` that this process holds of parameter ``p``."""
+    start, end = shard_rows(full.shape[0], p)
+    return full[start:end]

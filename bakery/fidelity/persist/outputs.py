@@ -13,7 +13,7 @@ from bakery.fidelity.persist.settings import (BAKED, CONDITIONS, STEERED, SWITCH
                                               PersistSettings, Trace)
 from bakery.fidelity.persist.summary import summarize
 from bakery.io.folders import PERSIST, atomic_folder
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 
 
 def write_outputs(result: PersistResult, outdir: str | os.PathLike, *, force: bool = False) -> Path:

@@ -12,7 +12,9 @@ from bakery.fidelity.persist.settings import (BAKED, STEERED, SWITCH, UNSTEERED,
                                               PersistSettings, Trace)
 from bakery.fidelity.persist.summary import summarize
 from bakery.fidelity.persist.trace import check_vector_for_persist, run_condition
-from bakery.vectors.artifact import VectorError, describe_layer, load_vector
+from bakery.naming import describe_layer
+from bakery.vectors.artifact import VectorError
+from bakery.vectors.load import load_vector
 
 
 def run_persist(prompts: Sequence[str], settings: PersistSettings, *, vector_path: str | os.PathLike,

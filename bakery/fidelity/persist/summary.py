@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from bakery.fidelity.persist.settings import CONDITIONS, STEERED, SWITCH, UNSTEERED, PersistSettings, Trace
 from bakery.stats import mean_of
-from bakery.vectors.artifact import describe_layer
+from bakery.naming import describe_layer
 
 
 def _mean_curve(traces: Sequence[Trace], length: int, own: bool) -> list[float | None]:

@@ -1,5 +1,5 @@
 """The one export path: every baker's folder is assembled here. The baker writes the weights and
-``config.json`` (:class:`~bakery.bakers.base.Weights`); this module adds the source's other files
+``config.json`` (:class:`~bakery.bakers.plan.Weights`); this module adds the source's other files
 (tokenizer, generation config, ...), ``vectors/<trait>.safetensors``, ``bake.yaml``,
 ``bakery.json`` and the model card, in a temporary folder renamed into place at the end."""
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
-
-from bakery.bakers.base import BakeFacts, BakePlan, BakeRequest, Weights
-from bakery.io.checkpoint import DTYPES, INDEX_FILE, OutTensor, ShardedWriter
+from bakery.bakers.plan import BakeFacts, Weights
+from bakery.bakers.registry import get_baker
+from bakery.bakers.request import BakeRequest
+from bakery.io.checkpoint import INDEX_FILE
 from bakery.io.manifest import BakeTerm, Manifest, versions
 from bakery.models import config_hash
 from bakery.naming import slug
@@ -27,80 +27,6 @@ _SKIP_NAMES = {"config.json", "README.md", "bakery.json", "bake.yaml", "bakery_s
 def vector_file_for(trait: str) -> str:
     """Where an export keeps the vector of ``trait`` (relative to the export folder)."""
     return f"vectors/{slug(trait)}.safetensors"
-
-
-ROW_BLOCK_BYTES = 32 * 1024**2  # float32 working block for row-wise edits of large tensors
-
-
-def _apply(reader, name: str, edits, dtype: torch.dtype, rowwise: bool, native: bool):
-    info = reader.tensors[name]
-
-    def run(x: torch.Tensor) -> torch.Tensor:  # x: a fresh copy in the stored dtype
-        x = x if native else x.float()  # edits may work in place
-        for fn in edits:
-            x = fn(x)
-        return x.to(dtype)  # a no-op for native edits
-
-    def produce() -> torch.Tensor:
-        return run(reader.get(name))
-
-    def produce_blocks():
-        per_row = max(1, info.shape[1])
-        rows = max(1, ROW_BLOCK_BYTES // (4 * per_row))
-        for i in range(0, info.shape[0], rows):
-            yield run(reader.get_rows(name, i, i + rows))
-
-    if rowwise and len(info.shape) == 2 and 4 * info.shape[0] * info.shape[1] > ROW_BLOCK_BYTES:
-        return produce_blocks
-    return produce
-
-
-def output_tensors(plan: BakePlan) -> list[OutTensor]:
-    """The full output list: copies, edited tensors (float32 math, source dtype) and additions."""
-    reader = plan.reader
-    out: list[OutTensor] = []
-    for name, info in reader.tensors.items():
-        if name in plan.edits:
-            out.append(OutTensor(name, info.dtype, info.shape,
-                                 produce=_apply(reader, name, plan.edits[name], info.torch_dtype,
-                                                name in plan.rowwise, name in plan.native)))
-        else:
-            out.append(OutTensor(name, info.dtype, info.shape, source=info))
-    for name, (dtype, shape, make) in sorted(plan.added.items()):
-        if callable(make):
-            out.append(OutTensor(name, dtype, tuple(shape),
-                                 produce=lambda make=make, d=DTYPES[dtype]: make().float().to(d)))
-        else:
-            out.append(OutTensor(name, dtype, tuple(shape), source=make))
-    return out
-
-
-def write_overlay(folder: Path, source_dir: Path, config: dict[str, Any], trained_dir: Path, *,
-                  rename: Callable[[str], str] = lambda n: n, progress: bool = False,
-                  max_shard_bytes: int | None = None) -> list[str]:
-    """The source checkpoint, streamed, with each tensor of the checkpoint in ``trained_dir``
-    (``rename`` maps its names to the source model's) in place of the source tensor it differs
-    from. Every other tensor (a wrapper's vision tower, what training left alone) is copied byte
-    for byte, and ``config.json`` is the source's ``config``. Returns the replaced names."""
-    from bakery.arch import spec_for
-    from bakery.io.checkpoint import CheckpointError, CheckpointReader
-
-    src, new = CheckpointReader(source_dir), CheckpointReader(trained_dir)
-    plan = BakePlan(reader=src, config=dict(config))
-    replaced = []
-    for n, info in new.tensors.items():
-        target = next((t for t in (plan.names.find(n), plan.names.find(rename(n))) if t is not None), None)
-        if target is None or src.tensors[target].shape != info.shape:
-            raise CheckpointError(
-                f"the trained weights hold {n} {tuple(info.shape)}, which the source checkpoint "
-                f"{source_dir} has no tensor of that shape for: its layout is not what transformers "
-                f"writes for a {spec_for(config).model_type} model (a bug in bakery: please report it)")
-        t = new.get(n).to(src.tensors[target].torch_dtype).contiguous()
-        if not torch.equal(t.view(-1).view(torch.uint8), src.get(target).contiguous().view(-1).view(torch.uint8)):
-            plan.edit(target, lambda x, n=n: new.get(n))
-            replaced.append(target)
-    write_plan(plan, folder, progress=progress, max_shard_bytes=max_shard_bytes)
-    return sorted(replaced)
 
 
 def source_info_for(model_name: str, model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -169,22 +95,9 @@ def _bake_recipe(req: BakeRequest, terms: list[BakeTerm], uses_coef: bool) -> di
     return d
 
 
-def write_plan(plan: BakePlan, folder: Path, *, progress: bool, max_shard_bytes: int | None) -> None:
-    """A closed-form bake's weights, streamed tensor by tensor, and its config."""
-    from tqdm import tqdm
-
-    tensors = output_tensors(plan)
-    writer = ShardedWriter(folder, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
-    with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="writing weights",
-              disable=not progress, leave=False) as bar:
-        writer.write(tensors, progress=bar.update)
-    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-
-
 def write_export(req: BakeRequest, weights: Weights, *, force: bool = False, progress: bool = True,
                  max_shard_bytes: int | None = None, folder: Path | None = None) -> Path:
     """Write the export of ``req`` to ``req.out`` (or ``folder``) atomically and return it."""
-    from bakery.bakers import get_baker
     from bakery.io.folders import EXPORT, atomic_folder
 
     final = Path(folder or req.out)

@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 
-from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled
+from bakery.bakers.api import prepare
+from bakery.bakers.distilled import bake_distilled
 from bakery.bakers.distill.train import Distiller
 from bakery.bakers.distill.train_config import TrainConfig
 from bakery.fidelity.metrics import measure, model_scorer
 from bakery.models import load_model, load_tokenizer, resolve_model
 from bakery.steering.hooks import steer
-from bakery.bakers.distill.trajectories import TrajectorySet, collate, prompt_pool, sample, to_fidelity
+from bakery.bakers.distill.prompts import prompt_pool
+from bakery.bakers.distill.trajectories import TrajectorySet, collate, sample, to_fidelity
 from bakery.naming import describe_layer
 from bakery.vectors.load import load_vector
 
@@ -55,7 +57,7 @@ class Cached:
 
 def held_out_questions(recipe: str | None) -> list[str]:
     if recipe:
-        from bakery.extraction.recipes import load_trait_recipe
+        from bakery.traits import load_trait_recipe
 
         return load_trait_recipe(recipe).eval_questions
     return ["How do I bake bread?", "What is the tallest mountain in the world?", "How can I sleep better?",
@@ -106,25 +108,25 @@ def fidelity(args) -> None:
             print(f"[{method}] step {row['step']:4d}  val KL {row['val_kl']:.4f}  held-out R {row['R']:.4f}  "
                   f"top1 {row['top1']:.3f}  train wall {row['train_wall_s']:.0f} s", flush=True)
 
-        tc = TrainConfig(rank=args.rank, max_steps=args.steps if method == "kl-lora" else args.steps_full or args.steps,
-                         val_every=args.val_every, patience=args.patience,
-                         batch_size=args.batch_size, checkpoint_every=args.val_every,
-                         lr=args.lr_lora if method == "kl-lora" else args.lr_full,
-                         lr_schedule=args.schedule_lora if method == "kl-lora" else args.schedule_full,
-                         teacher_topk=args.teacher_topk,
-                         first_block=args.first_block_full if method == "kl-full" else args.first_block_lora,
-                         warm_start=False if args.no_warm_start else None, warm_start_gate=args.gate,
-                         target_modules=args.targets_full.split(",") if method == "kl-full" and args.targets_full else None)
-        req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef,
-                             out=out / method, method=method, positions=args.positions, recipe=args.recipe,
-                             held_out=held, num_prompts=args.num_prompts, val_prompts=args.val_prompts,
-                             sample_batch_size=args.sample_batch_size,
-                             samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-                             trajectories=str(out / "train_trajectories.jsonl"), work_dir=str(out / f"{method}.work"),
-                             dtype=args.dtype, force=True, train=tc, command="bench/distill.py fidelity",
-                             resume=args.resume)
+        lora = method == "kl-lora"
+        options = dict(steps=args.steps if lora else args.steps_full or args.steps, val_every=args.val_every,
+                       patience=args.patience, batch_size=args.batch_size, checkpoint_every=args.val_every,
+                       lr=args.lr_lora if lora else args.lr_full,
+                       lr_schedule=args.schedule_lora if lora else args.schedule_full,
+                       teacher_topk=args.teacher_topk,
+                       first_block=args.first_block_lora if lora else args.first_block_full,
+                       warm_start=False if args.no_warm_start else None, warm_start_gate=args.gate,
+                       target_modules=args.targets_full.split(",") if not lora and args.targets_full else None,
+                       positions=args.positions, recipe=args.recipe, held_out=held, num_prompts=args.num_prompts,
+                       val_prompts=args.val_prompts, sample_batch_size=args.sample_batch_size,
+                       samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                       trajectories=str(out / "train_trajectories.jsonl"), work_dir=str(out / f"{method}.work"),
+                       dtype=args.dtype, resume=args.resume, **({"rank": args.rank} if lora else {}))
+        req = prepare(method, str(model_dir), [(args.vector, args.layer, args.coef)], out / method, force=True,
+                      **options)
+        req.command = "bench/distill.py fidelity"
         t0 = time.perf_counter()
-        res = bake_distilled(req, on_eval=on_eval, progress=not args.no_progress)
+        res = bake_distilled(req, force=True, on_eval=on_eval, progress=not args.no_progress)
         total = time.perf_counter() - t0
         best = max(curve, key=lambda r: r["R"])
         final = next(r for r in curve if r["step"] == res.result.best_step)
@@ -132,8 +134,9 @@ def fidelity(args) -> None:
                            "best_R_seen": best["R"], "stopped_early": res.result.stopped_early,
                            "total_s": round(total, 1), "eval_s": eval_s[0], "export": str(res.out), "info": {
                                k: v for k, v in res.info.items() if k != "history"}}
-        results[method]["settings"] = {"lr": tc.resolved_lr(), "schedule": tc.lr_schedule, "rank": tc.rank,
-                                       "max_steps": tc.max_steps, "patience": tc.patience,
+        info = res.info
+        results[method]["settings"] = {"lr": info["lr"], "schedule": info["lr_schedule"], "rank": info.get("rank"),
+                                       "max_steps": options["steps"], "patience": args.patience,
                                        "max_new_tokens": args.max_new_tokens,
                                        "warm_start": res.info.get("warm_start")}
         print(f"[{method}] exported {res.out}: R {final['R']:.4f} at step {res.result.best_step} "
@@ -340,7 +343,9 @@ def teacher(args) -> None:
     mean log-probability."""
     import tempfile
 
-    from bakery.bakers.distill.pipeline import DistillRequest, sample_from_bias_bake
+    from bakery.bakers.api import prepare
+    from bakery.bakers.distill.pipeline import prepare as prepare_run, sample_from_bias_bake
+    from bakery.bakers.distilled import teacher_bias_bake
     from bakery.bakers.distill.trajectories import mean_logprob
 
     model_dir = resolve_model(args.model)
@@ -356,12 +361,13 @@ def teacher(args) -> None:
                 max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size, seed=0,
                 progress=not args.no_progress)
     tf_s = time.perf_counter() - t0
-    req = DistillRequest(model=str(model_dir), vector=vec, layer=args.layer, coef=args.coef, out="unused",
-                         positions="all", samples_per_prompt=args.samples_per_prompt,
-                         max_new_tokens=args.max_new_tokens, teacher_engine="vllm")
     with tempfile.TemporaryDirectory(prefix="bakery-teacher-") as work:
+        job = prepare("kl-lora", str(model_dir), [(vec, args.layer, args.coef, "bench")], Path(work) / "unused",
+                      positions="all", samples_per_prompt=args.samples_per_prompt,
+                      max_new_tokens=args.max_new_tokens, teacher_engine="vllm", work_dir=work)
+        run = prepare_run(job)
         t0 = time.perf_counter()
-        vl = sample_from_bias_bake(req, model_dir, m, tok, vec, "bench", pool, {}, Path(work))
+        vl = sample_from_bias_bake(run, teacher_bias_bake(job.model_dir), pool)
         vl_s = time.perf_counter() - t0
     rows = {}
     for name, ts, wall in (("transformers (hooked)", tf, tf_s), ("vLLM (bias bake)", vl, vl_s)):

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bakery.extraction.extract import capture  # noqa: E402
 from bakery.steering.generation import render_chat  # noqa: E402
 from bakery.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from bakery.extraction.recipes import load_trait_recipe  # noqa: E402
+from bakery.traits import load_trait_recipe  # noqa: E402
 
 
 def _prompts(tok, n: int) -> tuple[list[str], torch.Tensor]:

@@ -25,19 +25,19 @@ SETUPS = [("data parallel", False), ("FSDP2", False), ("FSDP2", True), ("data pa
 
 def _trajectories(args, model_dir: Path, path: Path) -> None:
     """The teacher's trajectories, sampled once in this process (both modes train on them)."""
-    from bakery.bakers.distill.pipeline import DistillRequest, teacher_meta
-    from bakery.bakers.distill.trajectories import prompt_pool, sample
+    from bakery.bakers.distill.pipeline import teacher_meta
+    from bakery.bakers.distill.prompts import prompt_pool
+    from bakery.bakers.distill.trajectories import sample
     from bakery.models import load_model, load_tokenizer, read_config
     from bakery.steering.hooks import steer
     from bakery.vectors.load import load_vector
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     vec = load_vector(args.vector)
-    req = DistillRequest(model=str(model_dir), vector=args.vector, layer=args.layer, coef=args.coef, out="-")
     ctx = lambda P: steer(model, vec, args.layer, args.coef, positions="response", prompt_len=P)
     ts = sample(model, tok, prompt_pool(args.num_prompts, seed=3), ctx, max_new_tokens=args.max_new_tokens,
                 batch_size=16, seed=0, progress=False,
-                meta=teacher_meta(model_dir, read_config(model_dir), vec, req))
+                meta=teacher_meta(read_config(model_dir), vec, args.layer, args.coef, "response"))
     ts.save(path)
 
 

@@ -62,7 +62,7 @@ esac
 [[ -x "$BAKERY_LLAMACPP_PYTHON" ]] || { echo "no llama.cpp environment at $BAKERY_LLAMACPP_PYTHON: run make llamacpp" >&2; exit 1; }
 mkdir -p "$D"
 
-stage "extract: a pirate vector from recipes/traits/pirate.yaml"
+stage "extract: a pirate vector from the built-in pirate recipe"
 bakery extract "${T[@]}" --recipe pirate -o "$V" --force
 L=$(bakery vectors info "$V" | awk '$1 == "recommended_layer:" { print $2 }')
 [[ "$L" =~ ^[0-9]+$ ]] || { echo "no recommended_layer in the metadata of $V" >&2; exit 1; }

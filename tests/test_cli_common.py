@@ -92,7 +92,7 @@ def test_every_bad_input_error_class_is_a_bakery_error():
 
     names = {
         "bakery.vectors.artifact": ["VectorError"], "bakery.extraction.extract": ["ExtractError"],
-        "bakery.extraction.recipes": ["RecipeError", "PromptsError"], "bakery.extraction.judge": ["JudgeError"],
+        "bakery.traits": ["RecipeError", "PromptsError"], "bakery.extraction.judge": ["JudgeError"],
         "bakery.extraction.recipe_gen": ["RecipeGenError"], "bakery.extraction.sweep": ["SweepError"],
         "bakery.extraction.cache": ["NotCached"], "bakery.fidelity.persist": ["PersistError"],
         "bakery.hub": ["PushError", "StrayFiles", "CardError", "NotPublishable"],

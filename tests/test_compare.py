@@ -310,7 +310,7 @@ def test_judge_scores_each_row_through_a_loopback_server(tiny_models, tmp_path):
     from openai_server import OpenAIServer
 
     from bakery.extraction.judge import Judge
-    from bakery.extraction.recipes import load_trait_recipe
+    from bakery.traits import load_trait_recipe
 
     d = tiny_models("llama")
     vec = random_vector(d, scale=0.1)

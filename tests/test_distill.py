@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bakery.bakers.distill.pipeline import DistillRequest, bake_distilled, build_pool, train_distilled
+from bakery.bakers.api import prepare
+from bakery.bakers.distill.pipeline import build_pool
+from bakery.bakers.distilled import bake_distilled, train as train_distilled
 from bakery.bakers.errors import BakeError
 from bakery.bakers.distill.errors import TrainingCheckpointError, DistillError
 from bakery.bakers.distill.losses import kl_per_token, kl_topk
@@ -28,8 +30,9 @@ from bakery.steering.generation import render_chat
 from bakery.io.manifest import Manifest
 from bakery.models import load_model, load_tokenizer
 from bakery.steering.hooks import steer
-from bakery.bakers.distill.trajectories import (TrajectoryError, TrajectorySet, clean_question, collate, collate_topk,
-                                 model_written_prompts, prompt_pool, sample, to_fidelity)
+from bakery.bakers.distill.errors import TrajectoryError
+from bakery.bakers.distill.prompts import clean_question, model_written_prompts, prompt_pool
+from bakery.bakers.distill.trajectories import TrajectorySet, collate, collate_topk, sample, to_fidelity
 from bakery.vectors.artifact import VectorArtifact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,14 +53,14 @@ def shared_traj(tiny, vec_file, tmp_path_factory) -> Path:
     return work / "t.jsonl"
 
 
-def _req(tiny, vec_file, out, *, method="kl-lora", steps=6, trajectories=None, **train) -> DistillRequest:
-    tc = dict(rank=8, max_steps=steps, val_every=3, lr=5e-3 if method == "kl-lora" else 1e-3,
-              checkpoint_every=0, batch_size=8)
-    tc.update(train)
-    return DistillRequest(model=str(tiny), vector=str(vec_file), layer=LAYER, coef=COEF, out=out,
-                          method=method, num_prompts=44, samples_per_prompt=1, max_new_tokens=10,
-                          val_prompts=8, sample_batch_size=22, trajectories=trajectories,
-                          dtype="float32", train=TrainConfig(**tc))
+def _req(tiny, vec_file, out, *, method="kl-lora", steps=6, trajectories=None, **options):
+    """A small distilled bake of the tiny model (44 prompts x 1, 10 tokens), checked and not run."""
+    opts = dict(steps=steps, val_every=3, lr=5e-3 if method == "kl-lora" else 1e-3, checkpoint_every=0,
+                batch_size=8, num_prompts=44, samples_per_prompt=1, max_new_tokens=10, val_prompts=8,
+                sample_batch_size=22, trajectories=trajectories, dtype="float32",
+                **({"rank": 8} if method == "kl-lora" else {}))
+    opts.update(options)
+    return prepare(method, str(tiny), [(str(vec_file), LAYER, COEF)], out, **opts)
 
 
 # ---- prompt pool and trajectories -------------------------------------------------------------------
@@ -84,11 +87,10 @@ def test_a_model_that_writes_no_questions_warns_and_the_pool_is_still_full(tiny,
     m, tok = load_model(tiny), load_tokenizer(tiny)
     with pytest.warns(UserWarning, match="wrote only 0 usable questions in 6 requests"):
         assert model_written_prompts(m, tok, 2, max_new_tokens=4, progress=False) == []
-    req = _req(tiny, vec_file, tmp_path / "x")
-    req.model_prompts = 2
+    settings = _req(tiny, vec_file, tmp_path / "x", model_prompts=2).cfg.resolved()
     with pytest.warns(UserWarning, match="usable questions"):
-        pool, held = build_pool(req, m, tok)
-    assert len(pool) == req.num_prompts
+        pool, held = build_pool(settings, model=m, tok=tok)
+    assert len(pool) == settings.num_prompts
 
 
 @pytest.mark.slow
@@ -299,7 +301,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, vec_file, 
                patience=0)
     cut = train_distilled(req, progress=False, stop_after=6)
     assert cut.result.steps == 6
-    req.resume = True
+    req.cfg.resume = True
     resumed = train_distilled(req, progress=False)
     assert resumed.result.steps == 8
     a = [h["val_kl"] for h in straight.result.history]
@@ -312,12 +314,11 @@ def test_resume_does_not_replace_a_finished_export_without_force(tiny, vec_file,
     req = _req(tiny, vec_file, tmp_path / "exp", steps=2, trajectories=str(shared_traj), checkpoint_every=2)
     out = bake_distilled(req, progress=False).out
     before = (out / "model.safetensors").read_bytes()
-    req.resume, req.train.max_steps = True, 4
+    req.cfg.resume, req.cfg.steps = True, 4
     with pytest.raises(FileExistsError, match="--force"):
         bake_distilled(req, progress=False)
     assert (out / "model.safetensors").read_bytes() == before
-    req.force = True
-    assert Manifest.load(bake_distilled(req, progress=False).out).extra["steps"] == 4
+    assert Manifest.load(bake_distilled(req, force=True, progress=False).out).extra["steps"] == 4
 
 
 @pytest.mark.slow
@@ -373,21 +374,17 @@ def test_too_few_trajectories_is_a_clear_error(tiny, vec_file, shared_traj, tmp_
     with pytest.raises(TrajectoryError, match="only 36 training trajectories.*at least 1000"):
         bake_distilled(req, progress=False)
     assert not (tmp_path / "x").exists()
-    req = _req(tiny, vec_file, tmp_path / "y", trajectories=str(shared_traj))
-    req.val_prompts = 60
+    req = _req(tiny, vec_file, tmp_path / "y", trajectories=str(shared_traj), val_prompts=60)
     with pytest.raises(DistillError, match="only 44 prompts"):
         bake_distilled(req, progress=False)
 
 
 def test_a_vllm_teacher_needs_positions_all(tiny, vec_file, tmp_path):
-    req = _req(tiny, vec_file, tmp_path / "x")
-    req.teacher_engine = "vllm"
+    req = _req(tiny, vec_file, tmp_path / "x", teacher_engine="vllm")
     with pytest.raises(DistillError, match="exact bias bake.*positions=response.*--positions all"):
         bake_distilled(req, progress=False)
-    req = _req(tiny, vec_file, tmp_path / "y")
-    req.teacher_engine = "sglang"
     with pytest.raises(BakeError, match="must be one of transformers, vllm"):
-        bake_distilled(req, progress=False)
+        _req(tiny, vec_file, tmp_path / "y", teacher_engine="sglang")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -497,11 +494,10 @@ def test_kl_lora_on_the_embedded_model_moves_towards_the_steered_model(smol_dir,
     v = torch.randn(m.config.num_hidden_layers + 1, m.config.hidden_size)
     v = v / v.norm(dim=-1, keepdim=True) * 30  # about the pirate vector's norm: a visible effect
     del m
-    req = DistillRequest(model=str(smol_dir), vector=VectorArtifact(v, {"trait": "rand"}), layer=16, coef=1.0,
-                         out=tmp_path / "smol", num_prompts=40, samples_per_prompt=1, max_new_tokens=12,
-                         val_prompts=8, sample_batch_size=20, dtype="float32",
-                         train=TrainConfig(rank=8, max_steps=4, val_every=2, batch_size=8, lr=2e-4,
-                                           checkpoint_every=0, warm_start=False))
+    req = prepare("kl-lora", str(smol_dir), [(VectorArtifact(v, {"trait": "rand"}), 16, 1.0)], tmp_path / "smol",
+                  num_prompts=40, samples_per_prompt=1, max_new_tokens=12, val_prompts=8, sample_batch_size=20,
+                  dtype="float32", rank=8, steps=4, val_every=2, batch_size=8, lr=2e-4, checkpoint_every=0,
+                  warm_start=False)
     res = bake_distilled(req, progress=False)
     h = res.info["history"]
     assert h[-1]["val_kl"] < h[0]["val_kl"]
@@ -560,7 +556,7 @@ def test_distilled_cards_hold_usage_reproduce_and_wording_of_their_own_method(ti
     for method in ("kl-lora", "kl-full"):
         out = tmp_path / method
         req = _req(tiny, vec_file, out, method=method, steps=1, trajectories=str(shared_traj))
-        req.trait = "My trait/v2"
+        req.terms[0].trait = "My trait/v2"
         req.command = f"bakery bake --method {method} --set 'held_out=[\"a b\"]' -o {out}"
         bake_distilled(req, progress=False)
         m = Manifest.load(out)

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from bakery.bakers.distill.lora import lora_init_value
-from bakery.bakers.distill.pipeline import DistillRequest, train_distilled
+from bakery.bakers.api import prepare
+from bakery.bakers.distilled import train as train_distilled
 from bakery.bakers.distill.lora import add_lora
 from bakery.bakers.distill.train_config import TrainConfig
 from bakery.io.checkpoint import CheckpointReader
@@ -78,13 +79,12 @@ def test_two_processes_each_hold_half_the_rows_and_write_the_export_from_them(ti
     assert reports[0]["targets"]["target_modules"]
 
 
-def _req(model, vec_file, out, traj, method="kl-full", **train) -> DistillRequest:
-    tc = dict(rank=8, max_steps=4, val_every=2, lr=1e-3 if method == "kl-full" else 5e-3, checkpoint_every=0,
-              batch_size=8)
-    tc.update(train)
-    return DistillRequest(model=str(model), vector=str(vec_file), layer=LAYER, coef=COEF, out=out,
-                          method=method, num_prompts=30, samples_per_prompt=1, max_new_tokens=8,
-                          val_prompts=6, sample_batch_size=15, trajectories=str(traj), train=TrainConfig(**tc))
+def _req(model, vec_file, out, traj, method="kl-full", **options):
+    opts = dict(steps=4, val_every=2, lr=1e-3 if method == "kl-full" else 5e-3, checkpoint_every=0, batch_size=8,
+                num_prompts=30, samples_per_prompt=1, max_new_tokens=8, val_prompts=6, sample_batch_size=15,
+                trajectories=str(traj), **({"rank": 8} if method == "kl-lora" else {}))
+    opts.update(options)
+    return prepare(method, str(model), [(str(vec_file), LAYER, COEF)], out, **opts)
 
 
 def test_the_kl_full_teacher_is_the_source_model_steered_with_no_second_copy(tied, vec_file, tmp_path):
@@ -99,11 +99,11 @@ def test_the_kl_full_teacher_is_the_source_model_steered_with_no_second_copy(tie
              if not torch.equal(p, dict(src.named_parameters())[n])}
     assert moved and moved <= trained  # the student moved (warm start + training), frozen weights did not
     before = {n: p.detach().clone() for n, p in d.unwrapped.named_parameters()}
-    ids, mask, P = _batch(tmp_path / "traj.jsonl", t.tok.pad_token_id)
+    ids, mask, P = _batch(tmp_path / "traj.jsonl", t.run.tok.pad_token_id)
     got = d.teacher_logits(ids, mask, P)
     from bakery.fidelity.metrics import response_logprobs
 
-    with torch.no_grad(), steer(src, t.vec, LAYER, COEF, positions="response", prompt_len=P):
+    with torch.no_grad(), steer(src, t.run.vec, LAYER, COEF, positions="response", prompt_len=P):
         kept = ids.shape[1] - P + 1
         want = response_logprobs(src(input_ids=ids, attention_mask=mask, logits_to_keep=kept).logits, mask, P, kept)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -119,8 +119,8 @@ def _batch(path: Path, pad_id: int):
 
 def test_activation_checkpointing_trains_the_same_weights(tied, vec_file, tmp_path):
     traj = tmp_path / "traj.jsonl"
-    a = train_distilled(_req(tied, vec_file, tmp_path / "a", traj, method="kl-lora", max_steps=3), progress=False)
-    b = train_distilled(_req(tied, vec_file, tmp_path / "b", traj, method="kl-lora", max_steps=3,
+    a = train_distilled(_req(tied, vec_file, tmp_path / "a", traj, method="kl-lora", steps=3), progress=False)
+    b = train_distilled(_req(tied, vec_file, tmp_path / "b", traj, method="kl-lora", steps=3,
                              activation_checkpointing=True), progress=False)
     assert [h["val_kl"] for h in a.result.history] == pytest.approx([h["val_kl"] for h in b.result.history],
                                                                        rel=1e-5)

@@ -9,7 +9,8 @@ import torch
 from bakery.arch import spec_for
 from bakery.bakers.distill.lora import add_lora
 from bakery.bakers.distill.train_config import TrainConfig
-from bakery.bakers.distill.trajectories import collate, prompt_pool, sample
+from bakery.bakers.distill.prompts import prompt_pool
+from bakery.bakers.distill.trajectories import collate, sample
 from bakery.bakers.distill.warm_start import apply_lora_warm_start, apply_warm_start
 from bakery.bakers.rank1 import down_module
 from bakery.models import load_model, load_tokenizer

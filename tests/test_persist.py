@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bakery.extraction.recipes import PromptsError, read_prompts
+from bakery.traits import PromptsError, read_prompts
 from bakery.fidelity.persist import (BAKED, STEERED, SWITCH, UNSTEERED, PersistError, PersistSettings, half_life,
                                      load_result, recipe_questions, run_persist, trace_batch, write_outputs)
 from bakery.models import load_model, load_tokenizer
@@ -246,7 +246,7 @@ def test_read_prompts_and_recipe(tmp_path):
 
 
 def test_recipe_questions_from_builtin_recipe():
-    recipes = pytest.importorskip("bakery.extraction.recipes")
+    recipes = pytest.importorskip("bakery.traits")
     names = recipes.available_traits()
     if not names:
         pytest.skip("no built-in trait recipes")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from openai_server import OpenAIServer, text_reply
 from bakery.cli import main
 from bakery.extraction.recipe_gen import RecipeGenError, generate_recipe
-from bakery.extraction.recipes import (RecipeError, available_traits, dump_yaml, find_trait_recipe,
+from bakery.traits import (RecipeError, available_traits, dump_yaml, find_trait_recipe,
                             from_dict, load_trait_recipe, validate)
 
 

@@ -92,9 +92,10 @@ def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
     under runtime steering (positions=all) as hooked transformers samples, and far likelier than
     under the unsteered model; prompts are the rendered chat, finished responses end with EOS; the
     top-k kept from vLLM's sampling (--teacher-topk) is the runtime-steered teacher's distribution."""
-    from bakery.bakers.distill.pipeline import DistillRequest, sample_from_bias_bake
+    from bakery.bakers.api import prepare
+    from bakery.bakers.distill.pipeline import prepare as prepare_run, sample_from_bias_bake
+    from bakery.bakers.distilled import teacher_bias_bake
     from bakery.bakers.distill.losses import kl_per_token, kl_topk
-    from bakery.bakers.distill.train_config import TrainConfig
     from bakery.bakers.distill.trajectories import collate, collate_topk
     from bakery.fidelity.metrics import model_scorer
     from bakery.steering.generation import eos_token_ids, render_chat
@@ -104,10 +105,10 @@ def test_vllm_teacher_samples_the_steered_distribution(smol_dir, tmp_path):
 
     m, tok = load_model(smol_dir), load_tokenizer(smol_dir)
     vec = contrastive_pirate(smol_dir)
-    req = DistillRequest(model=str(smol_dir), vector=vec, layer=16, coef=2.0, out=tmp_path / "out",
-                         positions="all", max_new_tokens=40, samples_per_prompt=2, teacher_engine="vllm",
-                         train=TrainConfig(teacher_topk=8))
-    ts = sample_from_bias_bake(req, smol_dir, m, tok, vec, "pirate", PROMPTS, {"layer": 16}, tmp_path / "work")
+    job = prepare("kl-lora", str(smol_dir), [(vec, 16, 2.0, "pirate")], tmp_path / "out", positions="all",
+                  max_new_tokens=40, samples_per_prompt=2, teacher_engine="vllm", teacher_topk=8,
+                  work_dir=str(tmp_path / "work"))
+    ts = sample_from_bias_bake(prepare_run(job), teacher_bias_bake(job.model_dir), PROMPTS)
     assert len(ts) == 2 * len(PROMPTS) and ts.meta["teacher_engine"] == "vllm" and ts.meta["layer"] == 16
     for t in ts.items:
         assert t.prompt_ids == tok(render_chat(tok, t.prompt), add_special_tokens=False)["input_ids"]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bakery.bakers.distill.pipeline import DistillRequest, train_distilled
-from bakery.bakers.distill.train_config import TrainConfig
+from bakery.bakers.api import prepare
+from bakery.bakers.distilled import train as train_distilled
 from bakery.models import load_model, load_tokenizer
 from bakery.steering.hooks import steer
-from bakery.bakers.distill.trajectories import collate, prompt_pool, sample
+from bakery.bakers.distill.prompts import prompt_pool
+from bakery.bakers.distill.trajectories import collate, sample
 from bakery.vectors.artifact import VectorArtifact
 from bakery.bakers.gate_fit import steered_positions
 from bakery.bakers.distill.warm_start import apply_warm_start, fit_write
@@ -153,12 +154,11 @@ def test_a_warm_start_begins_closer_to_the_teacher(tiny_models, tmp_path, method
     VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(vec_file)
     kl0, info = {}, {}
     for warm in (True, False):
-        req = DistillRequest(model=str(folder), vector=str(vec_file), layer=LAYER, coef=COEF,
-                             out=tmp_path / f"out-{warm}", method=method, positions=positions, num_prompts=44,
-                             samples_per_prompt=1, max_new_tokens=10, val_prompts=8, sample_batch_size=22,
-                             trajectories=str(tmp_path / "t.jsonl"), dtype="float32",
-                             train=TrainConfig(max_steps=1, val_every=1, checkpoint_every=0, rank=8,
-                                               warm_start=warm, lr=1e-9))
+        req = prepare(method, str(folder), [(str(vec_file), LAYER, COEF)], tmp_path / f"out-{warm}",
+                      positions=positions, num_prompts=44, samples_per_prompt=1, max_new_tokens=10, val_prompts=8,
+                      sample_batch_size=22, trajectories=str(tmp_path / "t.jsonl"), dtype="float32", steps=1,
+                      val_every=1, checkpoint_every=0, warm_start=warm, lr=1e-9,
+                      **({"rank": 8} if method == "kl-lora" else {}))
         res = train_distilled(req, progress=False)
         kl0[warm], info[warm] = res.result.history[0]["val_kl"], res.info
     ws = info[True]["warm_start"]
@@ -207,10 +207,9 @@ def test_a_sandwich_norm_model_trains_from_the_source_weights_and_says_so(tiny_m
     folder = tiny_models("gemma2")
     vec_file = tmp_path / "v.safetensors"
     VectorArtifact(torch.randn(5, 32, generator=torch.Generator().manual_seed(2)), {"trait": "rand"}).save(vec_file)
-    req = DistillRequest(model=str(folder), vector=str(vec_file), layer=LAYER, coef=COEF, out=tmp_path / "out",
-                         method="kl-full", num_prompts=30, samples_per_prompt=1, max_new_tokens=6, val_prompts=6,
-                         sample_batch_size=15, dtype="float32",
-                         train=TrainConfig(method="full", max_steps=2, val_every=1, checkpoint_every=0))
+    req = prepare("kl-full", str(folder), [(str(vec_file), LAYER, COEF)], tmp_path / "out", num_prompts=30,
+                  samples_per_prompt=1, max_new_tokens=6, val_prompts=6, sample_batch_size=15, dtype="float32",
+                  steps=2, val_every=1, checkpoint_every=0)
     res = train_distilled(req, progress=False)
     assert "sandwich" in res.info["warm_start"]["skipped"] and res.info["lr"] == 5e-5
     assert res.info["notes"][0].startswith("no warm start: sandwich-norm")
@@ -259,12 +258,10 @@ def test_kl_full_on_a_moe_model_starts_closer_to_the_teacher(tiny_models, tmp_pa
     VectorArtifact(torch.randn(5, 32, generator=torch.Generator().manual_seed(4)), {"trait": "rand"}).save(vec_file)
     kl0, info = {}, {}
     for warm in (True, False):
-        req = DistillRequest(model=str(folder), vector=str(vec_file), layer=LAYER, coef=COEF,
-                             out=tmp_path / f"out-{warm}", method="kl-full", positions="all", num_prompts=40,
-                             samples_per_prompt=1, max_new_tokens=8, val_prompts=8, sample_batch_size=20,
-                             trajectories=str(tmp_path / "t.jsonl"), dtype="float32",
-                             train=TrainConfig(max_steps=1, val_every=1, checkpoint_every=0, rank=8,
-                                               warm_start=warm, lr=1e-9))
+        req = prepare("kl-full", str(folder), [(str(vec_file), LAYER, COEF)], tmp_path / f"out-{warm}",
+                      positions="all", num_prompts=40, samples_per_prompt=1, max_new_tokens=8, val_prompts=8,
+                      sample_batch_size=20, trajectories=str(tmp_path / "t.jsonl"), dtype="float32", steps=1,
+                      val_every=1, checkpoint_every=0, warm_start=warm, lr=1e-9)
         res = train_distilled(req, progress=False)
         kl0[warm], info[warm] = res.result.history[0]["val_kl"], res.info
     print(f"FIGURE mixtral MoE warm start: step-0 val KL {kl0[True]:.5f} vs {kl0[False]:.5f} from the source")

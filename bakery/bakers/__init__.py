@@ -10,8 +10,8 @@ from __future__ import annotations
 
 # the methods register themselves on import, in this order (`bakery bake --help` lists them so)
 from bakery.bakers import bias, ortho, distilled  # noqa: F401,I001
-from bakery.bakers.api import bake, default_output, reproduce_command, resolve_terms
+from bakery.bakers.api import bake, default_output, prepare, reproduce_command, resolve_terms
 from bakery.bakers.registry import available, coef_message, config_classes, get_baker, make_config, register
 
 __all__ = ["register", "get_baker", "available", "config_classes", "make_config", "coef_message", "bake",
-           "default_output", "reproduce_command", "resolve_terms"]
+           "default_output", "prepare", "reproduce_command", "resolve_terms"]

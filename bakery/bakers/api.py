@@ -70,24 +70,17 @@ def reproduce_command(req, baker) -> str:
     return shlex.join([*args, *req.cfg.reproduce_args(), "-o", str(out)])
 
 
-def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
-         out: str | os.PathLike | None = None, *, force: bool = False,
-         max_shard_bytes: int | None = None, progress: bool = True, config: Any = None,
-         **options: Any) -> Path | None:
-    """Bake ``terms`` into a copy of ``model`` and return the export folder.
-
-    ``terms``: :class:`~bakery.bakers.request.Term` objects or ``(vector, layer, coef[, trait])``
-    tuples, where vector is a file or a :class:`~bakery.vectors.artifact.VectorArtifact`.
-    ``options`` (or ``config``, the method's typed config) are the method's settings, e.g.
-    ``route="rank1"`` for bias, ``add=2.0`` for ortho, ``rank=16`` for kl-lora; one that the method
-    does not take is refused. Nothing is written unless the whole bake succeeds. Returns ``None``
-    on the non-main processes of a distributed (accelerate) run.
-    """
+def prepare(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
+            out: str | os.PathLike | None = None, *, force: bool = False, config: Any = None,
+            **options: Any) -> BakeRequest:
+    """The checked bake of ``terms`` into ``model`` with ``method``'s settings, before anything
+    runs: terms resolved and fitted to the model, the output folder chosen and free (or
+    ``force``), the reproduce command written. :func:`bake` builds and exports it."""
     model_name = str(model or DEFAULT_MODEL)
     baker = get_baker(method)
-    cfg = config if config is not None else make_config(method, options)
     if config is not None and options:
         raise BakeError("pass the method's settings either as config= or as keywords, not both")
+    cfg = config if config is not None else make_config(method, options)
     model_dir = resolve_model(model_name)
     model_config = read_config(model_dir)
     refuse_quantized(model_config)
@@ -102,7 +95,24 @@ def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
     req.out = Path(out) if out else default_output(req, baker)
     check_output(req.out, kind=EXPORT, source=model_dir, force=force)
     req.command = reproduce_command(req, baker)
-    weights = baker.build(req, progress=progress)
+    return req
+
+
+def bake(method: str, model: str | os.PathLike | None, terms: Iterable[Any],
+         out: str | os.PathLike | None = None, *, force: bool = False,
+         max_shard_bytes: int | None = None, progress: bool = True, config: Any = None,
+         **options: Any) -> Path | None:
+    """Bake ``terms`` into a copy of ``model`` and return the export folder.
+
+    ``terms``: :class:`~bakery.bakers.request.Term` objects or ``(vector, layer, coef[, trait])``
+    tuples, where vector is a file or a :class:`~bakery.vectors.artifact.VectorArtifact`.
+    ``options`` (or ``config``, the method's typed config) are the method's settings, e.g.
+    ``route="rank1"`` for bias, ``add=2.0`` for ortho, ``rank=16`` for kl-lora; one that the method
+    does not take is refused. Nothing is written unless the whole bake succeeds. Returns ``None``
+    on the non-main processes of a distributed (accelerate) run.
+    """
+    req = prepare(method, model, terms, out, force=force, config=config, **options)
+    weights = get_baker(method).build(req, progress=progress)
     if weights is None:  # a non-main process of a distributed run: the main one writes
         return None
     return write_export(req, weights, force=force, progress=progress, max_shard_bytes=max_shard_bytes)

@@ -19,12 +19,20 @@ import yaml
 from bakery.bakers.errors import BakeError
 
 
+_NO_VALUE = object()
+
+
 def option(default: Any = None, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
-           kind: type | None = None, requires: dict[str, Any] | None = None, is_flag: bool = False):
+           kind: type | None = None, requires: dict[str, Any] | None = None, is_flag: bool = False,
+           unset: Any = _NO_VALUE):
     """A config field. ``flag``: its ``bakery bake`` flag (else it is set with ``--set KEY=VALUE``);
-    ``requires``: other fields' values it is only meaningful with (``{"route": "rank1"}``)."""
+    ``requires``: other fields' values it is only meaningful with (``{"route": "rank1"}``);
+    ``unset``: the value the method uses when the option is not given (:meth:`BakerConfig.resolved`),
+    said in the help as ``(default ...)``."""
+    if unset is not _NO_VALUE:
+        help = f"{help} (default {setting_text(unset) if unset not in ([], None) else 'none'})"
     meta = {"help": help, "flag": flag, "choices": choices, "kind": kind, "requires": requires or {},
-            "is_flag": is_flag}
+            "is_flag": is_flag, "unset": unset}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -105,6 +113,13 @@ class BakerConfig:
     @classmethod
     def field(cls, name: str) -> dataclasses.Field:
         return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+    def resolved(self):
+        """A copy with every option that was not given at the value the method then uses (its
+        ``unset``); options whose default depends on the run stay ``None``."""
+        values = {f.name: f.metadata["unset"] for f in self.options()
+                  if getattr(self, f.name) is None and f.metadata.get("unset", _NO_VALUE) is not _NO_VALUE}
+        return dataclasses.replace(self, **{k: (list(v) if isinstance(v, list) else v) for k, v in values.items()})
 
     def given(self) -> dict[str, Any]:
         """The options that were set (not ``None``), in declaration order: bake.yaml's section."""

@@ -1,4 +1,4 @@
-"""Bake recipes: one bake as a YAML file (``recipes/bakes/*.yaml``).
+"""Bake recipes: one bake as a YAML file (built-in ones in ``bakery/recipes/bakes/*.yaml``).
 
 ```yaml
 name: pirate-bias                # optional, for people
@@ -26,7 +26,7 @@ from typing import Any
 
 from bakery.errors import BakeryError
 
-BAKES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "bakes"
+BAKES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "bakes"  # package data: in the wheel too
 TOP = {"name", "description", "model", "method", "output", "terms", "options", "trait", "vector",
        "layer", "coef"}
 TERM_KEYS = {"trait", "vector", "layer", "coef"}
@@ -134,7 +134,7 @@ def available_bakes(directory: Path | None = None) -> list[str]:
 
 
 def load_bake_recipe(path_or_name: str | os.PathLike) -> BakeRecipe:
-    """A bake recipe from a YAML path or a built-in name (``recipes/bakes/NAME.yaml``)."""
+    """A bake recipe from a YAML path or a built-in name (``bakery/recipes/bakes/NAME.yaml``)."""
     import yaml
 
     p = Path(path_or_name).expanduser()
@@ -155,7 +155,7 @@ def load_bake_recipe(path_or_name: str | os.PathLike) -> BakeRecipe:
 def vector_for_trait(trait: str, model: str | os.PathLike | None) -> Path:
     """The cached extracted vector of ``trait`` for ``model``, or an error that lists the trait
     recipes and the cached vectors and says how to extract one."""
-    from bakery.extraction.recipes import available_traits
+    from bakery.traits import available_traits
 
     from bakery.extraction.extract import cached_vector, list_cached
 
@@ -165,7 +165,7 @@ def vector_for_trait(trait: str, model: str | os.PathLike | None) -> Path:
     recipes = available_traits()
     cached = sorted({t for t, _ in list_cached(model)})
     how = (f"run `bakery extract --recipe {trait}` first" if trait in recipes else
-           f"no trait recipe named '{trait}' either (write one in recipes/traits/)")
+           f"no trait recipe named '{trait}' either (write one with bakery recipe new)")
     raise BakeRecipeError(
         f"no extracted vector for trait '{trait}' and model '{model or 'default'}': {how}, or pass "
         f"--vector FILE. Trait recipes: {', '.join(recipes) or 'none'}. Cached vectors for this "
@@ -174,7 +174,7 @@ def vector_for_trait(trait: str, model: str | os.PathLike | None) -> Path:
 
 def no_vector_error(model: str | os.PathLike | None) -> BakeRecipeError:
     """The error for a bake with neither --vector, --trait nor --recipe."""
-    from bakery.extraction.recipes import available_traits
+    from bakery.traits import available_traits
 
     from bakery.extraction.extract import list_cached
 

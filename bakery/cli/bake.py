@@ -49,7 +49,7 @@ def _config_flags(f):
 
 
 @click.command()
-@click.option("--recipe", "-r", default=None, help="Bake recipe YAML (or a name in recipes/bakes/); flags override it.")
+@click.option("--recipe", "-r", default=None, help="Bake recipe YAML (or a built-in name: pirate-bias, pirate-rank1, ...); flags override it.")
 @click.option("--method", type=click.Choice(["bias", "ortho", "kl-lora", "kl-full"]), default=None,
               help="bias: constant steering (exact where the route exists); ortho: directional ablation; "
               "kl-lora / kl-full: distillation of runtime steering (approximate).")
@@ -84,7 +84,7 @@ def bake(recipe, method, vector_path, trait, layer, coef, model, output, force, 
       bakery bake --method bias --vector V --layer 16 --coef 2 -o exports/pirate
       bakery bake --method ortho --layer 22 --trait pirate
       bakery bake --method kl-lora -v V -l 17 -c 2 --steps 100 --set num_prompts=200
-      bakery bake --recipe recipes/bakes/pirate-bias.yaml --coef 3
+      bakery bake --recipe pirate-bias --coef 3
     """
     from bakery.bakers import bake as run_bake
     from bakery.bakers import coef_message, get_baker, make_config

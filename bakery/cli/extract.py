@@ -51,7 +51,7 @@ def extract(recipe, out, samples, max_new_tokens, temperature, top_p, seed, eval
     from bakery.extraction import diagnostics
     from bakery.extraction.cache import list_cached, sibling_paths
     from bakery.extraction.extract import ExtractSettings, extract as run
-    from bakery.extraction.recipes import load_trait_recipe
+    from bakery.traits import load_trait_recipe
 
     if list_:
         rows = list_cached(model)

@@ -44,7 +44,7 @@ def persist(vector_path, layer, coef, steer_tokens, sample_tokens, prompts_file,
     """Steer N tokens, continue M tokens without steering, and record (h.v)/|v| at the layer for
     every generated token, next to the unsteered and the steered-throughout references (and a
     baked checkpoint's own trace with --export). Prompts default to a few built-in questions."""
-    from bakery.extraction.recipes import read_prompts
+    from bakery.traits import read_prompts
     from bakery.fidelity.persist import (DEFAULT_PROMPTS, PersistSettings, format_summary, recipe_questions,
                                          run_persist, write_outputs)
     from bakery.io.folders import PERSIST, check_output

@@ -15,8 +15,8 @@ def recipe():
 @recipe.command("list")
 @clear_errors
 def list_():
-    """The built-in trait recipes (recipes/traits/)."""
-    from bakery.extraction.recipes import available_traits, load_trait_recipe
+    """The built-in trait recipes (bakery/recipes/traits/)."""
+    from bakery.traits import available_traits, load_trait_recipe
 
     for name in available_traits():
         r = load_trait_recipe(name)
@@ -29,7 +29,7 @@ def list_():
 @clear_errors
 def check(recipes):
     """Check RECIPES (names or YAML files) against the schema."""
-    from bakery.extraction.recipes import load_trait_recipe
+    from bakery.traits import load_trait_recipe
 
     for r in recipes:
         rec = load_trait_recipe(r)

@@ -45,7 +45,7 @@ def sweep(vector_path, trait, layers, coefs, recipe, prompts, num_prompts, max_n
     """Steer at each (layer, coef) and measure projection, KL, and judge scores."""
     from bakery.extraction import sweep as sw
     from bakery.extraction.cache import resolve_trait
-    from bakery.extraction.recipes import available_traits, load_trait_recipe
+    from bakery.traits import available_traits, load_trait_recipe
     from bakery.io.folders import SWEEP, check_output
     from bakery.models import load_model, load_tokenizer, resolve_model
     from bakery.vectors.load import load_vector

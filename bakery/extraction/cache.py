@@ -18,7 +18,7 @@ from typing import Any
 
 from bakery.errors import BakeryError
 from bakery.extraction import diagnostics
-from bakery.extraction.recipes import TraitRecipe
+from bakery.traits import TraitRecipe
 from bakery.io.folders import ANSWERS, EXTRACTION_ENTRY, PLOT, VECTOR, atomic_files, atomic_folder
 from bakery.models import cache_dir, read_config, resolve_model, config_hash
 from bakery.naming import slug

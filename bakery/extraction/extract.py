@@ -32,7 +32,7 @@ from bakery.extraction.cache import MAIN_FILE, entry_dir, model_id, output_targe
 # moved to bakery.extraction.cache; re-exported until every caller imports them from there
 from bakery.extraction.cache import cached_vector, list_cached, resolve_trait, sibling_paths  # noqa: F401
 from bakery.extraction.capture import MODES, capture
-from bakery.extraction.recipes import TraitRecipe, load_trait_recipe
+from bakery.traits import TraitRecipe, load_trait_recipe
 from bakery.io.folders import check_output
 from bakery.models import config_hash
 from bakery.steering.generation import render_chat

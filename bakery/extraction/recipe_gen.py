@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bakery.errors import BakeryError
-from bakery.extraction.recipes import NAME_RE, RecipeError, TraitRecipe, dump_yaml, from_dict, validate
+from bakery.traits import NAME_RE, RecipeError, TraitRecipe, dump_yaml, from_dict, validate
 from bakery.io.folders import TRAIT_RECIPE, atomic_files
 
 N_PAIRS, N_QUESTIONS = 5, 20

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bakery.extraction.recipes import NAME_RE, RecipeError, TraitRecipe, from_dict
+from bakery.traits import NAME_RE, RecipeError, TraitRecipe, from_dict
 
 KEYS = ("instruction", "questions", "eval_prompt")
 FIELDS = ("question", "answer")

@@ -47,7 +47,7 @@ def load_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise CompareError(f"prompts file not found: {p}")
     if p.suffix in (".yaml", ".yml"):
-        from bakery.extraction.recipes import load_trait_recipe
+        from bakery.traits import load_trait_recipe
 
         return list(load_trait_recipe(p).eval_questions)
     text = p.read_text(encoding="utf-8")
@@ -68,7 +68,7 @@ def recipe_for(trait: str | None):
     if not trait:
         return None
     try:
-        from bakery.extraction.recipes import load_trait_recipe
+        from bakery.traits import load_trait_recipe
 
         return load_trait_recipe(trait)
     except Exception:

@@ -11,3 +11,7 @@ class DistillError(BakeryError):
 
 class TrainingCheckpointError(OSError, BakeryError):
     """A checkpoint could not be written (disk full) or read; the previous one is intact."""
+
+
+class TrajectoryError(BakeryError):
+    """Bad trajectory input: too few, unreadable, or sampled under other settings."""

@@ -1,157 +1,224 @@
 """The distillation pipeline behind ``kl-lora`` and ``kl-full``: train weights that behave like
-the steered model.
+the steered model, in named steps called in order by :func:`train_distilled`:
 
-Flow: a diverse prompt pool (held-out questions left out) -> trajectories sampled from the
-runtime-steered model (:mod:`~bakery.bakers.distill.trajectories`) -> ``KL(steered || student)``
-training on their response tokens (:mod:`~bakery.bakers.distill.train`) -> the weights to export:
-the LoRA merged into the base weights plus the peft adapter, or for ``kl-full`` the fine-tuned
-weights, which start from a gated rank-one steering write (:mod:`~bakery.bakers.distill.warm_start`).
-The export itself is the one every baker writes (:func:`bakery.bakers.export.write_export`).
+1. :func:`prepare`: the settings (the method's one config, resolved), the student and the vector;
+2. :func:`teacher_trajectories`: a diverse prompt pool (held-out questions left out) and the
+   trajectories the runtime-steered model samples from it (:mod:`~bakery.bakers.distill.trajectories`),
+   or the ones a previous run saved;
+3. :func:`warm_start`: the gated rank-one steering write the student starts from
+   (:mod:`~bakery.bakers.distill.warm_start`);
+4. training on ``KL(steered || student)`` over their response tokens
+   (:class:`~bakery.bakers.distill.train.Distiller`);
+5. :func:`trained_weights`: the LoRA merged into the base weights plus the peft adapter, or the
+   fine-tuned weights, ready for the one export path every baker writes through.
 
-Run it as ``bakery bake --method kl-lora ...`` or ``bakery.bakers.bake("kl-lora", ...)``;
-data-parallel as ``accelerate launch --multi_gpu --num_processes 2 -m bakery bake --method kl-lora
-...``, or sharded with ``--use_fsdp --fsdp_version 2`` (:mod:`~bakery.bakers.distill.sharding`).
+The pipeline is given what it needs from the bakers above it: ``teacher_bake`` (the exact bias
+bake a vLLM teacher samples from) and ``write_halfbaked`` (the export of a half-baked checkpoint);
+:mod:`bakery.bakers.distilled` passes both. Data-parallel runs go through ``accelerate launch
+--multi_gpu``, sharded ones ``--use_fsdp --fsdp_version 2`` (:mod:`~bakery.bakers.distill.sharding`).
 """
 
 from __future__ import annotations
 
+import atexit
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from bakery.bakers.checks import refuse_quantized
-from bakery.io.folders import EXPORT, check_output
+from bakery.bakers.distill.config import TEACHER_ENGINES, DistillConfig, train_config
+from bakery.bakers.distill.errors import DistillError
 from bakery.bakers.distill.export import DistilledWeights, StagedWeights, is_wrapper
+from bakery.bakers.distill.prompts import model_written_prompts, prompt_pool, read_prompt_file
+from bakery.bakers.distill.report import run_info
 from bakery.bakers.distill.sharded_export import stage_sharded
 from bakery.bakers.distill.sharded_load import build_sharded_student, refuse_unshardable
 from bakery.bakers.distill.sharding import fsdp_requested
 from bakery.bakers.distill.targets import unwrap_peft
-from bakery.bakers.export import source_info_for
-from bakery.bakers.distill.errors import DistillError
 from bakery.bakers.distill.train import Distiller, TrainResult
 from bakery.bakers.distill.train_config import TrainConfig
-from bakery.steering.hooks import steer
-from bakery.bakers.distill.trajectories import (TrajectorySet, model_written_prompts, prompt_pool, read_prompt_file, sample,
-                                 sample_vllm)
-from bakery.vectors.artifact import VectorArtifact
-from bakery.vectors.load import load_vector
+from bakery.bakers.distill.trajectories import TrajectorySet, sample, sample_vllm
 from bakery.bakers.distill.warm_start import apply_lora_warm_start, apply_warm_start, default_lora_first_block
+from bakery.bakers.export import source_info_for
+from bakery.bakers.request import BakeRequest
+from bakery.models import config_hash, load_model, load_tokenizer
+from bakery.steering.hooks import steer
+from bakery.vectors.artifact import VectorArtifact
 
-METHODS = {"kl-lora": "lora", "kl-full": "full"}
-TEACHER_ENGINES = ("transformers", "vllm")
+# (vector, layer, coef, trait, folder) -> the folder of the exact bias bake of coef * vector[layer]
+TeacherBake = Callable[[VectorArtifact, int, float, str, Path], Path]
+# (weights, folder): write a half-baked export of the weights into folder
+WriteHalfbaked = Callable[[DistilledWeights, Path], None]
 
 
 @dataclass
-class DistillRequest:
-    """One distilled bake. ``model`` is a resolved folder or name; ``vector`` a file or artifact."""
+class Run:
+    """What the steps share: the bake, its resolved settings, the student and the vector."""
 
-    model: str
-    vector: str | Path
-    layer: int
-    coef: float
-    out: str | Path
-    method: str = "kl-lora"
-    model_name: str | None = None  # the name the user gave (a Hub id, a folder), for the manifest
-    positions: str = "response"
-    trait: str | None = None
-    recipe: str | None = None  # trait recipe: extraction questions join the pool, eval ones are held out
-    prompts_file: str | None = None
-    held_out: list[str] = field(default_factory=list)  # never trained on
-    num_prompts: int = 200
-    model_prompts: int = 0  # questions the model writes itself, added to the pool
-    samples_per_prompt: int = 2
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 0.95
-    sample_batch_size: int = 16
-    val_prompts: int = 16
-    trajectories: str | None = None  # JSONL to reuse (or write)
-    teacher_engine: str = "transformers"  # vllm: sample the exact bias bake (positions=all only)
-    work_dir: str | None = None  # checkpoints, trajectories, half-baked exports
-    resume: bool = False
-    dtype: str = "source"  # export dtype: source | float32 | bfloat16 | float16
-    force: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
-    command: str = ""
-    trust_remote_code: bool = False
-    job: Any = None  # the BakeRequest of the export (bakery.bakers.bake builds it)
+    job: BakeRequest
+    settings: DistillConfig  # job.cfg with every option's value (given, or the method's default)
+    train: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    work: Path
+    sharded: bool
+    tok: Any
+    model: Any  # the student (peft-wrapped or sharded once the Distiller has it)
+    targets: dict | None
+    vec: VectorArtifact
+    trait: str
+    dtype: torch.dtype
+    source: dict[str, Any]
+    progress: bool = True
 
+    @property
+    def layer(self) -> int:
+        return self.job.terms[0].layer
 
-def teacher_meta(model_dir: Path, config: dict, vec: VectorArtifact, req: DistillRequest) -> dict:
-    from bakery.models import config_hash
+    @property
+    def coef(self) -> float:
+        return float(self.job.terms[0].coef)
 
-    return {"model_config_hash": config_hash(config), "vector_sha256": vec.sha256(),
-            "layer": req.layer, "coef": req.coef, "positions": req.positions}
+    @property
+    def row(self) -> torch.Tensor:
+        return self.vec.row(self.layer)
+
+    def context_for(self, m):
+        """The teacher's steering over model ``m``: ``P -> steer(...)`` for a prompt of length P."""
+        return lambda P: steer(m, self.vec, self.layer, self.coef, positions=self.settings.positions, prompt_len=P)
+
+    def teacher_meta(self) -> dict[str, Any]:
+        """What trajectories must have been sampled under to be reused by this run."""
+        return teacher_meta(self.job.config, self.vec, self.layer, self.coef, self.settings.positions)
 
 
-def build_pool(req: DistillRequest, model=None, tok=None, progress: bool = False) -> tuple[list[str], list[str]]:
-    """(training pool, held-out questions). Recipe eval questions and ``held_out`` never train;
-    with ``req.model_prompts`` the (unsteered) ``model`` writes that many questions of its own."""
-    extra: list[str] = []
-    held = list(req.held_out)
-    if req.recipe:
-        from bakery.extraction.recipes import load_trait_recipe
-
-        r = load_trait_recipe(req.recipe)
-        extra += r.extract_questions
-        held += r.eval_questions
-    if req.prompts_file:
-        extra += read_prompt_file(req.prompts_file)
-    if req.model_prompts:
-        if model is None:
-            raise DistillError("model-written prompts need the model: pass it to build_pool")
-        extra += model_written_prompts(model, tok, req.model_prompts, exclude=held + extra,
-                                       seed=req.train.seed, progress=progress)
-    return prompt_pool(req.num_prompts, extra=extra, exclude=held, seed=req.train.seed), held
+def teacher_meta(config: dict, vec: VectorArtifact, layer: int, coef: float, positions: str) -> dict[str, Any]:
+    return {"model_config_hash": config_hash(config), "vector_sha256": vec.sha256(), "layer": layer,
+            "coef": coef, "positions": positions}
 
 
-def check_teacher_engine(req: DistillRequest) -> None:
-    if req.teacher_engine not in TEACHER_ENGINES:
-        raise DistillError(f"--teacher-engine must be one of {', '.join(TEACHER_ENGINES)}; got "
-                           f"'{req.teacher_engine}'")
-    if req.teacher_engine == "vllm" and req.positions != "all":
+def source_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _close_group_at_exit() -> None:
+    """Close the process group of our own launch before the interpreter exits: a gloo group left
+    open let a rank abort at exit ("terminate called without an active exception", seen once
+    on a fresh clone) after the export was written."""
+    import torch.distributed as dist
+
+    def close() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    if not getattr(_close_group_at_exit, "registered", False):
+        atexit.register(close)
+        _close_group_at_exit.registered = True  # type: ignore[attr-defined]
+
+
+def check_settings(s: DistillConfig, config: dict) -> None:
+    """Settings that cannot work together, refused before any model is loaded."""
+    if s.teacher_engine == "vllm" and s.positions != "all":
         raise DistillError(
             "--teacher-engine vllm samples from the exact bias bake, which equals steering at every "
-            f"position; positions={req.positions} steering has no such bake. Use --positions all, or "
-            "--teacher-engine transformers (hooked generation)")
+            f"position; positions={s.positions} steering has no such bake. Use --positions all, or "
+            f"--teacher-engine {TEACHER_ENGINES[0]} (hooked generation)")
+    if is_wrapper(config) and s.dtype != "source" and getattr(torch, s.dtype) != source_dtype(config):
+        raise DistillError(
+            f"dtype={s.dtype}: a multimodal wrapper's export keeps the source checkpoint's dtype "
+            f"({source_dtype(config)}), so that its vision tower stays byte for byte; leave dtype at source")
 
 
-def sample_from_bias_bake(req: DistillRequest, model_dir: Path, model, tok, vec: VectorArtifact,
-                          trait: str, pool: list[str], meta: dict, work: Path) -> TrajectorySet:
-    """``positions=all``: bake ``coef * v`` exactly as a bias into ``work/teacher-bias`` and sample
-    the teacher's trajectories from that checkpoint in vLLM."""
-    from bakery.bakers.api import bake as run_bake
+# ---- 1. prepare ------------------------------------------------------------------------------
+def prepare(job: BakeRequest, accelerator=None, *, progress: bool = True) -> Run:
+    """The resolved settings, the accelerator, the student (whole, or this process's shard) and
+    the vector, checked against the model."""
+    from accelerate import Accelerator
+
+    s = job.cfg.resolved()
+    tc = train_config(s)
+    if tc.method == "full" and tc.first_block is None:
+        tc.first_block = job.terms[0].layer - 1  # blocks before the steered one compute the same in both
+    tc.check()
+    refuse_quantized(job.config)
+    check_settings(s, job.config)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator is None and acc.num_processes > 1:
+        _close_group_at_exit()
+    sharded = fsdp_requested() and acc.num_processes > 1
+    tok = load_tokenizer(job.model_dir, trust_remote_code=s.trust_remote_code)
+    t = job.terms[0]
+    targets = None
+    if sharded:  # every process builds its shard of the student from the checkpoint, never the whole model
+        refuse_unshardable(job.config, model_prompts=s.model_prompts)
+        model, targets = build_sharded_student(job.model_dir, tc, device=acc.device, layer=t.layer,
+                                               trust_remote_code=s.trust_remote_code)
+    else:
+        model = load_model(job.model_dir, trust_remote_code=s.trust_remote_code)
+        default_lora_first_block(model, tc, t.layer)
+    t.vector.check_model(unwrap_peft(model).config)
+    t.vector.check_layer(t.layer, for_bake=True)
+    out = Path(job.out)
+    work = Path(s.work_dir) if s.work_dir else out.with_name(out.name + ".work")
+    dtype = source_dtype(job.config) if s.dtype == "source" else getattr(torch, s.dtype)
+    return Run(job=job, settings=s, train=tc, acc=acc, work=work, sharded=sharded, tok=tok, model=model,
+               targets=targets, vec=t.vector, trait=t.trait, dtype=dtype,
+               source=source_info_for(job.model_name, job.model_dir, job.config), progress=progress)
+
+
+# ---- 2. the teacher's trajectories -------------------------------------------------------------
+def build_pool(s: DistillConfig, *, seed: int = 0, model=None, tok=None,
+               progress: bool = False) -> tuple[list[str], list[str]]:
+    """(training pool, held-out questions). Recipe eval questions and ``held_out`` never train;
+    with ``model_prompts`` the (unsteered) ``model`` writes that many questions of its own."""
+    from bakery.traits import load_trait_recipe
+
+    extra: list[str] = []
+    held = list(s.held_out or [])
+    if s.recipe:
+        r = load_trait_recipe(s.recipe)
+        extra += r.extract_questions
+        held += r.eval_questions
+    if s.prompts_file:
+        extra += read_prompt_file(s.prompts_file)
+    if s.model_prompts:
+        if model is None:
+            raise DistillError("model-written prompts need the model: pass it to build_pool")
+        extra += model_written_prompts(model, tok, s.model_prompts, exclude=held + extra, seed=seed,
+                                       progress=progress)
+    return prompt_pool(s.num_prompts, extra=extra, exclude=held, seed=seed), held
+
+
+def sample_from_bias_bake(run: Run, teacher_bake: TeacherBake, pool: list[str]) -> TrajectorySet:
+    """``positions=all``: the exact bias bake of ``coef * v`` (``teacher_bake``, into
+    ``work/teacher-bias``) is the steered teacher; vLLM samples the trajectories from it."""
     from bakery.steering.generation import eos_token_ids
 
-    teacher_dir = run_bake("bias", str(model_dir), [(vec, req.layer, req.coef, trait)], work / "teacher-bias",
-                           target_engines="vllm", force=True, progress=False)
-    return sample_vllm(teacher_dir, tok, pool, samples_per_prompt=req.samples_per_prompt,
-                       max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                       seed=req.train.seed, meta=meta, eos_ids=eos_token_ids(model, tok),
-                       keep_topk=req.train.teacher_topk)
+    s = run.settings
+    teacher_dir = teacher_bake(run.vec, run.layer, run.coef, run.trait, run.work / "teacher-bias")
+    return sample_vllm(teacher_dir, run.tok, pool, samples_per_prompt=s.samples_per_prompt,
+                       max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                       seed=run.train.seed, meta=run.teacher_meta(),
+                       eos_ids=eos_token_ids(unwrap_peft(run.model), run.tok), keep_topk=run.train.teacher_topk)
 
 
-def sample_sharded(model, tok, pool: list[str], context, req: DistillRequest, meta: dict, path: Path, acc, *,
-                   progress: bool) -> None:
-    """Sample the teacher's trajectories with a sharded model: each process takes every n-th prompt,
-    generation steps in sync (every forward is a collective), and the main process joins the
-    parts into ``path``."""
-    import math
-
+def _sample_sharded(run: Run, pool: list[str], path: Path, *, progress: bool) -> None:
+    """Sample with a sharded model: each process takes every n-th prompt, generation steps in sync
+    (every forward is a collective), and the main process joins the parts into ``path``."""
+    s, acc, base = run.settings, run.acc, unwrap_peft(run.model)
     n, rank = acc.num_processes, acc.process_index
     if len(pool) < n:
-        raise DistillError(f"{len(pool)} prompts cannot be shared by {n} processes: raise --num-prompts")
-    mine = pool[rank::n]
-    calls = math.ceil(math.ceil(len(pool) / n) * req.samples_per_prompt / req.sample_batch_size)
+        raise DistillError(f"{len(pool)} prompts cannot be shared by {n} processes: raise --set num_prompts")
+    calls = math.ceil(math.ceil(len(pool) / n) * s.samples_per_prompt / s.sample_batch_size)
     t0 = time.perf_counter()
-    part = sample(model, tok, mine, context, samples_per_prompt=req.samples_per_prompt,
-                  max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                  batch_size=req.sample_batch_size, seed=req.train.seed + 7919 * rank, meta=meta,
-                  progress=progress and acc.is_main_process, keep_topk=req.train.teacher_topk,
-                  synced_calls=calls)
+    part = sample(base, run.tok, pool[rank::n], run.context_for(base), samples_per_prompt=s.samples_per_prompt,
+                  max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                  batch_size=s.sample_batch_size, seed=run.train.seed + 7919 * rank, meta=run.teacher_meta(),
+                  progress=progress and acc.is_main_process, keep_topk=run.train.teacher_topk, synced_calls=calls)
     part.save(path.with_name(f"{path.name}.part{rank}"))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -165,6 +232,50 @@ def sample_sharded(model, tok, pool: list[str], context, req: DistillRequest, me
             p.unlink()
 
 
+def _sample(run: Run, teacher_bake: TeacherBake, path: Path, *, progress: bool) -> None:
+    """One process samples the whole pool (hooked generation, or vLLM on the bias bake)."""
+    s = run.settings
+    pool, _ = build_pool(s, seed=run.train.seed, model=run.model, tok=run.tok, progress=progress)
+    t0 = time.perf_counter()
+    if s.teacher_engine == "vllm":
+        ts = sample_from_bias_bake(run, teacher_bake, pool)
+    else:
+        ts = sample(run.model, run.tok, pool, run.context_for(run.model), samples_per_prompt=s.samples_per_prompt,
+                    max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                    batch_size=s.sample_batch_size, seed=run.train.seed, meta=run.teacher_meta(),
+                    progress=progress, keep_topk=run.train.teacher_topk)
+    ts.meta["sample_seconds"] = round(time.perf_counter() - t0, 1)
+    ts.save(path)
+
+
+def teacher_trajectories(run: Run, teacher_bake: TeacherBake, *, progress: bool) -> TrajectorySet:
+    """The trajectories of this run's teacher: read from the trajectories file when it holds ones
+    sampled under the same model, vector, layer, coef and positions (refused otherwise), else
+    sampled and saved there. The main process samples; every process reads the same file."""
+    acc, s = run.acc, run.settings
+    path = Path(s.trajectories) if s.trajectories else run.work / "trajectories.jsonl"
+    if acc.is_main_process:
+        run.work.mkdir(parents=True, exist_ok=True)
+    have = path.is_file()
+    if have and acc.is_main_process:
+        TrajectorySet.load(path).check_matches(run.teacher_meta(), where=str(path))
+    elif not have and run.sharded and s.teacher_engine == "transformers":
+        pool, _ = build_pool(s, seed=run.train.seed)
+        _sample_sharded(run, pool, path, progress=progress)
+    elif not have and acc.is_main_process:
+        _sample(run, teacher_bake, path, progress=progress)
+    acc.wait_for_everyone()
+    ts = TrajectorySet.load(path)
+    ts.check_matches(run.teacher_meta(), where=str(path))
+    n_prompts = len({t.prompt for t in ts.items})
+    if n_prompts <= s.val_prompts:
+        raise DistillError(
+            f"{path} holds trajectories for only {n_prompts} prompts, not more than the {s.val_prompts} "
+            "held back for validation: raise --set num_prompts=N or lower --set val_prompts=N")
+    return ts
+
+
+# ---- 3. the warm start ------------------------------------------------------------------------
 def trains_down(model, block: int) -> bool:
     """Whether block ``block``'s down-projection (or its experts') trains: the warm start edits it,
     and the teacher keeps the source values of the weights that train only."""
@@ -178,243 +289,68 @@ def trains_down(model, block: int) -> bool:
     return any(p.requires_grad for p in down.parameters())
 
 
-def source_dtype(config: dict) -> torch.dtype:
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+def warm_start(run: Run, train: TrajectorySet, student) -> dict:
+    """Write the gated steering into ``student`` (LoRA components for kl-lora, which checks the
+    adapter's targets; the weights for kl-full) and return what was written."""
+    kw = dict(vector=run.row, layer=run.layer, coef=run.coef, positions=run.settings.positions,
+              gate=run.train.warm_start_gate)
+    pad = run.tok.pad_token_id
+    if run.train.method == "lora":
+        return apply_lora_warm_start(student, train.items, pad, **kw)
+    if not trains_down(student, run.layer - 1):
+        return {"skipped": f"the warm start writes block {run.layer - 1}'s down-projection, which this run "
+                           "does not train (target_modules / first_block)"}
+    return apply_warm_start(student, train.items, pad, **kw)
 
 
-# ---- the bake ---------------------------------------------------------------------------------------
-@dataclass
-class DistillResult:
-    out: Path | None
-    result: TrainResult
-    info: dict[str, Any]
+# ---- 5. the weights to export -------------------------------------------------------------------
+def trained_weights(run: Run, d: Distiller, info: dict, staging: Path | None = None) -> DistilledWeights | None:
+    """The trained student as weights to write. Call on every process: a sharded student is written
+    from its shards, every process gathering each tensor in turn; ``None`` off the main process."""
+    t = run.job.terms[0]
+    kw = dict(method=run.train.method, dtype=run.dtype, source=run.source,
+              term={"layer": t.layer, "coef": t.coef, "trait": run.trait}, positions=run.settings.positions,
+              model_dir=run.job.model_dir, config=run.job.config, info=info)
+    if d.sharded:
+        staging = staging or run.work / "export-staging"
+        stage_sharded(d.unwrapped, method=run.train.method, dtype=run.dtype, staging=staging,
+                      is_main=run.acc.is_main_process, progress=run.progress)
+        run.acc.wait_for_everyone()
+        return StagedWeights(staging, **kw) if run.acc.is_main_process else None
+    return DistilledWeights(d.unwrapped, **kw) if run.acc.is_main_process else None
 
 
+# ---- the driver -----------------------------------------------------------------------------------
 @dataclass
 class Trained:
     """A finished (or interrupted) training run and what its export needs."""
 
+    run: Run
     distiller: Distiller
-    tok: Any
-    vec: VectorArtifact
-    trait: str
-    source: dict[str, Any]
     result: TrainResult
     info: dict[str, Any]
-    work: Path
+
+    def weights(self) -> DistilledWeights | None:
+        """The weights to export (every process must call it; ``None`` off the main one)."""
+        return trained_weights(self.run, self.distiller, self.info)
 
 
-def _close_group_at_exit() -> None:
-    """Close the process group of our own launch before the interpreter exits: a gloo group left
-    open let a rank abort at exit ("terminate called without an active exception", seen once
-    on a fresh clone) after the export was written."""
-    import atexit
-
-    import torch.distributed as dist
-
-    def close() -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-    if not getattr(_close_group_at_exit, "registered", False):
-        atexit.register(close)
-        _close_group_at_exit.registered = True  # type: ignore[attr-defined]
-
-
-def train_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
-                    stop_after: int | None = None, out: Path | None = None) -> Trained:
-    """Sample (or reuse) trajectories from the steered model and train the student on them."""
-    from accelerate import Accelerator
-
-    from bakery.models import load_model, load_tokenizer, read_config, resolve_model
-
-    if req.method not in METHODS:
-        raise DistillError(f"method must be one of {', '.join(METHODS)}; got '{req.method}'")
-    check_teacher_engine(req)
-    req.train.method = METHODS[req.method]
-    if req.train.method == "full" and req.train.first_block is None:
-        # blocks before the steered one compute the same thing in teacher and student
-        req.train.first_block = req.layer - 1
-    req.train.check()
-    model_dir = resolve_model(req.model)
-    config = read_config(model_dir)
-    refuse_quantized(config)
-    out = Path(out or req.out)
-    work = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator is None and acc.num_processes > 1:
-        _close_group_at_exit()
-
-    if is_wrapper(config) and req.dtype != "source" and getattr(torch, req.dtype) != source_dtype(config):
-        raise DistillError(
-            f"dtype={req.dtype}: a multimodal wrapper's export keeps the source checkpoint's dtype "
-            f"({source_dtype(config)}), so that its vision tower stays byte for byte; leave dtype at source")
-    sharded = fsdp_requested() and acc.num_processes > 1
-    tok = load_tokenizer(model_dir, trust_remote_code=req.trust_remote_code)
-    targets = None
-    if sharded:  # every process builds its shard of the student from the checkpoint, never the whole model
-        refuse_unshardable(config, req)
-        model, targets = build_sharded_student(model_dir, req.train, device=acc.device, layer=req.layer,
-                                               trust_remote_code=req.trust_remote_code)
-    else:
-        model = load_model(model_dir, trust_remote_code=req.trust_remote_code)
-        default_lora_first_block(model, req.train, req.layer)
-    base = unwrap_peft(model)
-    vec = req.vector if isinstance(req.vector, VectorArtifact) else load_vector(
-        req.vector, num_layers=base.config.num_hidden_layers)
-    vec.check_model(base.config)
-    vec.check_layer(req.layer, for_bake=True)
-    trait = req.trait or (vec.trait if vec.trait != "unknown" else Path(str(req.vector)).stem)
-    row = vec.row(req.layer)
-
-    def context_for(m):
-        return lambda P: steer(m, vec, req.layer, req.coef, positions=req.positions, prompt_len=P)
-
-    # trajectories: the main process samples (or loads), every process reads the same file
-    expect = teacher_meta(model_dir, config, vec, req)
-    traj_path = Path(req.trajectories) if req.trajectories else work / "trajectories.jsonl"
-    if acc.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-    have = traj_path.is_file()
-    if have and acc.is_main_process:
-        TrajectorySet.load(traj_path).check_matches(expect, where=str(traj_path))
-    elif not have and sharded and req.teacher_engine == "transformers":
-        pool, _ = build_pool(req)
-        sample_sharded(base, tok, pool, context_for(base), req, expect, traj_path, acc, progress=progress)
-    elif not have and acc.is_main_process:
-        pool, _ = build_pool(req, model, tok, progress=progress)
-        t0 = time.perf_counter()
-        if req.teacher_engine == "vllm":
-            ts = sample_from_bias_bake(req, model_dir, base, tok, vec, trait, pool, expect, work)
-        else:
-            ts = sample(model, tok, pool, context_for(model), samples_per_prompt=req.samples_per_prompt,
-                        max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                        batch_size=req.sample_batch_size, seed=req.train.seed, meta=expect,
-                        progress=progress, keep_topk=req.train.teacher_topk)
-        ts.meta["sample_seconds"] = round(time.perf_counter() - t0, 1)
-        ts.save(traj_path)
-    acc.wait_for_everyone()
-    ts = TrajectorySet.load(traj_path)
-    ts.check_matches(expect, where=str(traj_path))
-    n_prompts = len({t.prompt for t in ts.items})
-    if n_prompts <= req.val_prompts:
-        raise DistillError(
-            f"{traj_path} holds trajectories for only {n_prompts} prompts, not more than the "
-            f"{req.val_prompts} held back for validation: raise --num-prompts or lower --val-prompts")
-    train, val = ts.split(req.val_prompts, seed=req.train.seed)
-
-    def warm_start(m):
-        if req.train.method == "lora":  # LoRA components hold the write; it checks the adapter's targets
-            return apply_lora_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer,
-                                         coef=req.coef, positions=req.positions, gate=req.train.warm_start_gate)
-        if not trains_down(m, req.layer - 1):
-            return {"skipped": f"the warm start writes block {req.layer - 1}'s down-projection, which this run "
-                               "does not train (target_modules / first_block)"}
-        return apply_warm_start(m, train.items, tok.pad_token_id, vector=row, layer=req.layer, coef=req.coef,
-                                positions=req.positions, gate=req.train.warm_start_gate)
-
-    d = Distiller(model, tok.pad_token_id, req.train, context_for, accelerator=acc, warm_start=warm_start,
-                  targets=targets)
-    source = source_info_for(req.model_name or str(req.model), model_dir, config)
-    dtype = source_dtype(config) if req.dtype == "source" else getattr(torch, req.dtype)
-
-    def info_now(dd: Distiller, extra: dict | None = None) -> dict:
-        # R's scale is the unedited model's KL (a warm-started student's step 0 is already close)
-        base_kl = (dd.warm_start_info or {}).get("source_val_kl") or (
-            dd.history[0]["val_kl"] if dd.history else float("nan"))
-        i = {"steps": dd.step, "best_step": dd.best_step, "best_val_kl": round(dd.best_val, 6),
-             "val_kl_base": round(base_kl, 6),
-             "val_R": round(1 - dd.best_val / base_kl, 4) if base_kl else None,
-             "lr": req.train.resolved_lr(), "lr_schedule": req.train.lr_schedule,
-             "teacher_topk": req.train.teacher_topk, "batch_size": req.train.batch_size,
-             "train_trajectories": len(train), "train_tokens": train.num_response_tokens,
-             "val_trajectories": len(val), "wall_s": round(dd.elapsed, 1), "positions": req.positions,
-             "history": dd.history, "processes": acc.num_processes,
-             "distributed_type": str(acc.distributed_type).split(".")[-1], "sharding": dd.sharding,
-             "activation_checkpointing": req.train.checkpoints_activations(sharded),
-             "replicas_in_sync": dd.replicas_in_sync,
-             "sample_seconds": ts.meta.get("sample_seconds"),
-             "teacher_engine": ts.meta.get("teacher_engine", "transformers"), "vector_norm": round(float(row.norm()), 4)}
-        i.update(dd.targets, experts=req.train.experts)
-        if req.train.method == "lora":
-            i.update(rank=req.train.rank, alpha=req.train.resolved_alpha(), rslora=req.train.rslora)
-            if req.train.first_block:
-                i.update(first_block=req.train.first_block)
-            if dd.warm_start_info is not None:
-                i.update(warm_start=dd.warm_start_info)
-        else:
-            i.update(first_block=req.train.first_block, warm_start=dd.warm_start_info,
-                     trained_parameters=sum(p.numel() for p in dd.unwrapped.parameters() if p.requires_grad))
-        ws = dd.warm_start_info or {}
-        if "block" in ws and dd.history:
-            off = ("" if ws["unsteered_mean"] is None
-                   else f", {ws['unsteered_mean']:.3f} at unsteered ones")
-            where = (f"the down-projections of {ws['experts_fitted']} of block {ws['block']}'s "
-                     f"{ws['experts']} experts (one u per expert, fitted on the tokens routed to it)"
-                     if "experts" in ws else f"block {ws['block']}'s MLP")
-            held = " (LoRA components)" if "lora_components" in ws else ""
-            gate = (f"one repurposed MLP neuron (neuron {ws['neuron']}) reading the MLP input with the "
-                    f"other neurons" if ws.get("gate") == "neuron" else "u . a")
-            i["notes"] = [
-                f"warm start: coef * v written through {where}{held}, gated "
-                f"by {gate} (mean {ws['steered_mean']:.3f} at steered tokens{off}; {ws['tokens']} "
-                f"tokens); validation R {1 - dd.history[0]['val_kl'] / base_kl:.4f} before training, "
-                f"{i['val_R']:.4f} at step {dd.best_step}"]
-        elif "skipped" in ws:
-            i["notes"] = [f"no warm start: {ws['skipped']}"]
-        return {**i, **(extra or {})}
-
-    def weights(dd: Distiller, extra: dict | None = None, staging: Path | None = None) -> DistilledWeights | None:
-        """Call on every process (a sharded student is written from its shards, every process
-        gathering each tensor in turn); ``None`` off the main one."""
-        kw = dict(method=req.train.method, dtype=dtype, source=source,
-                  term={"layer": req.layer, "coef": req.coef, "trait": trait}, positions=req.positions,
-                  model_dir=model_dir, config=config)
-        if dd.sharded:
-            staging = staging or work / "export-staging"
-            stage_sharded(dd.unwrapped, method=req.train.method, dtype=dtype, staging=staging,
-                          is_main=acc.is_main_process, progress=progress)
-            acc.wait_for_everyone()
-            return StagedWeights(staging, info=info_now(dd, extra), **kw) if acc.is_main_process else None
-        if not acc.is_main_process:
-            return None
-        return DistilledWeights(dd.unwrapped, info=info_now(dd, extra), **kw)
+def train_distilled(job: BakeRequest, *, teacher_bake: TeacherBake, write_halfbaked: WriteHalfbaked,
+                    accelerator=None, on_eval=None, progress: bool = True,
+                    stop_after: int | None = None) -> Trained:
+    """Prepare, sample (or reuse) the teacher's trajectories, warm-start and train the student."""
+    run = prepare(job, accelerator, progress=progress)
+    ts = teacher_trajectories(run, teacher_bake, progress=progress)
+    train, val = ts.split(run.settings.val_prompts, seed=run.train.seed)
+    d = Distiller(run.model, run.tok.pad_token_id, run.train, run.context_for, accelerator=run.acc,
+                  warm_start=lambda m: warm_start(run, train, m), targets=run.targets)
 
     def on_save(dd: Distiller, step: int) -> None:
-        from bakery.bakers.distilled import job_for
-        from bakery.bakers.export import write_export
-
-        w = weights(dd, {"halfbaked_step": step}, staging=work / f"halfbaked-staging-{step:06d}")
+        info = run_info(run, dd, train, val, ts, {"halfbaked_step": step})
+        w = trained_weights(run, dd, info, staging=run.work / f"halfbaked-staging-{step:06d}")
         if w is not None:  # a half-baked export: the same folder as the final one, in the work dir
-            write_export(req.job or job_for(req), w, force=True, progress=False,
-                         folder=work / "halfbaked" / f"step-{step:06d}")
+            write_halfbaked(w, run.work / "halfbaked" / f"step-{step:06d}")
 
-    result = d.train(train, val, work_dir=work, resume=req.resume, on_eval=on_eval, on_save=on_save,
-                     progress=progress, stop_after=stop_after)
-    trained = Trained(d, tok, vec, trait, source, result, info_now(d), work)
-    trained.weights = lambda: weights(d)  # type: ignore[attr-defined]
-    return trained
-
-
-def bake_distilled(req: DistillRequest, *, accelerator=None, on_eval=None, progress: bool = True,
-                   stop_after: int | None = None) -> DistillResult:
-    """Sample (or reuse) trajectories, train, export through the one export path; the library
-    entry with training hooks (``on_eval``, ``stop_after``, an accelerator). ``out`` is ``None``
-    on the non-main processes and for a run stopped before its last step."""
-    from bakery.bakers.distilled import job_for
-    from bakery.bakers.export import write_export
-
-    req.job = req.job or job_for(req)
-    check_output(req.job.out, kind=EXPORT, source=req.job.model_dir, force=req.force)
-    t = train_distilled(req, accelerator=accelerator, on_eval=on_eval, progress=progress,
-                        stop_after=stop_after, out=req.job.out)
-    acc = t.distiller.acc
-    if stop_after is not None and t.result.steps < req.train.max_steps and not t.result.stopped_early:
-        return DistillResult(None, t.result, t.info)
-    w = t.weights()  # type: ignore[attr-defined]
-    folder = write_export(req.job, w, force=req.force, progress=progress) if w is not None else None
-    acc.wait_for_everyone()
-    return DistillResult(folder, t.result, t.info)
-
-
+    result = d.train(train, val, work_dir=run.work, resume=run.settings.resume, on_eval=on_eval,
+                     on_save=on_save, progress=progress, stop_after=stop_after)
+    return Trained(run, d, result, run_info(run, d, train, val, ts))

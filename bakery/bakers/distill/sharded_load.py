@@ -83,15 +83,14 @@ def build_sharded_student(model_dir: Path, cfg, *, device: torch.device, layer: 
     return model, targets
 
 
-def refuse_unshardable(config: dict, req) -> None:
-    """What sharded loading does not cover, refused before any work (``req``: the
-    :class:`~bakery.bakers.distill.pipeline.DistillRequest`)."""
+def refuse_unshardable(config: dict, *, model_prompts: int = 0) -> None:
+    """What sharded loading does not cover, refused before any work."""
     from bakery.bakers.distill.export import is_wrapper
 
     if is_wrapper(config):
         raise DistillError("sharded distillation of a multimodal wrapper is not supported (its export keeps "
                            "the source checkpoint's vision tower, written from a whole copy): run it in one "
                            "process or data parallel (accelerate launch --multi_gpu)")
-    if req.model_prompts:
+    if model_prompts:
         raise DistillError("model_prompts (questions the model writes itself) is not supported under FSDP: "
                            "write them in a one-process run, or pass --set prompts_file=FILE")

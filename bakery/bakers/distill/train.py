@@ -42,8 +42,8 @@ from bakery.bakers.distill.losses import chunked_kl
 from bakery.bakers.distill.sharding import checkpoint_blocks, fsdp_requested, is_sharded, local, shard_blocks
 from bakery.bakers.distill.targets import full_parameters, lora_targets
 from bakery.bakers.distill.train_config import TrainConfig
-from bakery.bakers.distill.trajectories import (Trajectory, TrajectoryError, TrajectorySet, collate, collate_topk,
-                                                require_topk)
+from bakery.bakers.distill.errors import TrajectoryError
+from bakery.bakers.distill.trajectories import Trajectory, TrajectorySet, collate, collate_topk, require_topk
 from bakery.fidelity.metrics import response_logits
 
 ContextFactory = Callable[[int | None], ContextManager]

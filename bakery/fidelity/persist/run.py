@@ -84,8 +84,8 @@ def _auto_batch(model, tok, prompts: Sequence[str], settings: PersistSettings) -
 
 
 def recipe_questions(path_or_name: str) -> list[str]:
-    """The eval questions of a trait recipe (a YAML file or a name in recipes/traits/)."""
-    from bakery.extraction.recipes import load_trait_recipe
+    """The eval questions of a trait recipe (a YAML file or a name in bakery/recipes/traits/)."""
+    from bakery.traits import load_trait_recipe
 
     questions = list(load_trait_recipe(path_or_name).eval_questions)
     if not questions:

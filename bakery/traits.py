@@ -3,7 +3,7 @@
 A trait recipe is a YAML file with a name, a one-paragraph description, pairs of contrastive
 system prompts (``pos`` elicits the trait, ``neg`` its opposite), extraction questions and
 disjoint evaluation questions, and a judge rubric with ``{question}`` and ``{answer}``
-placeholders that asks for a 0-100 score. Built-in recipes live in ``recipes/traits/``; the
+placeholders that asks for a 0-100 score. Built-in recipes live in ``bakery/recipes/traits/``; the
 persona-vectors reference's JSON trait data converts into one (:mod:`bakery.extraction.recipe_import`).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from bakery.errors import BakeryError
 
 FIELDS = ("name", "description", "pairs", "extract_questions", "eval_questions", "judge_rubric")
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "traits"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes" / "traits"  # package data: in the wheel too
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -147,7 +147,7 @@ def available_traits(directory: Path | None = None) -> list[str]:
 
 
 def find_trait_recipe(name: str, directory: Path | None = None) -> Path:
-    """The file of built-in recipe ``name`` in ``recipes/traits/`` (or ``directory``)."""
+    """The file of built-in recipe ``name`` in ``bakery/recipes/traits/`` (or ``directory``)."""
     d = directory or Path(os.environ.get("BAKERY_RECIPES", RECIPES_DIR))
     for ext in (".yaml", ".yml"):
         p = d / f"{name}{ext}"

@@ -15,8 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bakery.errors import BakeryError
 # re-exported: callers find the placement helpers next to load_model
@@ -162,6 +163,25 @@ def config_hash(config: dict[str, Any] | Any) -> str:
         config = config.to_dict()
     sub = {k: config.get(k) for k in _HASH_KEYS if config.get(k) is not None}
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def partial_load() -> Iterator[None]:
+    """Within: transformers' load report (its table of UNEXPECTED / MISSING keys) is not printed,
+    for a load that leaves weights out on purpose (a model truncated to the blocks it needs).
+    Every other warning of the load still shows."""
+    log = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def load_model(name: str | os.PathLike | None = None, *, dtype: Any = None, device: Any = None,

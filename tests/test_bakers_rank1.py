@@ -177,3 +177,26 @@ def test_rank1_gated_on_the_embedded_model_recovers_response_steering(smol_dir, 
     print(f"gated rank1 on SmolLM2, layer 16 coef 2, prompts of {HELD_OUT_SMOL[:1]}...: {f.to_dict()} fit {fit}")
     assert fit["fit_mean"] > 0.9 and abs(fit["off_mean"]) < 0.1
     assert f.recovered >= 0.9
+
+
+def test_the_truncated_calibration_model_loads_without_transformers_load_report(tiny_models, tmp_path, capfd):
+    """The calibration model is truncated to the blocks the edit needs, on purpose: the bake says
+    nothing of the later blocks' weights it leaves unread, though transformers would print a table
+    of UNEXPECTED keys for the same load (shown first, so the check can see the report)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    src = tiny_models("llama")
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # what a user sees (the suite runs at error)
+    try:
+        cfg = AutoConfig.from_pretrained(src)
+        cfg.num_hidden_layers = 2
+        AutoModelForCausalLM.from_pretrained(src, config=cfg)
+        assert "LOAD REPORT" in capfd.readouterr().err
+        bake("bias", src, [(vec(src, seed=4), 2, 3.0)], tmp_path / "out", route="rank1", calibration="prompts",
+             progress=False)
+        err = capfd.readouterr().err
+    finally:
+        hf_logging.set_verbosity(before)
+    assert "LOAD REPORT" not in err and "UNEXPECTED" not in err, err[-2000:]

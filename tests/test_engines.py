@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from bakery.cli import main
 from bakery.engines import sglang, vllm as vllm_engine
-from bakery.engines.common import Setup, Verdict
+from bakery.engines.setup import Setup
+from bakery.engines.verdict import Verdict
 from bakery.engines.transformers import verify_transformers
 from bakery.engines.verify import (ENGINES, Engine, EngineNotInstalled, exit_status, parse_verify_engines,
                                    verdicts_markdown, verify, write_verdicts)
-from bakery.engines.common import gap
+from bakery.engines.scores import gap
 from bakery.engines.vllm import find_vllm_python
 from bakery.fidelity.exact import EXACT_R
 from bakery.io.manifest import ManifestError

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bakery.engines.common import EngineNotInstalled
+from bakery.engines.verdict import EngineNotInstalled
 from bakery.engines.llamacpp import (ENGINE_RATIO, GGUFFolderError, JITTER_RATIO, check_source, control_vector,
                                      find_llamacpp_python, gguf_of, gguf_setup, read_gguf_folder, verify_llamacpp)
 from bakery.fidelity.reference import Reference

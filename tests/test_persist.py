@@ -77,6 +77,22 @@ def test_recorded_projection_equals_full_forward_pass(tiny_models, model_type, t
                                        atol=2e-4, rtol=1e-4)
 
 
+def test_tracing_passes_the_cache_under_the_keyword_the_model_takes(tiny_models):
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` and warns on the
+    old name at every step: tracing uses the new one and prints no FutureWarning."""
+    import warnings
+
+    from bakery.fidelity.persist.trace import cache_keyword
+
+    folder = tiny_models("llama")
+    model, tok = load_model(folder), load_tokenizer(folder)
+    assert cache_keyword(model) == "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        trace_batch(model, tok, [render_chat(tok, PROMPTS[0])], layer=2, direction=_vector(folder).vectors[2],
+                    coef=2.0, steer_tokens=2, total_tokens=3)
+
+
 def test_switch_shares_prefix_with_steered_throughout(tiny_models):
     folder = tiny_models("llama")
     model, tok = load_model(folder), load_tokenizer(folder)

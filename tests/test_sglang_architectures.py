@@ -24,7 +24,8 @@ import torch
 
 from bakery.arch import hidden_size_of, num_layers_of
 from bakery.bakers import bake
-from bakery.engines.common import Setup, tf_scores
+from bakery.engines.scores import tf_scores
+from bakery.engines.setup import Setup
 from bakery.engines.sglang import IMPLS, _verdict, find_sglang_python, score_token_ids
 from bakery.models import load_model, read_config
 from bakery.vectors.artifact import VectorArtifact

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from bakery.bakers import bake
-from bakery.engines.common import Setup
-from bakery.engines.common import tf_scores
+from bakery.engines.setup import Setup
+from bakery.engines.scores import tf_scores
 from bakery.engines.vllm import _run_worker, _vllm_verdict, find_vllm_python
 from bakery.models import load_model
 from bakery.vectors.artifact import VectorArtifact
@@ -209,7 +209,7 @@ def test_vllm_qwen3_5_drops_the_attn_out_bias_silently(arch, tmp_path):
     without an error and scores exactly like the unedited model: vLLM drops it silently. The ortho
     bake is scored too; bfloat16 rounding is too coarse for verify's float32 thresholds, so its
     figures are printed, and it must at least be nearer ablation than the unedited model is."""
-    from bakery.engines.common import gap
+    from bakery.engines.scores import gap
 
     try:
         real = find_vllm_python()

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from bakery.arch import spec_for
+from bakery.models import partial_load
 from bakery.placement import default_placement, input_device, parse_device_map, resolve_device, resolve_dtype
 from bakery.bakers.errors import BakeError
 from bakery.bakers.plan import BakePlan
@@ -186,8 +187,10 @@ def fit_rank1(req: BakeRequest, blocks: Sequence[int], prompts: Sequence[str] | 
         text_cfg.num_hidden_layers = deepest + 1  # only the blocks up to the edit are needed
         if getattr(text_cfg, "layer_types", None):
             text_cfg.layer_types = list(text_cfg.layer_types)[: deepest + 1]
-    model = AutoModelForCausalLM.from_pretrained(req.model_dir, config=cfg,
-                                                 **_placement_kwargs(device, dtype)).eval()
+    # a model truncated to the blocks up to the edit leaves the later ones' weights unread, on purpose
+    with partial_load() if calibration == "prompts" else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(req.model_dir, config=cfg,
+                                                     **_placement_kwargs(device, dtype)).eval()
     dev = input_device(model)
     # module paths of the class transformers loaded (a Qwen3.5 wrapper checkpoint loads as the
     # text-only Qwen3_5ForCausalLM); the plan names the checkpoint's tensors by block index

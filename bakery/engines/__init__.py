@@ -1,3 +1,4 @@
-"""One module per serving engine: transformers and vllm run the export (real runs), sglang reads
-it against its loading rules (rules only, not run); common holds the verdict and the shared
-setup, verify the orchestration and the rendering of verdicts."""
+"""One module per serving engine (transformers, vllm, sglang, llama.cpp), each a real run in its own
+environment (:mod:`~bakery.engines.runner`); :mod:`~bakery.engines.verdict` holds the result of a
+check, :mod:`~bakery.engines.setup` what the checks of one export share, and
+:mod:`~bakery.engines.verify` the orchestration and the rendering of verdicts."""

@@ -29,7 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bakery.engines.common import Setup, Verdict, find_engine_python, run_worker
+from bakery.engines.runner import find_engine_python, run_worker
+from bakery.engines.setup import Setup
+from bakery.engines.verdict import Verdict
 from bakery.errors import BakeryError
 from bakery.gguf import MANIFEST
 
@@ -257,7 +259,7 @@ def verify_llamacpp(setups: Sequence[Setup], *, log=None, timeout: float = 1800)
 
 
 def _verdict(p: dict, res: dict) -> Verdict:
-    from bakery.engines.common import gap, tf_scores
+    from bakery.engines.scores import gap, tf_scores
     from bakery.models import load_model
 
     s, g, rows = p["s"], p["g"], p["rows"]

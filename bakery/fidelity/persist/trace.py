@@ -58,6 +58,14 @@ def logits_kwargs(model) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def cache_keyword(model) -> str:
+    """The forward's keyword for the KV cache: ``cache`` since transformers 5.24 (which warns on
+    the old ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
@@ -98,6 +106,7 @@ def trace_batch(model, tok, texts: Sequence[str], *, layer: int, direction: torc
     pad = tok.pad_token_id if tok.pad_token_id is not None else int(eos[0])
     block = blocks_of(model)[layer - 1]
     extra = logits_kwargs(model)
+    cache_kw = cache_keyword(model)
 
     proj = torch.full((B, total_tokens), float("nan"))
     alive_at = torch.zeros((B, total_tokens), dtype=torch.bool)
@@ -112,7 +121,7 @@ def trace_batch(model, tok, texts: Sequence[str], *, layer: int, direction: torc
             cap = _LastPositionProjection(block, direction)  # after the steering hook
             try:
                 out = model(input_ids=step_ids, attention_mask=full_mask, position_ids=step_pos,
-                            past_key_values=cache, use_cache=True, **extra)
+                            use_cache=True, **{cache_kw: cache}, **extra)
             finally:
                 cap.remove()
         logits = out.logits[:, -1].float().to(device)  # the head may sit on another device

@@ -88,3 +88,54 @@ def vec_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("vec") / "rand.safetensors"
     VectorArtifact(torch.randn(5, 32), {"trait": "rand"}).save(p)
     return p
+
+
+@pytest.fixture(scope="session")
+def smol_pirate(smol_dir):
+    """The embedded model's quick contrastive pirate vector (tests/quick_vectors.py), computed once."""
+    from quick_vectors import contrastive_pirate
+
+    return contrastive_pirate(smol_dir)
+
+
+@pytest.fixture(scope="session")
+def smol_pirate_bias(smol_dir, smol_pirate, tmp_path_factory):
+    """One bias bake of the embedded model (``SMOL_LAYER``, ``SMOL_COEF``), shared by every test that
+    needs a real exact export to read, convert or serve (none may write into it)."""
+    from bakery.bakers import bake
+
+    tmp = tmp_path_factory.mktemp("smol-pirate-bias")
+    vec_file = smol_pirate.save(tmp / "pirate.safetensors")
+    return bake("bias", smol_dir, [(vec_file, SMOL_LAYER, SMOL_COEF)], tmp / "bias", progress=False)
+
+
+SMOL_LAYER, SMOL_COEF = 16, 2.0
+
+
+DISTILL_LAYER, DISTILL_COEF = 2, 2.0
+
+
+@pytest.fixture(scope="session")
+def distilled(tiny_models, tmp_path_factory):
+    """``distilled(arch, method)`` -> (source, export, vector): one short distillation of a tiny
+    model per architecture and method (random vector, seed 28; layer 2, coef 2, positions all,
+    30 steps), baked once and shared by the tests that read it (none may write into it)."""
+    built: dict = {}
+
+    def get(arch: str, method: str):
+        if (arch, method) not in built:
+            from bakery.bakers import bake
+            from helpers import vec
+
+            src = tiny_models(arch)
+            tmp = tmp_path_factory.mktemp(f"distilled-{arch}-{method}")
+            v = vec(src, seed=28)
+            v.save(tmp / "v.safetensors")
+            opts = dict(rank=8, lr=5e-3) if method == "kl-lora" else dict(lr=1e-3)
+            out = bake(method, str(src), [(str(tmp / "v.safetensors"), DISTILL_LAYER, DISTILL_COEF)], tmp / "out",
+                       num_prompts=40, samples_per_prompt=1, max_new_tokens=12, steps=30, val_prompts=6,
+                       val_every=10, positions="all", work_dir=str(tmp / "work"), progress=False, **opts)
+            built[(arch, method)] = (src, out, v)
+        return built[(arch, method)]
+
+    return get

@@ -25,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from loopback import serve, stop
+
 # The Hub's default .gitattributes sends these through LFS; so do binary samples and big files.
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.onnx",
                 "*.msgpack", "*.model", "*.npy", "*.npz", "*.pkl", "*.zip", "*.tar", "*.gz",
@@ -103,17 +105,12 @@ class HubServer:
     # ---- lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "HubServer":
         handler = type("Handler", (_Handler,), {"hub": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
+        self._httpd, self._thread = serve(handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        assert self._httpd is not None
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        assert self._httpd is not None and self._thread is not None
+        stop(self._httpd, self._thread)
 
     @property
     def url(self) -> str:

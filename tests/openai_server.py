@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from loopback import serve, stop
+
 __all__ = ["OpenAIServer", "Reply", "score_reply", "text_reply"]
 
 
@@ -158,14 +160,10 @@ class OpenAIServer:
                 else:
                     self._send(200, _completion(body, reply))
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _H)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server, self._thread = serve(_H)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        if self._server is not None and self._thread is not None:
+            stop(self._server, self._thread)
             self._server = None

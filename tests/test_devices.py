@@ -20,7 +20,7 @@ from bakery.placement import (DeviceError, Placement, default_placement, parse_d
                               placement_of, resolve_device, resolve_dtype, using_placement)
 from bakery.steering.generation import encode_prompts, generate, render_chat
 from bakery.steering.hooks import Ablation, steer
-from test_compare import PROMPTS, random_vector, real_bake, weakened_copy
+from helpers import TINY_PROMPTS, random_vector, real_bake, weakened_copy
 
 MODEL_COMMANDS = ["extract", "steer", "sweep", "compare", "verify", "persist", "bake"]
 DISK = (1, 2)  # blocks offloaded to disk; blocks 0 and 3 stay on the cpu
@@ -147,7 +147,7 @@ def test_steer_end_to_end_on_cpu_and_dispatched_gives_the_same_answers(tiny_mode
 
 def _compare_cli(tmp_path, export, *placement):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(PROMPTS[:2]))
+    prompts.write_text("\n".join(TINY_PROMPTS[:2]))
     return run("compare", export, "--prompts", prompts, "--max-new-tokens", 5, "--greedy-tokens", 4,
                "--no-write", "--threads", 1, *placement)
 
@@ -193,9 +193,9 @@ def test_exactness_bound_of_a_bake_with_blocks_on_disk_is_not_guessed(tiny_model
     d = tiny_models("llama")
     export = real_bake("bias", d, random_vector(d, scale=0.1), 2, 3.0, tmp_path / "exact")
     with using_placement(device_map=offload_map(d), offload_folder=str(tmp_path / "off")):
-        (report,) = compare([export], prompts=PROMPTS[:2], max_new_tokens=5, greedy_tokens=4, write=False,
+        (report,) = compare([export], prompts=TINY_PROMPTS[:2], max_new_tokens=5, greedy_tokens=4, write=False,
                             progress=False, log=lambda m: None)
-    (plain,) = compare([export], prompts=PROMPTS[:2], max_new_tokens=5, greedy_tokens=4, write=False,
+    (plain,) = compare([export], prompts=TINY_PROMPTS[:2], max_new_tokens=5, greedy_tokens=4, write=False,
                        progress=False, log=lambda m: None)
     row, row_plain = (next(r for n, r in rep["rows"].items() if n not in ("base", "steered"))
                       for rep in (report, plain))
@@ -223,7 +223,7 @@ def test_steering_on_a_dispatched_model_matches_the_plain_model(tiny_models, tmp
     plain, spread = load_model(d, device="cpu"), dispatched(d, tmp_path)
     tok = load_tokenizer(d)
     vec = random_vector(d, seed=5, scale=0.5)
-    enc = encode_prompts(tok, PROMPTS)
+    enc = encode_prompts(tok, TINY_PROMPTS)
     with torch.no_grad():
         base = plain(**enc).logits
         with steer(plain, vec, layer, 3.0):
@@ -232,7 +232,7 @@ def test_steering_on_a_dispatched_model_matches_the_plain_model(tiny_models, tmp
             b = spread(**enc).logits
         assert (a - base).abs().max() > 1e-2  # the steering does something
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        rendered = [render_chat(tok, p) for p in PROMPTS[:2]]
+        rendered = [render_chat(tok, p) for p in TINY_PROMPTS[:2]]
         with steer(plain, vec, layer, 3.0, positions="response"):
             ga = generate(plain, tok, rendered, max_new_tokens=6)
         with steer(spread, vec, layer, 3.0, positions="response"):
@@ -243,7 +243,7 @@ def test_steering_on_a_dispatched_model_matches_the_plain_model(tiny_models, tmp
 def test_ablation_on_a_dispatched_model_matches_the_plain_model(tiny_models, tmp_path):
     d = tiny_models("llama")
     plain, spread = load_model(d, device="cpu"), dispatched(d, tmp_path)
-    enc = encode_prompts(load_tokenizer(d), PROMPTS)
+    enc = encode_prompts(load_tokenizer(d), TINY_PROMPTS)
     r = random_vector(d, seed=6).vectors[2]
     with torch.no_grad():
         base = plain(**enc).logits
@@ -281,7 +281,7 @@ def test_no_library_entry_point_moves_or_casts_a_placed_model(tiny_models, tmp_p
     before, before_c = placement_of(base), placement_of(cand)
     assert {dt for _, dt in before["params"].values()} == {"torch.bfloat16"}
     assert any(dev == "meta" for dev, _ in before["params"].values())
-    rendered = [render_chat(tok, p) for p in PROMPTS[:2]]
+    rendered = [render_chat(tok, p) for p in TINY_PROMPTS[:2]]
 
     def check(what: str) -> None:
         assert placement_of(base) == before, f"{what} moved or cast the model"
@@ -299,13 +299,13 @@ def test_no_library_entry_point_moves_or_casts_a_placed_model(tiny_models, tmp_p
         capture(base, tok, rendered, max_new_tokens=3, mode=mode)
         check(f"capture {mode}")
     settings = PersistSettings(layer=2, coef=2.0, steer_tokens=2, sample_tokens=2, temperature=0.0)
-    run_condition(base, tok, PROMPTS[:2], settings, condition=SWITCH, direction=vec.vectors[2],
+    run_condition(base, tok, TINY_PROMPTS[:2], settings, condition=SWITCH, direction=vec.vectors[2],
                   vector_norm=float(vec.vectors[2].norm()))
     check("persist")
-    sweep(vec, base, tok, [2], [1.0], prompts=PROMPTS[:2], max_new_tokens=3)
+    sweep(vec, base, tok, [2], [1.0], prompts=TINY_PROMPTS[:2], max_new_tokens=3)
     check("sweep")
     ref = reference_for(export, Manifest.load(export), base_config=read_config(d))
-    run_comparison(base, tok, ref, [Candidate("weak", weak, cand)], PROMPTS[:2], max_new_tokens=3,
+    run_comparison(base, tok, ref, [Candidate("weak", weak, cand)], TINY_PROMPTS[:2], max_new_tokens=3,
                    greedy_tokens=2, progress=False)
     check("compare")
     # the rank-one fit loads its own calibration model under the process-wide placement

@@ -5,12 +5,13 @@ added F32 ``blk.N.ffn_down.bias`` tensors, or dequantized to F32 throughout; and
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
+
+from bakery.io.digest import file_sha256
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -53,14 +54,6 @@ def copy_gguf(src: Path, out: Path, *, add: dict[str, np.ndarray] | None = None,
     return out
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bias_gguf_folder(source: Path, export: Path, out: Path, blocks: dict[int, np.ndarray], *,
                      terms: list[dict], file_type: str = "Q4_1") -> Path:
     """A ``bakery gguf``-style folder: ``source`` plus ``blk.{b}.ffn_down.bias`` for each block."""
@@ -68,6 +61,6 @@ def bias_gguf_folder(source: Path, export: Path, out: Path, blocks: dict[int, np
     name = f"{export.name}.gguf"
     copy_gguf(source, out / name, add={f"blk.{b}.ffn_down.bias": v for b, v in blocks.items()})
     (out / "bakery-gguf.json").write_text(json.dumps({
-        "gguf": name, "source_gguf": {"path": str(source), "sha256": sha256(source)},
+        "gguf": name, "source_gguf": {"path": str(source), "sha256": file_sha256(source)},
         "export": str(export), "method": "bias", "terms": terms, "file_type": file_type, "edit": "bias"}, indent=2))
     return out

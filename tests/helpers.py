@@ -9,9 +9,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bakery.bakers.errors import BakeError
 from bakery.fidelity.metrics import measure, model_scorer, sample_trajectories
 from bakery.io.checkpoint import ShardedWriter
 from bakery.io.manifest import BakeTerm, Manifest
@@ -213,3 +215,12 @@ def base_offset(rows: dict, key: tuple[str, str]) -> int:
         if arch == key[0]:
             offset += len(rs)
     return offset
+
+
+def assert_refused(match: str, method: str, src: Path, terms: list, out: Path, **options) -> None:
+    """The bake is refused with an error that matches ``match``, and nothing is written at ``out``."""
+    from bakery.bakers import bake
+
+    with pytest.raises(BakeError, match=match):
+        bake(method, src, terms, out, progress=False, **options)
+    assert not Path(out).exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from bakery.arch import auto_class
-from bakery.cli.common import clear_errors, echo_err, threads_option, device_options
+from bakery.cli.common import clear_errors, force_option, echo_err, threads_option, device_options
 from bakery.naming import describe_layer
 
 
@@ -62,7 +62,7 @@ def _config_flags(f):
 @click.option("--model", "-m", default=None, help="Model folder, cached Hub id or alias (default: the recipe's, "
               "$BAKERY_MODEL, or smollm2-135m-instruct).")
 @click.option("--output", "-o", default=None, help="Export folder (default: a descriptive folder under exports/).")
-@click.option("--force", is_flag=True, help="Replace a previous export at --output.")
+@force_option("a previous export at --output")
 @click.option("--shard-size", default=None, help="Largest output shard, e.g. 2GB (default 2GiB).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any setting of the method's config that has no flag, e.g. --set num_prompts=200 "

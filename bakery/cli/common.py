@@ -27,6 +27,11 @@ def model_option(f: Callable) -> Callable:
     )(f)
 
 
+def force_option(what: str) -> Callable[[Callable], Callable]:
+    """``--force``: replace ``what`` (a previous output of the same command) and nothing else."""
+    return click.option("--force", is_flag=True, help=f"Replace {what} (never anything else).")
+
+
 def trust_option(f: Callable) -> Callable:
     return click.option("--trust-remote-code", is_flag=True, default=False,
                         help="Run code shipped with the model (off unless you ask).")(f)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bakery.cli.common import clear_errors, model_option, trust_option, threads_option, device_options
+from bakery.cli.common import clear_errors, force_option, model_option, trust_option, threads_option, device_options
 
 
 @click.command()
@@ -36,8 +36,7 @@ from bakery.cli.common import clear_errors, model_option, trust_option, threads_
 @click.option("--min-pairs", type=int, default=5, show_default=True,
               help="Stop (no vector) when fewer pairs survive the judge.")
 @threads_option
-@click.option("--force", is_flag=True, help="Replace the files of a previous extraction at --out (never "
-                                             "other files).")
+@force_option("the files of a previous extraction at --out")
 @click.option("--no-cache", is_flag=True, help="Extract again even when the cache has this extraction.")
 @click.option("--list", "list_", is_flag=True, help="List the cached vectors for --model and exit.")
 @model_option

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from bakery.cli.common import clear_errors
+from bakery.cli.common import clear_errors, force_option
 from bakery.gguf.convert import OUTTYPES
 
 
@@ -17,7 +17,7 @@ from bakery.gguf.convert import OUTTYPES
               help="Apply the bake to this GGUF of the base model (quantized or not): bias and ortho bakes.")
 @click.option("--outtype", type=click.Choice(OUTTYPES), default=None,
               help="Conversion path only: the converter's output type (default auto).")
-@click.option("--force", is_flag=True, help="Replace OUT if it is a previous `bakery gguf` folder.")
+@force_option("OUT if it is a previous `bakery gguf` folder")
 @clear_errors
 def gguf(export, out, from_gguf, outtype, force):
     """Write OUT with one GGUF of the bake EXPORT (an export folder of `bakery bake`).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bakery.cli.common import clear_errors, echo_err, model_option, trust_option, threads_option, device_options
+from bakery.cli.common import clear_errors, force_option, echo_err, model_option, trust_option, threads_option, device_options
 
 
 @click.command()
@@ -31,7 +31,7 @@ from bakery.cli.common import clear_errors, echo_err, model_option, trust_option
               help="Prompts traced at once (default: as many as fit the GPU's free memory; 8 on the CPU).")
 @click.option("--output", "-o", "outdir", required=True, type=click.Path(file_okay=False),
               help="Output folder: traces.json/.csv, texts.md, summary.json, persist.png.")
-@click.option("--force", is_flag=True, help="Replace a previous persist output folder (never another folder).")
+@force_option("a previous persist output folder")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @threads_option
 @model_option

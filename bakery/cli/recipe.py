@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bakery.cli.common import clear_errors
+from bakery.cli.common import clear_errors, force_option
 
 
 @click.group()
@@ -45,7 +45,7 @@ def check(recipes):
 @click.option("--base-url", default=None, help="Endpoint (default: OPENAI_BASE_URL or OpenAI). "
                                                "The key is read from OPENAI_API_KEY.")
 @click.option("--retries", type=int, default=3, show_default=True, help="Re-asks after a malformed answer.")
-@click.option("--force", is_flag=True, help="Replace --out if it is a trait recipe (never another file).")
+@force_option("--out if it is a trait recipe")
 @clear_errors
 def new(trait, description, out, judge_model, base_url, retries, force):
     """Generate a trait recipe with a model, validate it and write it as YAML."""
@@ -70,7 +70,7 @@ def new(trait, description, out, judge_model, base_url, retries, force):
 @click.option("--trait", "-t", default=None, help="Trait name (default: the file name).")
 @click.option("--description", "-d", default=None,
               help="What the trait is (default: a line naming the source).")
-@click.option("--force", is_flag=True, help="Replace --out if it is a trait recipe (never another file).")
+@force_option("--out if it is a trait recipe")
 @clear_errors
 def import_(path, out, eval_path, trait, description, force):
     """Convert persona-vectors trait data (JSON: instruction, questions, eval_prompt) into a trait recipe."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bakery.cli.common import clear_errors, model_option, threads_option, trust_option, device_options
+from bakery.cli.common import clear_errors, force_option, model_option, threads_option, trust_option, device_options
 
 
 @click.command()
@@ -32,8 +32,7 @@ from bakery.cli.common import clear_errors, model_option, threads_option, trust_
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Folder for sweep.json and sweep.png (default: beside the vector, NAME.sweep/); "
               "it must be missing, empty, or a previous sweep's (with --force).")
-@click.option("--force", is_flag=True, help="Replace the output folder of a previous sweep (never a "
-              "folder holding other files).")
+@force_option("the output folder of a previous sweep")
 @model_option
 @trust_option
 @threads_option

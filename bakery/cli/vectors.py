@@ -6,13 +6,12 @@ import json
 
 import click
 
-from bakery.cli.common import clear_errors
+from bakery.cli.common import clear_errors, force_option
 from bakery.io.folders import CONTROL_VECTOR, VECTOR, atomic_files
 from bakery.naming import describe_layer
 from bakery.vectors.artifact import cosine_by_layer
 from bakery.vectors.load import load_vector
 
-FORCE_HELP = "Replace OUT if it is a previous {} (never another file)."
 
 
 @click.group()
@@ -60,7 +59,7 @@ def compare(a, b):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--model-hint", default="llama", show_default=True)
-@click.option("--force", is_flag=True, help=FORCE_HELP.format("llama.cpp control vector"))
+@force_option("OUT if it is a previous llama.cpp control vector")
 @clear_errors
 def export_gguf(file, out, model_hint, force):
     """Write FILE as a llama.cpp control vector (direction.N = output of block N = row N+1)."""
@@ -81,7 +80,7 @@ def export_gguf(file, out, model_hint, force):
 @click.option("--num-layers", type=int, default=None,
               help="Layer count of the model, for a .gguf (default: from --model).")
 @click.option("--trait", default=None, help="Trait name to record in the metadata.")
-@click.option("--force", is_flag=True, help=FORCE_HELP.format("vector file or per-checkpoint vectors folder"))
+@force_option("OUT if it is a previous vector file or per-checkpoint vectors folder")
 @clear_errors
 def import_(file, out, model, layer, num_layers, trait, force):
     """Convert FILE into a bakery .safetensors artifact OUT.

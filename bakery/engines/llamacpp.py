@@ -113,9 +113,9 @@ def check_source(g: GGUFBake) -> None:
     would run on another model than the one the bake was made from."""
     if g.source is None or not g.source_sha256:
         return
-    from bakery.gguf.read import sha256_file
+    from bakery.io.digest import file_sha256
 
-    now = sha256_file(g.source)
+    now = file_sha256(g.source)
     if now != g.source_sha256:
         raise GGUFFolderError(f"the unedited GGUF {g.source} changed since `bakery gguf` wrote {g.folder} "
                               f"(sha256 {now[:12]}... != recorded {g.source_sha256[:12]}...): restore it, or "

@@ -61,3 +61,15 @@ class Setup:
                 seq = ids[i][m].tolist()
                 out.append((seq, P - pad))
         return out
+
+
+def joined_rows(setups: list[Setup]) -> tuple[list[tuple[list[int], int]], list[tuple[int, int]]]:
+    """Every export's teacher-forced rows in one list (one engine run scores them all), and the
+    span of that list each export's rows take."""
+    rows: list[tuple[list[int], int]] = []
+    spans: list[tuple[int, int]] = []
+    for s in setups:
+        mine = s.rows()
+        spans.append((len(rows), len(rows) + len(mine)))
+        rows.extend(mine)
+    return rows, spans

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from bakery.engines.exported import nonzero_biases, transformers_param_names
 from bakery.engines.runner import find_engine_python, run_worker
-from bakery.engines.setup import Setup
+from bakery.engines.setup import Setup, joined_rows
 from bakery.engines.verdict import RULES_ONLY, EngineNotInstalled, Verdict
 
 FLAG = "--model-impl transformers"
@@ -193,12 +193,7 @@ def verify_sglang(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -
     from bakery.models import load_model
 
     python = find_sglang_python()
-    all_rows: list[tuple[list[int], int]] = []
-    spans: list[tuple[int, int]] = []
-    for s in setups:
-        rows = s.rows()
-        spans.append((len(all_rows), len(all_rows) + len(rows)))
-        all_rows.extend(rows)
+    all_rows, spans = joined_rows(setups)
     engines, base_of = engine_plan([(s.export, s.base_dir, [r[0] for r in all_rows[a:b]])
                                     for s, (a, b) in zip(setups, spans)])
     res = score_token_ids(engines, [], python=python, timeout=timeout, log=log)

@@ -151,10 +151,7 @@ def _run_one(sgl, spec: dict, e: dict, out: dict, **engine_kw) -> None:
     gc.collect()
 
 
-if __name__ == "__main__":
-    import importlib.util  # worker_io by path: this folder is off sys.path (its vllm.py would shadow vLLM)
+if __name__ == "__main__":  # worker_io by path: this folder is off sys.path (its vllm.py would shadow vLLM)
+    import runpy
 
-    _io = importlib.util.spec_from_file_location("worker_io", os.path.join(_HERE, "worker_io.py"))
-    worker_io = importlib.util.module_from_spec(_io)
-    _io.loader.exec_module(worker_io)
-    worker_io.serve(run, sys.argv, hard_exit=True)
+    runpy.run_path(os.path.join(_HERE, "worker_io.py"))["serve"](run, sys.argv, hard_exit=True)

@@ -22,7 +22,7 @@ from bakery.errors import BakeryError
 from bakery.engines.exported import nonzero_biases, transformers_param_names, undeclared_message
 from bakery.engines.runner import find_engine_python, run_worker
 from bakery.engines.scores import gap, tf_scores
-from bakery.engines.setup import Setup
+from bakery.engines.setup import Setup, joined_rows
 from bakery.engines.verdict import Verdict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,12 +107,7 @@ def verify_vllm(setups: Sequence[Setup], *, log=None, timeout: float = 1800) -> 
     from bakery.models import load_model
 
     models: dict[str, Path] = {}
-    all_rows: list[tuple[list[int], int]] = []
-    spans: list[tuple[int, int]] = []
-    for s in setups:
-        rows = s.rows()
-        spans.append((len(all_rows), len(all_rows) + len(rows)))
-        all_rows.extend(rows)
+    all_rows, spans = joined_rows(setups)
     for i, s in enumerate(setups):
         models[f"bake{i}"] = s.export
     bases = {str(p): f"base{j}" for j, p in enumerate(dict.fromkeys(s.base_dir for s in setups))}

@@ -17,7 +17,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from bakery.gguf.read import GGUFError, sha256_file
+from bakery.gguf.read import GGUFError
+from bakery.io.digest import file_sha256
 
 LLAMACPP_PIN = "llama-cpp-python==0.3.36"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
@@ -113,6 +114,6 @@ def convert(export: Path, out_file: Path, outtype: str = "auto") -> dict[str, st
                     "converted by it.")
         raise GGUFError(f"llama.cpp's converter ({LLAMACPP_PIN}) failed on {export}:{hint}\n{tail}")
     return {"converter": f"{LLAMACPP_PIN}: vendor/llama.cpp/{_SCRIPT}",
-            "converter_sha256": sha256_file(script), "outtype": outtype,
+            "converter_sha256": file_sha256(script), "outtype": outtype,
             "command": " ".join(["python", _SCRIPT, str(export), "--outfile", out_file.name,
                                  "--outtype", outtype])}

@@ -13,7 +13,8 @@ from bakery import __version__
 from bakery.gguf.convert import LLAMACPP_PIN, convert
 from bakery.gguf.edit import GGUFEdit, plan_bias, plan_ortho, refuse_unsupported
 from bakery.gguf.facts import CONVERT_HINT, arch_facts
-from bakery.gguf.read import (GGUFError, dequantize, file_type_name, open_gguf, sha256_file, shape_of,
+from bakery.io.digest import file_sha256
+from bakery.gguf.read import (GGUFError, dequantize, file_type_name, open_gguf, shape_of,
                               tensor_map, write_copy)
 from bakery.gguf.source import ExportInfo, check_base, read_export
 from bakery.io.folders import GGUF_EXPORT, atomic_folder, check_output
@@ -158,7 +159,7 @@ def gguf_bake(export: str | Path, out: str | Path, *, from_gguf: str | Path | No
              "added_tensors": edit.added, "stats": edit.stats,
              "notes": checked + edit.notes + ([TRANSFORMERS_DROPS] if any(n.endswith(".bias") for n in edit.added) else []),
              "file_type": file_type_name(reader),
-             "source_gguf": {"path": str(src.resolve()), "sha256": sha256_file(src)}}
+             "source_gguf": {"path": str(src.resolve()), "sha256": file_sha256(src)}}
     else:
         name = f"{export.name}.{outtype or 'auto'}.gguf"
         d = {"edit": "convert", "terms": _convert_terms(info), "edited_tensors": [], "added_tensors": [],

@@ -6,7 +6,6 @@ data alignment, and every untouched tensor as its raw bytes (quantized blocks in
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,14 +115,6 @@ def dequantize(t) -> np.ndarray:
     except NotImplementedError as e:
         raise GGUFError(f"the gguf package cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from e
     return np.asarray(out, dtype=np.float32)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_copy(reader, path: str | os.PathLike, *, replace: dict[str, NewTensor] | None = None,

@@ -12,7 +12,6 @@ The layouts a ``.pt`` may hold are those of :mod:`bakery.vectors.pt`; anything e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from bakery.arch import cfg_get, hidden_size_of, num_layers_of
+from bakery.io.digest import file_sha256
 from bakery.io.folders import CHECKPOINT_VECTORS, atomic_folder
 from bakery.models import config_hash
 from bakery.naming import describe_layer
@@ -34,14 +34,6 @@ INDEX_FORMAT = "bakery per-checkpoint vectors"
 PT_SUFFIXES = (".pt", ".pth")
 STEP_RE = re.compile(r"step[_\-]?(\d+)", re.IGNORECASE)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_facts(config: Any, model_id: str | None = None) -> dict[str, Any]:

@@ -12,9 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from engine_group import pytest_collection_modifyitems  # noqa: E402,F401  (the hook, installed here)
 from tiny import ARCH_TYPES, make_tiny  # noqa: E402
-
-ENGINE_MARKS = ("vllm", "sglang", "llamacpp")
 
 
 def _session_threads() -> int:
@@ -27,14 +26,6 @@ def pytest_configure(config) -> None:
     import torch
 
     torch.set_num_threads(_session_threads())
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Tests that start a real engine share one xdist group, so that two engines never run at once
-    (each takes every core; two together thrash and time out)."""
-    for item in items:
-        if any(item.get_closest_marker(m) for m in ENGINE_MARKS):
-            item.add_marker(pytest.mark.xdist_group("engines"))
 
 
 @pytest.fixture(autouse=True)

@@ -139,7 +139,9 @@ def run_cases(cases: dict, root: Path, python: Path, *, log=print) -> dict:
     return got
 
 
-@pytest.fixture(scope="module")
+# session, not module: xdist interleaves other modules' tests with these, and a module fixture
+# would then be torn down and the engines run again
+@pytest.fixture(scope="session")
 def sglang_runs(tmp_path_factory):
     try:
         python = find_sglang_python()

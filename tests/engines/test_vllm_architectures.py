@@ -92,7 +92,9 @@ def _bake(arch: str, name: str, src: Path, out: Path) -> Path:
     return bake(method, src, [(_vector(src, 40), layer, coef)], out, progress=False, **opts)
 
 
-@pytest.fixture(scope="module")
+# session, not module: xdist interleaves other modules' tests with these, and a module fixture
+# would then be torn down and the engines run again
+@pytest.fixture(scope="session")
 def vllm_runs(tmp_path_factory):
     """Every tiny model and bake of CASES, scored in one vLLM worker process; returns
     ``{(arch, bake name): Verdict}``."""

@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 import torch
 
-from bakery.bakers.checks import refuse_quantized
 from bakery.bakers.distill.config import TEACHER_ENGINES, DistillConfig, train_config
 from bakery.bakers.distill.errors import DistillError
 from bakery.bakers.distill.export import DistilledWeights, StagedWeights, is_wrapper
@@ -136,7 +135,8 @@ def check_settings(s: DistillConfig, config: dict) -> None:
 # ---- 1. prepare ------------------------------------------------------------------------------
 def prepare(job: BakeRequest, accelerator=None, *, progress: bool = True) -> Run:
     """The resolved settings, the accelerator, the student (whole, or this process's shard) and
-    the vector, checked against the model."""
+    the vector. ``job`` comes from :func:`bakery.bakers.api.prepare`, which has refused a quantized
+    checkpoint and a vector that does not fit the model or the layer."""
     from accelerate import Accelerator
 
     s = job.cfg.resolved()
@@ -144,7 +144,6 @@ def prepare(job: BakeRequest, accelerator=None, *, progress: bool = True) -> Run
     if tc.method == "full" and tc.first_block is None:
         tc.first_block = job.terms[0].layer - 1  # blocks before the steered one compute the same in both
     tc.check()
-    refuse_quantized(job.config)
     check_settings(s, job.config)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if accelerator is None and acc.num_processes > 1:
@@ -160,8 +159,6 @@ def prepare(job: BakeRequest, accelerator=None, *, progress: bool = True) -> Run
     else:
         model = load_model(job.model_dir, trust_remote_code=s.trust_remote_code)
         default_lora_first_block(model, tc, t.layer)
-    t.vector.check_model(unwrap_peft(model).config)
-    t.vector.check_layer(t.layer, for_bake=True)
     out = Path(job.out)
     work = Path(s.work_dir) if s.work_dir else out.with_name(out.name + ".work")
     dtype = source_dtype(job.config) if s.dtype == "source" else getattr(torch, s.dtype)
